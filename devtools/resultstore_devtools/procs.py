@@ -1,0 +1,114 @@
+"""Small process and port helpers shared by the local services.
+
+The services here are started for one test session or one demo run and must never outlive
+it, so every helper errs on the side of killing the whole process group.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Ask the kernel for a free port; the small race with other binders is acceptable here."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll until predicate() is true; the error names what we were waiting for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def port_open(port: int, host: str = LOOPBACK) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def service_user() -> tuple[int, int] | None:
+    """Return (uid, gid) to drop to when running as root.
+
+    initdb and postgres refuse to run as root; Debian's postgresql package creates a
+    `postgres` system user that we borrow. Non-root users run services as themselves.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError as exc:
+        raise RuntimeError(
+            "running as root but no 'postgres' system user exists; "
+            "install Debian's postgresql package (apt-get install postgresql)"
+        ) from exc
+    return entry.pw_uid, entry.pw_gid
+
+
+def demote(ids: tuple[int, int] | None) -> Callable[[], None] | None:
+    if ids is None:
+        return None
+    uid, gid = ids
+
+    def _drop() -> None:
+        os.setgid(gid)
+        os.setuid(uid)
+
+    return _drop
+
+
+def chown_tree(path: Path, ids: tuple[int, int] | None) -> None:
+    if ids is None:
+        return
+    for root, dirs, files in os.walk(path):
+        os.chown(root, *ids)
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), *ids, follow_symlinks=False)
+
+
+def find_binary(name: str, extra_dirs: list[str]) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in extra_dirs:
+        candidate = Path(directory) / name
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"{name} not found on PATH or in {extra_dirs}; run scripts/bootstrap to install it"
+    )
+
+
+def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Terminate a process started with start_new_session=True and everything it spawned."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
