@@ -1,0 +1,101 @@
+"""`resultstore-dev`: start, stop and describe the local services for humans.
+
+Tests use the same classes through pytest fixtures; this command exists so a developer can
+keep a PostgreSQL, a Redis and a control plane running between commands and point
+`kubectl`, `psql` or a worker at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .postgres import PostgresServer
+from .redis import RedisServer
+
+STATE_ROOT = Path(os.environ.get("RESULTSTORE_STATE_DIR", "~/.cache/celery-resultstore/run")).expanduser()
+
+
+def _state_file(name: str) -> Path:
+    return STATE_ROOT / f"{name}.json"
+
+
+def _postgres(action: str) -> int:
+    state = _state_file("postgres")
+    if action == "start":
+        if state.exists():
+            print(f"already started; see {state}", file=sys.stderr)
+            return 1
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        server = PostgresServer(base_dir=STATE_ROOT / "postgres")
+        server.start()
+        state.write_text(json.dumps({"port": server.port, "password": server.password}))
+        state.chmod(0o600)
+        print(f"export RESULTSTORE_PG_URL='{server.url()}'")
+        return 0
+    if not state.exists():
+        print("postgres is not started", file=sys.stderr)
+        return 1
+    data = json.loads(state.read_text())
+    server = PostgresServer(base_dir=STATE_ROOT / "postgres", port=data["port"],
+                            password=data["password"])
+    server._initialised = True
+    if action == "stop":
+        server.stop()
+        state.unlink()
+        import shutil
+
+        shutil.rmtree(STATE_ROOT / "postgres", ignore_errors=True)
+        return 0
+    print(f"export RESULTSTORE_PG_URL='{server.url()}'")
+    return 0
+
+
+def _redis(action: str) -> int:
+    state = _state_file("redis")
+    if action == "start":
+        if state.exists():
+            print(f"already started; see {state}", file=sys.stderr)
+            return 1
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        (STATE_ROOT / "redis").mkdir(exist_ok=True)
+        server = RedisServer(base_dir=STATE_ROOT / "redis")
+        server.start()
+        assert server._proc is not None
+        state.write_text(json.dumps({"port": server.port, "pid": server._proc.pid}))
+        print(f"export RESULTSTORE_REDIS_URL='{server.url}'")
+        return 0
+    if not state.exists():
+        print("redis is not started", file=sys.stderr)
+        return 1
+    data = json.loads(state.read_text())
+    if action == "stop":
+        try:
+            os.killpg(data["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        state.unlink()
+        return 0
+    print(f"export RESULTSTORE_REDIS_URL='redis://127.0.0.1:{data['port']}/0'")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "controlplane":
+        from . import controlplane
+
+        return int(controlplane.main(argv[1:]) or 0)
+    parser = argparse.ArgumentParser(prog="resultstore-dev", description=__doc__)
+    parser.add_argument("service", choices=["postgres", "redis", "controlplane"])
+    parser.add_argument("action", choices=["start", "stop", "env"])
+    args = parser.parse_args(argv)
+    return _postgres(args.action) if args.service == "postgres" else _redis(args.action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
