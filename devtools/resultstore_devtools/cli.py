@@ -17,7 +17,9 @@ from pathlib import Path
 from .postgres import PostgresServer
 from .redis import RedisServer
 
-STATE_ROOT = Path(os.environ.get("RESULTSTORE_STATE_DIR", "~/.cache/celery-resultstore/run")).expanduser()
+STATE_ROOT = Path(
+    os.environ.get("RESULTSTORE_STATE_DIR", "~/.cache/celery-resultstore/run")
+).expanduser()
 
 
 def _state_file(name: str) -> Path:

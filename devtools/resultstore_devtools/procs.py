@@ -26,7 +26,9 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
     """Poll until predicate() is true; the error names what we were waiting for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
