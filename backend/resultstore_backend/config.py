@@ -1,0 +1,554 @@
+"""Configuration of a result store: the Secret the operator writes and the backend reads.
+
+The operator builds a :class:`Binding` and writes :func:`render_binding`'s keys into a
+Secret; the kubelet mounts it as files; the backend reads it back with
+:func:`read_binding_dir`. Both sides use this one module so the two can never
+disagree about key names or formats. It imports SQLAlchemy (for URLs) but never
+Celery, so the operator can use it without the worker stack.
+
+Passwords never appear in reprs or error messages: every error is a
+:class:`ConfigError` that names the file (and JSON key) at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .identifiers import InvalidIdentifier, validate_identifier
+from .schema import TableNames
+
+__all__ = [
+    "Binding",
+    "BackendSource",
+    "CelerySettings",
+    "ConfigError",
+    "DirectorySource",
+    "EngineSettings",
+    "StoreConfig",
+    "DEFAULT_SQLITE_URL",
+    "binding_version",
+    "parse_backend_url",
+    "read_binding_dir",
+    "redact",
+    "render_binding",
+]
+
+#: Where ``resultstore://`` (no path) and a missing URL put results.
+DEFAULT_SQLITE_URL = "sqlite:///results.db"
+
+PG_DRIVER = "postgresql+psycopg"
+SECRET_TYPE = "postgresql"
+SECRET_PROVIDER = "resultstore"
+
+# Secret keys (DESIGN.md, "The Secret the operator writes")
+KEY_TYPE = "type"
+KEY_PROVIDER = "provider"
+KEY_HOST = "host"
+KEY_PORT = "port"
+KEY_DATABASE = "database"
+KEY_USERNAME = "username"
+KEY_PASSWORD = "password"
+KEY_SSLMODE = "sslmode"
+KEY_SCHEMA = "schema"
+KEY_URI = "uri"
+KEY_RESULT_BACKEND = "result_backend"
+KEY_ENGINE_OPTIONS = "engine_options.json"
+KEY_CELERY = "celery.json"
+KEY_CA = "ca.crt"
+
+DATA_LINK = "..data"
+
+
+class ConfigError(Exception):
+    """Invalid or unusable result-store configuration.
+
+    ``path`` is the file at fault (or the directory/URL), ``key`` the JSON key
+    inside it when there is one. The message never contains a password.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 key: str | None = None) -> None:
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.key = key
+        where = self.path or "result store configuration"
+        if key is not None:
+            where = f"{where}: key {key!r}"
+        super().__init__(f"{where}: {message}")
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Return ``text`` with every non-empty secret replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+            quoted = quote(secret, safe="")
+            if quoted != secret:
+                text = text.replace(quoted, "***")
+    return text
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Connection-pool and session settings (the ``engine`` area of the spec)."""
+
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout: float = 30.0
+    pool_recycle: int = 1800
+    pool_pre_ping: bool = True
+    connect_timeout: int = 10
+    statement_timeout_ms: int | None = None
+    application_name: str = "celery-resultstore"
+
+    def to_engine_options(self) -> dict[str, Any]:
+        """The content of ``engine_options.json``: ``create_engine`` keyword arguments."""
+        connect_args: dict[str, Any] = {
+            "connect_timeout": self.connect_timeout,
+            "application_name": self.application_name,
+        }
+        if self.statement_timeout_ms is not None:
+            connect_args["options"] = f"-c statement_timeout={int(self.statement_timeout_ms)}"
+        return {
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.pool_timeout,
+            "pool_recycle": self.pool_recycle,
+            "pool_pre_ping": self.pool_pre_ping,
+            "connect_args": connect_args,
+        }
+
+
+@dataclass(frozen=True)
+class CelerySettings:
+    """Table placement and result settings (the content of ``celery.json``)."""
+
+    schema: str | None
+    task_table: str = "celery_taskmeta"
+    group_table: str = "celery_tasksetmeta"
+    extended: bool = False
+    expires: int | None = 86400
+
+    def table_names(self) -> TableNames:
+        return TableNames(self.schema, self.task_table, self.group_table)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "task_table": self.task_table,
+            "group_table": self.group_table,
+            "result_extended": self.extended,
+            "result_expires": self.expires,
+        }
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Everything the operator hands to workers for one ResultStore."""
+
+    host: str
+    port: int
+    database: str
+    username: str
+    password: str = field(repr=False)
+    sslmode: str
+    engine: EngineSettings
+    celery: CelerySettings
+    ca_cert: str | None = field(default=None, repr=False)
+
+
+def _netloc(username: str, password: str, host: str, port: int) -> str:
+    h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{quote(username, safe='')}:{quote(password, safe='')}@{h}:{int(port)}"
+
+
+def _query(sslmode: str, schema: str | None) -> str:
+    parts = [f"sslmode={quote(sslmode, safe='')}"]
+    if schema:
+        # libpq "options" with search_path, so that unqualified names (psql,
+        # stock Celery) resolve to the store's schema.
+        parts.append("options=" + quote(f"-csearch_path={schema}", safe=""))
+    return "&".join(parts)
+
+
+def render_binding(b: Binding) -> dict[str, str]:
+    """Every Secret key of DESIGN.md, as strings, for the operator to write."""
+    schema = b.celery.schema
+    netloc = _netloc(b.username, b.password, b.host, b.port)
+    db = quote(b.database, safe="")
+    query = _query(b.sslmode, schema)
+    out = {
+        KEY_TYPE: SECRET_TYPE,
+        KEY_PROVIDER: SECRET_PROVIDER,
+        KEY_HOST: b.host,
+        KEY_PORT: str(int(b.port)),
+        KEY_DATABASE: b.database,
+        KEY_USERNAME: b.username,
+        KEY_PASSWORD: b.password,
+        KEY_SSLMODE: b.sslmode,
+        KEY_SCHEMA: schema or "",
+        KEY_URI: f"postgresql://{netloc}/{db}?{query}",
+        KEY_RESULT_BACKEND: f"db+{PG_DRIVER}://{netloc}/{db}?{query}",
+        KEY_ENGINE_OPTIONS: json.dumps(b.engine.to_engine_options(), sort_keys=True),
+        KEY_CELERY: json.dumps(b.celery.to_json(), sort_keys=True),
+    }
+    if b.ca_cert is not None:
+        out[KEY_CA] = b.ca_cert
+    return out
+
+
+# --------------------------------------------------------------------------- StoreConfig
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A resolved result store: where to connect and where the tables are.
+
+    ``extended``/``expires`` are ``None`` when the source does not say (a URL),
+    so that the Celery app's settings apply. ``version`` identifies the content
+    of a config directory (the ``..data`` target) for hot reload.
+    """
+
+    url: URL
+    names: TableNames
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    extended: bool | None = None
+    expires: int | None = None
+    source_dir: Path | None = None
+    version: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreConfig(url={self.url.render_as_string(hide_password=True)!r}, "
+            f"names={self.names!r}, extended={self.extended!r}, expires={self.expires!r}, "
+            f"source_dir={self.source_dir!r}, version={self.version!r})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.get_backend_name() == "sqlite"
+
+    @property
+    def password(self) -> str | None:
+        pw = self.url.password
+        return None if pw is None else str(pw)
+
+    def describe(self) -> str:
+        """Where this config came from, for error messages (never the password)."""
+        if self.source_dir is not None:
+            return str(self.source_dir)
+        return self.url.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class DirectorySource:
+    """A mounted Secret directory (``resultstore:///path``)."""
+
+    path: Path
+
+
+BackendSource = DirectorySource | StoreConfig
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def _split_prefix(url: str) -> str:
+    for prefix in ("resultstore+",):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+def parse_backend_url(url: str | None) -> BackendSource:
+    """Resolve a backend URL (with or without the ``resultstore+`` prefix).
+
+    - ``resultstore:///dir`` -> :class:`DirectorySource`
+    - ``[resultstore+]postgresql[+psycopg]://user:pw@host/db?schema=s`` -> StoreConfig
+    - ``[resultstore+]sqlite:///path`` -> StoreConfig
+    - ``None``/``resultstore://`` -> the embedded SQLite default
+    """
+    if not url or url in ("resultstore://", "resultstore:///"):
+        url = DEFAULT_SQLITE_URL
+    url = _split_prefix(url.strip())
+    if url.startswith("resultstore://"):
+        path = url[len("resultstore://"):]
+        if not path.startswith("/"):
+            raise ConfigError(
+                "a config-directory URL needs an absolute path: resultstore:///path/to/dir",
+                path="resultstore://" + path,
+            )
+        return DirectorySource(Path(path))
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # make_url's message would echo the URL (and its password)
+        raise ConfigError("not a valid database URL", path="result_backend URL") from None
+    backend = parsed.get_backend_name()
+    query = dict(parsed.query)
+    schema = _pop_str(query, "schema")
+    task_table = _pop_str(query, "task_table") or "celery_taskmeta"
+    group_table = _pop_str(query, "group_table") or "celery_tasksetmeta"
+    where = parsed.render_as_string(hide_password=True)
+    if backend in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername=PG_DRIVER, query=query)
+    elif backend == "sqlite":
+        if schema:
+            raise ConfigError("SQLite has no schemas; drop ?schema=", path=where, key="schema")
+        parsed = parsed.set(query=query)
+    else:
+        raise ConfigError(
+            f"unsupported database {backend!r}: use postgresql or sqlite", path=where
+        )
+    try:
+        names = TableNames(schema or None, task_table, group_table)
+    except (InvalidIdentifier, ValueError) as exc:
+        raise ConfigError(str(exc), path=where) from None
+    return StoreConfig(url=parsed, names=names)
+
+
+def _pop_str(query: dict[str, Any], key: str) -> str | None:
+    value = query.pop(key, None)
+    if isinstance(value, tuple):
+        value = value[-1] if value else None
+    return value
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def binding_version(path: Path) -> str | None:
+    """The current ``..data`` target of a kubelet-style directory (None if not one).
+
+    This is one ``readlink`` syscall: cheap enough to poll for changes.
+    """
+    try:
+        return os.readlink(path / DATA_LINK)
+    except OSError:
+        return None
+
+
+def _read(base: Path, shown: Path, key: str, *, required: bool) -> str | None:
+    try:
+        text = (base / key).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError("required key is missing", path=shown / key) from None
+        return None
+    except UnicodeDecodeError:
+        raise ConfigError("not valid UTF-8 text", path=shown / key) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=shown / key) from None
+    return text.rstrip("\r\n")
+
+
+def _load_json(base: Path, shown: Path, key: str, *, required: bool) -> dict[str, Any] | None:
+    text = _read(base, shown, key, required=required)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # exc.msg/lineno/colno only: the document itself is not echoed
+        raise ConfigError(
+            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            path=shown / key,
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"expected a JSON object, got {type(value).__name__}", path=shown / key
+        )
+    return value
+
+
+def _typename(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check(obj: Mapping[str, Any], key: str, types: tuple[type, ...], file: Path,
+           what: str, *, nullable: bool = False) -> Any:
+    value = obj[key]
+    if value is None and nullable:
+        return None
+    ok = isinstance(value, types) and not (
+        isinstance(value, bool) and bool not in types
+    )
+    if not ok:
+        raise ConfigError(f"expected {what}, got {_typename(value)}", path=file, key=key)
+    return value
+
+
+_ENGINE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "pool_size": ((int,), "an integer"),
+    "max_overflow": ((int,), "an integer"),
+    "pool_timeout": ((int, float), "a number"),
+    "pool_recycle": ((int,), "an integer"),
+    "pool_pre_ping": ((bool,), "a boolean"),
+    "pool_use_lifo": ((bool,), "a boolean"),
+    "echo": ((bool,), "a boolean"),
+    "echo_pool": ((bool,), "a boolean"),
+    "connect_args": ((dict,), "an object"),
+}
+
+
+def validate_engine_options(options: Mapping[str, Any], file: Path) -> dict[str, Any]:
+    """Check ``engine_options.json`` (types and known keys); return a copy."""
+    for key in options:
+        if key not in _ENGINE_KEYS:
+            raise ConfigError(
+                f"unknown engine option (known: {', '.join(sorted(_ENGINE_KEYS))})",
+                path=file, key=key,
+            )
+        types, what = _ENGINE_KEYS[key]
+        _check(options, key, types, file, what)
+    for key in ("pool_size", "max_overflow", "pool_recycle"):
+        if key in options and options[key] < (-1 if key != "pool_size" else 0):
+            raise ConfigError("must not be negative", path=file, key=key)
+    connect_args = dict(options.get("connect_args") or {})
+    for key, value in connect_args.items():
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            raise ConfigError(
+                f"expected a string or number, got {_typename(value)}",
+                path=file, key=f"connect_args.{key}",
+            )
+    out = dict(options)
+    if "connect_args" in out:
+        out["connect_args"] = connect_args
+    return out
+
+
+def _celery_from_json(data: Mapping[str, Any], file: Path, schema_file: str | None
+                      ) -> tuple[TableNames, bool, int | None]:
+    schema = data.get("schema", schema_file)
+    if "schema" in data:
+        _check(data, "schema", (str,), file, "a string", nullable=True)
+    task_table = data.get("task_table", "celery_taskmeta")
+    group_table = data.get("group_table", "celery_tasksetmeta")
+    for key in ("task_table", "group_table"):
+        if key in data:
+            _check(data, key, (str,), file, "a string")
+    extended = False
+    if "result_extended" in data:
+        extended = _check(data, "result_extended", (bool,), file, "a boolean")
+    expires: int | None = 86400
+    if "result_expires" in data:
+        expires = _check(data, "result_expires", (int,), file, "an integer or null",
+                         nullable=True)
+        if expires is not None and expires < 0:
+            raise ConfigError("must not be negative", path=file, key="result_expires")
+    for key, value in (("schema", schema), ("task_table", task_table),
+                       ("group_table", group_table)):
+        if value:
+            try:
+                validate_identifier(value, key)
+            except InvalidIdentifier as exc:
+                raise ConfigError(str(exc), path=file, key=key) from None
+    try:
+        names = TableNames(schema or None, task_table, group_table)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=file) from None
+    return names, bool(extended), expires
+
+
+def read_binding_dir(path: str | os.PathLike[str]) -> StoreConfig:
+    """Read and validate a mounted result-store Secret.
+
+    With the kubelet layout (``DIR/..data -> ..<timestamp>``) every file is
+    read from the one resolved ``..data`` target, so a swap in the middle of
+    reading can never mix old and new keys; the target is checked again at the
+    end and the read retried if it moved.
+    """
+    shown = Path(path)
+    if not shown.is_dir():
+        raise ConfigError("config directory does not exist or is not a directory", path=shown)
+    for _attempt in range(5):
+        version = binding_version(shown)
+        base = shown / version if version else shown
+        try:
+            config = _read_binding_files(base, shown, version)
+        except ConfigError:
+            if binding_version(shown) != version:
+                continue  # swapped while reading; read the new content
+            raise
+        if binding_version(shown) == version:
+            return config
+    raise ConfigError("directory keeps changing while being read", path=shown)
+
+
+def _read_binding_files(base: Path, shown: Path, version: str | None) -> StoreConfig:
+    password = _read(base, shown, KEY_PASSWORD, required=False)
+    host = _read(base, shown, KEY_HOST, required=False)
+    database = _read(base, shown, KEY_DATABASE, required=False)
+    username = _read(base, shown, KEY_USERNAME, required=False)
+    uri = _read(base, shown, KEY_URI, required=False)
+    query: dict[str, str] = {}
+    if host and database and username and password is not None:
+        port_text = _read(base, shown, KEY_PORT, required=False) or "5432"
+        try:
+            port = int(port_text)
+            if not 0 < port < 65536:
+                raise ValueError
+        except ValueError:
+            raise ConfigError("expected a TCP port number", path=shown / KEY_PORT) from None
+        sslmode = _read(base, shown, KEY_SSLMODE, required=False)
+        if sslmode:
+            query["sslmode"] = sslmode
+        url = URL.create(PG_DRIVER, username=username, password=password, host=host,
+                         port=port, database=database, query=query)
+    elif uri:
+        try:
+            url = make_url(uri)
+        except ArgumentError:
+            raise ConfigError("not a valid PostgreSQL URI", path=shown / KEY_URI) from None
+        if url.get_backend_name() not in ("postgresql", "postgres"):
+            raise ConfigError("expected a postgresql:// URI", path=shown / KEY_URI)
+        # search_path in the URI is for other clients; we qualify names ourselves
+        q = {k: v for k, v in dict(url.query).items() if k != "options"}
+        url = url.set(drivername=PG_DRIVER, query=q)
+        password = None if url.password is None else str(url.password)
+    else:
+        missing = next(
+            k for k, v in ((KEY_HOST, host), (KEY_DATABASE, database),
+                           (KEY_USERNAME, username), (KEY_PASSWORD, password))
+            if not v and not (k == KEY_PASSWORD and v == "")
+        )
+        raise ConfigError(
+            f"required key is missing (give '{KEY_URI}' or all of host, database, "
+            "username, password)",
+            path=shown / missing,
+        )
+    schema_file = _read(base, shown, KEY_SCHEMA, required=False) or None
+    celery = _load_json(base, shown, KEY_CELERY, required=True)
+    assert celery is not None
+    names, extended, expires = _celery_from_json(celery, shown / KEY_CELERY, schema_file)
+    engine_json = _load_json(base, shown, KEY_ENGINE_OPTIONS, required=False) or {}
+    options = validate_engine_options(engine_json, shown / KEY_ENGINE_OPTIONS)
+    if (base / KEY_CA).exists():
+        connect_args = dict(options.get("connect_args") or {})
+        # through the symlinked name, so a rotated CA is picked up on reconnect
+        connect_args.setdefault("sslrootcert", str(shown / KEY_CA))
+        options["connect_args"] = connect_args
+    if password:
+        for key, value in (options.get("connect_args") or {}).items():
+            if isinstance(value, str) and password in value:
+                raise ConfigError("must not contain the password",
+                                  path=shown / KEY_ENGINE_OPTIONS, key=f"connect_args.{key}")
+    return StoreConfig(
+        url=url, names=names, engine_options=options, extended=extended, expires=expires,
+        source_dir=shown, version=version,
+    )
+

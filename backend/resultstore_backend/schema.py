@@ -1,0 +1,424 @@
+"""Tables, DDL and versioned migrations of a result store.
+
+This module is imported by the operator (to create schemas and grant exactly
+the right objects) as well as by the backend, so it depends on SQLAlchemy Core
+only and never imports Celery.
+
+The task and group tables keep the layout of Celery's stock
+``celery_taskmeta`` / ``celery_tasksetmeta`` tables, including the stock
+sequence names, so that a stock ``db+`` client whose ``search_path`` points at
+the schema can read (and even write) the same rows. Columns of our own are
+only ever *added*.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+
+import sqlalchemy as sa
+
+from .identifiers import qualify, quote_ident, validate_identifier
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ResultTables",
+    "TableNames",
+    "current_version",
+    "migrate",
+    "tables_for",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The schema version this code writes and expects.
+SCHEMA_VERSION = 1
+
+#: Stock Celery sequence names (kept so that a stock client can insert rows).
+TASK_SEQUENCE = "task_id_sequence"
+GROUP_SEQUENCE = "taskset_id_sequence"
+CLEANUP_SEQUENCE = "resultstore_cleanup_runs_id_seq"
+
+CHORD_TABLE = "resultstore_chords"
+CHORD_PART_TABLE = "resultstore_chord_parts"
+CLEANUP_TABLE = "resultstore_cleanup_runs"
+VERSION_TABLE = "resultstore_schema_version"
+
+# Key space of the advisory lock taken by migrate(); the second key is the
+# hash of the schema name, so migrations of different schemas don't wait on
+# each other.
+_ADVISORY_LOCK_CLASS = 0x52535452  # "RSTR"
+
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+@dataclass(frozen=True)
+class TableNames:
+    """Where a result store's tables live.
+
+    ``schema`` is ``None`` for SQLite (and for PostgreSQL's default search
+    path). Names are validated on construction, so every derived name is safe
+    to interpolate (quoted) into SQL.
+    """
+
+    schema: str | None = None
+    task_table: str = "celery_taskmeta"
+    group_table: str = "celery_tasksetmeta"
+
+    def __post_init__(self) -> None:
+        if self.schema is not None:
+            validate_identifier(self.schema, "schema name")
+        validate_identifier(self.task_table, "task table name")
+        validate_identifier(self.group_table, "group table name")
+        if self.task_table == self.group_table:
+            raise ValueError("task and group tables must have different names")
+
+    @property
+    def chord_table(self) -> str:
+        return CHORD_TABLE
+
+    @property
+    def chord_part_table(self) -> str:
+        return CHORD_PART_TABLE
+
+    @property
+    def cleanup_table(self) -> str:
+        return CLEANUP_TABLE
+
+    @property
+    def version_table(self) -> str:
+        return VERSION_TABLE
+
+    @property
+    def task_sequence(self) -> str:
+        return TASK_SEQUENCE
+
+    @property
+    def group_sequence(self) -> str:
+        return GROUP_SEQUENCE
+
+    @property
+    def cleanup_sequence(self) -> str:
+        return CLEANUP_SEQUENCE
+
+    def all_tables(self) -> tuple[str, ...]:
+        """Every table of the store (unqualified names), for GRANTs."""
+        return (
+            self.task_table,
+            self.group_table,
+            self.chord_table,
+            self.chord_part_table,
+            self.cleanup_table,
+            self.version_table,
+        )
+
+    def all_sequences(self) -> tuple[str, ...]:
+        """Every sequence of the store (unqualified names), for GRANTs (PostgreSQL)."""
+        return (self.task_sequence, self.group_sequence, self.cleanup_sequence)
+
+    def qualified(self, name: str) -> str:
+        """``"schema"."name"`` quoted for SQL text (``"name"`` without a schema)."""
+        return qualify(self.schema, name)
+
+
+@dataclass(frozen=True)
+class ResultTables:
+    """SQLAlchemy Core table objects of one store (see :func:`tables_for`)."""
+
+    names: TableNames
+    metadata: sa.MetaData
+    task: sa.Table
+    group: sa.Table
+    chord: sa.Table
+    chord_part: sa.Table
+    cleanup: sa.Table
+    version: sa.Table
+    task_sequence: sa.Sequence
+    group_sequence: sa.Sequence
+    cleanup_sequence: sa.Sequence
+
+
+def _tz() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+@lru_cache(maxsize=64)
+def tables_for(names: TableNames) -> ResultTables:
+    """Build (once per ``names``) the Core tables of a store."""
+    schema = names.schema
+    md = sa.MetaData(schema=schema)
+    task_seq = sa.Sequence(TASK_SEQUENCE, schema=schema, metadata=md)
+    group_seq = sa.Sequence(GROUP_SEQUENCE, schema=schema, metadata=md)
+    cleanup_seq = sa.Sequence(CLEANUP_SEQUENCE, schema=schema, metadata=md)
+
+    task = sa.Table(
+        names.task_table,
+        md,
+        sa.Column("id", _BigId, task_seq, primary_key=True, autoincrement=True),
+        sa.Column("task_id", sa.String(155), unique=True),
+        sa.Column("status", sa.String(50)),
+        sa.Column("result", sa.LargeBinary, nullable=True),
+        sa.Column("date_done", _tz(), nullable=True),
+        sa.Column("traceback", sa.Text, nullable=True),
+        sa.Column("children", sa.LargeBinary, nullable=True),
+        # extended result columns (filled when result_extended is on)
+        sa.Column("name", sa.String(155), nullable=True),
+        sa.Column("args", sa.LargeBinary, nullable=True),
+        sa.Column("kwargs", sa.LargeBinary, nullable=True),
+        sa.Column("worker", sa.String(155), nullable=True),
+        sa.Column("retries", sa.Integer, nullable=True),
+        sa.Column("queue", sa.String(155), nullable=True),
+        sa.Column("stamps", sa.LargeBinary, nullable=True),
+        # ours: last write, so that rows stuck in a non-ready state can be aged out
+        sa.Column(
+            "updated_at", _tz(), nullable=True, server_default=sa.func.current_timestamp()
+        ),
+        sqlite_autoincrement=True,
+    )
+    # Stock index name, kept so a stock client's create_all() finds it.
+    sa.Index(f"ix_{names.task_table}_date_done", task.c.date_done)
+    # Cheap age-out of rows that never became ready.
+    sa.Index(
+        f"ix_{names.task_table}_unready_updated",
+        task.c.updated_at,
+        postgresql_where=task.c.date_done.is_(None),
+        sqlite_where=task.c.date_done.is_(None),
+    )
+
+    group = sa.Table(
+        names.group_table,
+        md,
+        sa.Column("id", _BigId, group_seq, primary_key=True, autoincrement=True),
+        sa.Column("taskset_id", sa.String(155), unique=True),
+        sa.Column("result", sa.LargeBinary, nullable=True),
+        sa.Column("date_done", _tz(), nullable=True),
+        sqlite_autoincrement=True,
+    )
+    sa.Index(f"ix_{names.group_table}_date_done", group.c.date_done)
+
+    chord = sa.Table(
+        CHORD_TABLE,
+        md,
+        sa.Column("group_id", sa.String(155), primary_key=True),
+        # number of header parts (None until Celery calls set_chord_size)
+        sa.Column("size", sa.Integer, nullable=True),
+        # parts added at run time by Task.add_to_chord
+        sa.Column("extra", sa.Integer, nullable=False, server_default="0"),
+        # distinct parts recorded so far
+        sa.Column("done", sa.Integer, nullable=False, server_default="0"),
+        # header contains groups: the callback joins the saved GroupResult
+        sa.Column("complex", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("fired_at", _tz(), nullable=True),
+        sa.Column("created_at", _tz(), nullable=False),
+    )
+    sa.Index("ix_resultstore_chords_created_at", chord.c.created_at)
+
+    chord_part = sa.Table(
+        CHORD_PART_TABLE,
+        md,
+        sa.Column("group_id", sa.String(155), primary_key=True),
+        # "<task id>:<group index>": a redelivered header task maps to the same key
+        sa.Column("part", sa.String(200), primary_key=True),
+        sa.Column("idx", sa.Integer, nullable=True),
+        sa.Column("task_id", sa.String(155), nullable=False),
+        sa.Column("status", sa.String(50), nullable=False),
+        sa.Column("result", sa.LargeBinary, nullable=True),
+        sa.Column("created_at", _tz(), nullable=False),
+    )
+    sa.Index("ix_resultstore_chord_parts_created_at", chord_part.c.created_at)
+
+    cleanup = sa.Table(
+        CLEANUP_TABLE,
+        md,
+        sa.Column("id", _BigId, cleanup_seq, primary_key=True, autoincrement=True),
+        sa.Column("started_at", _tz(), nullable=False),
+        sa.Column("duration_seconds", sa.Float, nullable=False),
+        sa.Column("rows_deleted", sa.BigInteger, nullable=False),
+        sa.Column("tasks_deleted", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("groups_deleted", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("chords_deleted", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("unready_deleted", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("success", sa.Boolean, nullable=False),
+        sa.Column("error", sa.Text, nullable=True),
+        sqlite_autoincrement=True,
+    )
+    sa.Index("ix_resultstore_cleanup_runs_started_at", cleanup.c.started_at)
+
+    version = sa.Table(
+        VERSION_TABLE,
+        md,
+        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("description", sa.Text, nullable=False),
+        sa.Column("applied_at", _tz(), nullable=False),
+    )
+
+    return ResultTables(
+        names=names,
+        metadata=md,
+        task=task,
+        group=group,
+        chord=chord,
+        chord_part=chord_part,
+        cleanup=cleanup,
+        version=version,
+        task_sequence=task_seq,
+        group_sequence=group_seq,
+        cleanup_sequence=cleanup_seq,
+    )
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _create_or_adopt(conn: sa.Connection, table: sa.Table) -> None:
+    """Create ``table``, or add the columns it lacks when it already exists.
+
+    Tables created earlier by a stock Celery client are adopted this way:
+    columns are only ever added, never changed or dropped.
+    """
+    insp = sa.inspect(conn)
+    if not insp.has_table(table.name, schema=table.schema):
+        # checkfirst also skips sequences that already exist (created just before)
+        table.create(conn, checkfirst=True)
+        return
+    existing = {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}
+    dialect = conn.dialect
+    for col in table.columns:
+        if col.name in existing:
+            continue
+        coltype = col.type.compile(dialect=dialect)
+        ddl = (
+            f"ALTER TABLE {qualify(table.schema, table.name)} "
+            f"ADD COLUMN {quote_ident(col.name)} {coltype}"
+        )
+        if col.server_default is not None and dialect.name == "postgresql" and col.name != "id":
+            default = col.server_default
+            arg = getattr(default, "arg", None)
+            if isinstance(arg, str):
+                ddl += f" DEFAULT '{arg}'"
+            elif arg is not None:
+                ddl += " DEFAULT " + str(
+                    arg.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+                )
+        logger.info("adding column %s.%s", table.name, col.name)
+        conn.execute(sa.text(ddl))
+    existing_indexes = {ix["name"] for ix in insp.get_indexes(table.name, schema=table.schema)}
+    for index in table.indexes:
+        if index.name not in existing_indexes:
+            index.create(conn)
+
+
+def _migration_1(conn: sa.Connection, tables: ResultTables) -> None:
+    if conn.dialect.name == "postgresql":
+        for seq in (tables.task_sequence, tables.group_sequence, tables.cleanup_sequence):
+            seq.create(conn, checkfirst=True)
+    for table in (
+        tables.task,
+        tables.group,
+        tables.chord,
+        tables.chord_part,
+        tables.cleanup,
+    ):
+        _create_or_adopt(conn, table)
+    if conn.dialect.name == "postgresql":
+        # A server-side default as well as the client-side Sequence, so that
+        # plain SQL INSERTs (psql users, other tools) get an id too; this also
+        # fixes tables that a stock client created without one.
+        for table, seq in (
+            (tables.task, tables.task_sequence),
+            (tables.group, tables.group_sequence),
+            (tables.cleanup, tables.cleanup_sequence),
+        ):
+            seq_name = qualify(table.schema, seq.name).replace("'", "''")
+            conn.execute(
+                sa.text(
+                    f"ALTER TABLE {qualify(table.schema, table.name)} ALTER COLUMN id "
+                    f"SET DEFAULT nextval('{seq_name}'::regclass)"
+                )
+            )
+
+
+Migration = tuple[int, str, Callable[[sa.Connection, ResultTables], None]]
+
+#: Ordered, append-only list of migrations. Never edit a released entry.
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "task, group, chord and cleanup-run tables", _migration_1),
+)
+assert MIGRATIONS[-1][0] == SCHEMA_VERSION
+
+
+def _schema_exists(conn: sa.Connection, schema: str) -> bool:
+    row = conn.execute(
+        sa.text("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = :s"), {"s": schema}
+    ).first()
+    return row is not None
+
+
+def current_version(conn: sa.Connection, names: TableNames) -> int:
+    """The schema version recorded in the store (0 when nothing was ever migrated)."""
+    if conn.dialect.name == "postgresql" and names.schema and not _schema_exists(
+        conn, names.schema
+    ):
+        return 0
+    if not sa.inspect(conn).has_table(names.version_table, schema=names.schema):
+        return 0
+    tables = tables_for(names)
+    value = conn.execute(sa.select(sa.func.max(tables.version.c.version))).scalar()
+    return int(value or 0)
+
+
+def migrate(conn: sa.Connection, names: TableNames) -> int:
+    """Bring the store up to :data:`SCHEMA_VERSION`; return the resulting version.
+
+    Idempotent and safe to run concurrently: on PostgreSQL it takes a
+    transaction-scoped advisory lock keyed by the schema, so concurrent callers
+    (several worker processes, the operator) serialise and all but the first
+    find nothing to do. Everything runs in one transaction (PostgreSQL DDL is
+    transactional): if the caller already has a transaction open on ``conn``
+    it must commit it; otherwise this function commits its own.
+    """
+    own_txn = not conn.in_transaction()
+    txn = conn.begin() if own_txn else None
+    try:
+        version = _migrate_in_txn(conn, names)
+        if txn is not None:
+            txn.commit()
+        return version
+    except BaseException:
+        if txn is not None and txn.is_active:
+            txn.rollback()
+        raise
+
+
+def _migrate_in_txn(conn: sa.Connection, names: TableNames) -> int:
+    is_pg = conn.dialect.name == "postgresql"
+    if is_pg:
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:c, hashtext(:s))"),
+            {"c": _ADVISORY_LOCK_CLASS, "s": names.schema or "public"},
+        )
+        if names.schema and not _schema_exists(conn, names.schema):
+            conn.execute(sa.text(f"CREATE SCHEMA {quote_ident(names.schema)}"))
+    tables = tables_for(names)
+    tables.version.create(conn, checkfirst=True)
+    version = current_version(conn, names)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"schema {names.schema or '(default)'} is at version {version}, newer than "
+            f"this code ({SCHEMA_VERSION}); upgrade celery-resultstore"
+        )
+    for number, description, apply in MIGRATIONS:
+        if number <= version:
+            continue
+        logger.info("applying result-store migration %d: %s", number, description)
+        apply(conn, tables)
+        conn.execute(
+            tables.version.insert().values(
+                version=number, description=description, applied_at=datetime.now(UTC)
+            )
+        )
+        version = number
+    return version

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from resultstore_backend.schema import (
+    SCHEMA_VERSION,
+    TableNames,
+    current_version,
+    migrate,
+    tables_for,
+)
+
+
+def test_schema_module_does_not_import_celery() -> None:
+    code = (
+        "import sys, resultstore_backend.schema, resultstore_backend.config, "
+        "resultstore_backend.identifiers, resultstore_backend;"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('celery','kombu','kopf','kubernetes')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_table_names_validated() -> None:
+    with pytest.raises(ValueError):
+        TableNames("bad-schema")
+    with pytest.raises(ValueError):
+        TableNames("s", "same", "same")
+    names = TableNames("s")
+    assert names.qualified(names.task_table) == '"s"."celery_taskmeta"'
+    assert "resultstore_cleanup_runs" in names.all_tables()
+    assert "resultstore_schema_version" in names.all_tables()
+    assert set(names.all_sequences()) >= {"task_id_sequence", "taskset_id_sequence"}
+
+
+def test_stock_compatible_layout() -> None:
+    t = tables_for(TableNames("s"))
+    cols = set(t.task.c.keys())
+    assert {"id", "task_id", "status", "result", "date_done", "traceback", "name", "args",
+            "kwargs", "worker", "retries", "queue", "children", "stamps"} <= cols
+    assert isinstance(t.task.c.result.type, sa.LargeBinary)
+    assert t.task.c.date_done.type.timezone  # type: ignore[attr-defined]
+    assert set(t.group.c.keys()) >= {"id", "taskset_id", "result", "date_done"}
+    assert t.task.c.id.default.name == "task_id_sequence"  # type: ignore[union-attr]
+    assert any(ix.name == "ix_celery_taskmeta_date_done" for ix in t.task.indexes)
+
+
+def test_migrate_sqlite_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
+    names = TableNames()
+    with engine.connect() as conn:
+        assert current_version(conn, names) == 0
+        assert migrate(conn, names) == SCHEMA_VERSION
+        assert migrate(conn, names) == SCHEMA_VERSION
+        assert current_version(conn, names) == SCHEMA_VERSION
+        rows = conn.execute(sa.text("select count(*) from resultstore_schema_version")).scalar()
+        assert rows == SCHEMA_VERSION
+        insp = sa.inspect(conn)
+        for table in names.all_tables():
+            assert insp.has_table(table), table
+
+
+def test_migrate_adopts_stock_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE celery_taskmeta (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "task_id VARCHAR(155) UNIQUE, status VARCHAR(50), result BLOB, date_done DATETIME, "
+            "traceback TEXT)"))
+        conn.execute(sa.text("INSERT INTO celery_taskmeta (task_id, status) VALUES ('a', 'X')"))
+    with engine.connect() as conn:
+        migrate(conn, TableNames())
+        cols = {c["name"] for c in sa.inspect(conn).get_columns("celery_taskmeta")}
+        assert {"children", "stamps", "updated_at", "name"} <= cols
+        assert conn.execute(sa.text("select status from celery_taskmeta")).scalar() == "X"
