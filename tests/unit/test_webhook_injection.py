@@ -184,7 +184,7 @@ def test_foreign_volume_with_our_name_is_a_conflict() -> None:
 
 
 def test_foreign_mount_on_our_path_skips_that_container_only() -> None:
-    containers = [
+    containers: list[dict[str, Any]] = [
         {"name": "worker", "image": "w",
          "volumeMounts": [{"name": "mine", "mountPath": "/var/run/resultstore/orders"}]},
         {"name": "other", "image": "o"},

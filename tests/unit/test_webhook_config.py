@@ -1,0 +1,168 @@
+"""The MutatingWebhookConfiguration builder, settings parsing and the pure admission helpers."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from resultstore_operator.injection import INJECT_LABEL, InjectionPlan, StoreState
+from resultstore_operator.webhook import (
+    AdmissionRequest,
+    ServiceRef,
+    WebhookSettings,
+    WebhookSettingsError,
+    _configuration_matches,
+    build_event,
+    build_webhook_configuration,
+    involved_object,
+    review_response,
+    store_lookup_from_object,
+)
+
+
+@pytest.mark.parametrize("client", ["url", "service"])
+def test_configuration_properties(client: str) -> None:
+    kwargs: dict[str, Any] = (
+        {"url": "https://127.0.0.1:9443/mutate-pods"} if client == "url"
+        else {"service": ServiceRef("resultstore-system")}
+    )
+    body = build_webhook_configuration(operator_namespace="resultstore-system",
+                                       ca_bundle="Q0E=", **kwargs)
+    assert body["apiVersion"] == "admissionregistration.k8s.io/v1"
+    assert body["kind"] == "MutatingWebhookConfiguration"
+    [hook] = body["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["timeoutSeconds"] == 5
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["objectSelector"] == {
+        "matchExpressions": [{"key": INJECT_LABEL, "operator": "Exists"}]}
+    assert hook["namespaceSelector"] == {"matchExpressions": [{
+        "key": "kubernetes.io/metadata.name", "operator": "NotIn",
+        "values": ["kube-system", "resultstore-system"]}]}
+    assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"],
+                              "operations": ["CREATE"], "resources": ["pods"],
+                              "scope": "Namespaced"}]
+    assert hook["clientConfig"]["caBundle"] == "Q0E="
+    if client == "url":
+        assert hook["clientConfig"]["url"] == "https://127.0.0.1:9443/mutate-pods"
+    else:
+        assert hook["clientConfig"]["service"] == {
+            "namespace": "resultstore-system", "name": "resultstore-webhook",
+            "port": 443, "path": "/mutate-pods"}
+
+
+def test_configuration_for_cert_manager_has_no_bundle_but_annotation() -> None:
+    body = build_webhook_configuration(
+        operator_namespace="ops", service=ServiceRef("ops"), excluded_namespaces=["kube-public"],
+        annotations={"cert-manager.io/inject-ca-from": "ops/resultstore-webhook"})
+    hook = body["webhooks"][0]
+    assert "caBundle" not in hook["clientConfig"]
+    assert body["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": "ops/resultstore-webhook"}
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        "kube-public", "kube-system", "ops"]
+
+
+def test_configuration_needs_exactly_one_client() -> None:
+    with pytest.raises(ValueError):
+        build_webhook_configuration(operator_namespace="x")
+    with pytest.raises(ValueError):
+        build_webhook_configuration(operator_namespace="x", url="https://a",
+                                    service=ServiceRef("x"))
+
+
+def test_configuration_matches_ignores_server_defaults() -> None:
+    body = build_webhook_configuration(operator_namespace="o", url="https://127.0.0.1:1/m",
+                                       ca_bundle="QQ==")
+    stored = json.loads(json.dumps(body))
+    stored["metadata"]["resourceVersion"] = "7"
+    stored["webhooks"][0]["objectSelector"]["matchLabels"] = None
+    assert _configuration_matches(stored, body)
+    stored["webhooks"][0]["failurePolicy"] = "Fail"
+    assert not _configuration_matches(stored, body)
+
+
+def test_settings_from_env() -> None:
+    s = WebhookSettings.from_env({
+        "RESULTSTORE_WEBHOOK_URL": "https://127.0.0.1:18443/mutate-pods",
+        "RESULTSTORE_WEBHOOK_PORT": "18443",
+        "RESULTSTORE_WEBHOOK_HOST": "127.0.0.1",
+        "RESULTSTORE_WEBHOOK_EXCLUDED_NAMESPACES": "a, b",
+    }, "ops")
+    assert s.listen_port == 18443 and s.service_ref() is None
+    assert s.serving_names().ips == ("127.0.0.1",)
+    assert s.excluded == frozenset({"kube-system", "ops", "a", "b"})
+    hook = s.configuration("QQ==")["webhooks"][0]
+    assert hook["clientConfig"]["url"] == "https://127.0.0.1:18443/mutate-pods"
+    d = WebhookSettings.from_env({}, "ops")
+    assert d.service_ref() == ServiceRef("ops")
+    assert "resultstore-webhook.ops.svc" in d.serving_names().dns
+    assert d.timeout_seconds == 5 and d.lookup_timeout < d.timeout_seconds
+
+
+@pytest.mark.parametrize("env", [
+    {"RESULTSTORE_WEBHOOK_URL": "http://127.0.0.1/x"},
+    {"RESULTSTORE_WEBHOOK_CERT_FILE": "/tls.crt"},
+    {"RESULTSTORE_WEBHOOK_TIMEOUT_SECONDS": "31"},
+    {"RESULTSTORE_WEBHOOK_ENABLED": "maybe"},
+])
+def test_settings_reject_bad_values(env: dict[str, str]) -> None:
+    with pytest.raises(WebhookSettingsError):
+        WebhookSettings.from_env(env, "ops")
+
+
+def test_admission_request_from_controller_pod() -> None:
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u1", "namespace": "team", "operation": "CREATE",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "object": {"metadata": {"generateName": "job-"}}, "dryRun": True}}
+    req = AdmissionRequest.from_review(review)
+    assert (req.uid, req.namespace, req.kind, req.dry_run) == ("u1", "team", "Pod", True)
+    with pytest.raises(ValueError):
+        AdmissionRequest.from_review({"request": {}})
+
+
+def test_review_response_always_allows() -> None:
+    patch = [{"op": "add", "path": "/spec/volumes", "value": []}]
+    out = review_response("u", InjectionPlan(store="s", patch=patch, warnings=("a\nb",)))
+    r = out["response"]
+    assert r["allowed"] is True and r["uid"] == "u" and r["patchType"] == "JSONPatch"
+    assert json.loads(base64.b64decode(r["patch"])) == patch
+    assert r["warnings"] == ["resultstore: a b"]
+    empty = review_response("u", InjectionPlan(store=None))["response"]
+    assert empty == {"uid": "u", "allowed": True}
+
+
+@pytest.mark.parametrize("obj,state", [
+    (None, StoreState.MISSING),
+    ({"metadata": {}}, StoreState.NOT_READY),
+    ({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "X"}]}},
+     StoreState.NOT_READY),
+    ({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}, StoreState.READY),
+    ({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+      "status": {"conditions": [{"type": "Ready", "status": "True"}]}}, StoreState.NOT_READY),
+])
+def test_store_lookup_from_object(obj: dict[str, Any] | None, state: StoreState) -> None:
+    assert store_lookup_from_object(obj).state is state
+
+
+def test_event_refers_to_controller_owner_or_pod() -> None:
+    owned = {"metadata": {"generateName": "job-", "ownerReferences": [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "job", "uid": "U", "controller": True}]}}
+    assert involved_object("team", owned) == {
+        "apiVersion": "batch/v1", "kind": "Job", "name": "job", "uid": "U", "namespace": "team"}
+    bare = {"metadata": {"name": "p"}}
+    assert involved_object("team", bare)["kind"] == "Pod"
+    plan = InjectionPlan(store="s", warnings=("ResultStore 's' not found",),
+                         event_reason="ResultStoreNotFound")
+    ev = build_event("team", {"metadata": {"generateName": "w-"}}, plan,
+                     now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+    assert ev["type"] == "Warning" and ev["reason"] == "ResultStoreNotFound"
+    assert ev["metadata"]["namespace"] == "team" and ev["metadata"]["name"].startswith("w.")
+    assert ev["firstTimestamp"] == "2026-01-02T03:04:05Z"

@@ -1,0 +1,108 @@
+"""The HTTPS admission endpoint on loopback, with a real TLS handshake against our own CA.
+
+The ResultStore lookup and the Event sink are plain functions here (this is a unit test of
+the server's contract: always allowed, patch only when Ready, warnings and de-duplicated
+Events otherwise, excluded namespaces untouched); tests/e2e drives it through an API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from resultstore_devtools.procs import free_port
+from resultstore_operator.injection import INJECT_LABEL, StoreLookup, StoreState
+from resultstore_operator.webhook import (
+    WEBHOOK_PATH,
+    InjectionServer,
+    WebhookSettings,
+    server_ssl_context,
+)
+from resultstore_operator.webhook_tls import ServingNames, new_bundle, write_bundle_files
+
+
+def review(namespace: str, labels: dict[str, str] | None, uid: str = "uid-1",
+           dry_run: bool = False) -> dict[str, Any]:
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": uid, "namespace": namespace, "operation": "CREATE", "dryRun": dry_run,
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "object": {"metadata": {"generateName": "w-", "labels": labels or {}},
+                   "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+
+
+def run_scenario(tmp_path: Path, states: Mapping[str, StoreState],
+                 requests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    bundle = new_bundle(ServingNames(ips=("127.0.0.1",)))
+    cert, key = write_bundle_files(bundle, str(tmp_path))
+    port = free_port()
+    settings = WebhookSettings(operator_namespace="ops", listen_host="127.0.0.1",
+                               listen_port=port, url=f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
+                               lookup_timeout=0.3)
+    events: list[Any] = []
+
+    async def lookup(namespace: str, name: str) -> StoreLookup:
+        if name == "slow":
+            await asyncio.sleep(10)
+        return StoreLookup(states.get(name, StoreState.MISSING))
+
+    async def emit(body: Mapping[str, Any]) -> None:
+        events.append(body)
+
+    async def main() -> list[dict[str, Any]]:
+        server = InjectionServer(settings, lookup, emit)
+        await server.start(server_ssl_context(cert, key))
+        client_ctx = ssl.create_default_context(cadata=bundle.ca_crt.decode())
+        out = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for body in requests:
+                    async with session.post(settings.url or "", json=body,
+                                            ssl=client_ctx) as resp:
+                        assert resp.status == 200
+                        out.append((await resp.json())["response"])
+                async with session.post(settings.url or "", data=b"{nonsense",
+                                        ssl=client_ctx) as resp:
+                    assert resp.status == 400
+            await asyncio.sleep(0.05)  # let fire-and-forget Events land
+        finally:
+            await server.stop()
+        return out
+
+    return asyncio.run(main()), events
+
+
+def test_server_contract(tmp_path: Path) -> None:
+    label = {INJECT_LABEL: "orders"}
+    responses, events = run_scenario(
+        tmp_path,
+        {"orders": StoreState.READY, "pending": StoreState.NOT_READY},
+        [
+            review("team", label, "1"),
+            review("team", None, "2"),
+            review("kube-system", label, "3"),
+            review("ops", label, "4"),
+            review("team", {INJECT_LABEL: "pending"}, "5"),
+            review("team", {INJECT_LABEL: "pending"}, "6"),  # de-duplicated Event
+            review("team", {INJECT_LABEL: "ghost"}, "7", dry_run=True),  # no Event on dry-run
+            review("team", {INJECT_LABEL: "slow"}, "8"),
+        ],
+    )
+    assert all(r["allowed"] is True for r in responses)
+    assert [r["uid"] for r in responses] == list("12345678")
+    patch = json.loads(base64.b64decode(responses[0]["patch"]))
+    assert {op["path"] for op in patch} >= {"/spec/volumes", "/spec/containers/0/env"}
+    for r in responses[1:4]:
+        assert "patch" not in r and "warnings" not in r
+    assert "not Ready" in responses[4]["warnings"][0]
+    assert "not found" in responses[6]["warnings"][0]
+    assert "timed out" in responses[7]["warnings"][0]
+    reasons = [e["reason"] for e in events]
+    assert reasons == ["ResultStoreNotReady", "ResultStoreUnknown"]
+    assert all(e["metadata"]["namespace"] == "team" for e in events)
