@@ -1,0 +1,84 @@
+"""End-to-end fixtures: one real Kubernetes control plane per test session.
+
+``kube`` starts etcd + kube-apiserver + kube-controller-manager on loopback (building the
+pinned binaries first if they are not cached; never skipping), or uses the cluster named by
+``RESULTSTORE_E2E_KUBECONFIG`` (kind, k3d, ...). Teardown always runs, and the children
+carry a parent-death signal, so no process outlives the session even if pytest is killed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from resultstore_devtools import binaries
+from resultstore_devtools.controlplane import (
+    ControlPlane,
+    ExistingCluster,
+    cluster_from_environment,
+)
+
+E2E_DIR = Path(__file__).parent
+# A cold build of the binaries compiles a few thousand Go packages; on 2 cores that is far
+# beyond the default per-test timeout, so the first e2e test gets room for it.
+COLD_BUILD_TIMEOUT = 3600
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark e2e tests, and lift their timeout when the first one will have to build."""
+    cold = bool(binaries.missing())
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.e2e)
+            if cold:
+                item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT))
+
+
+@pytest.fixture(scope="session")
+def kube(pytestconfig: pytest.Config) -> Iterator[ControlPlane | ExistingCluster]:
+    """The cluster under test: has ``.kubeconfig``, ``.server``, ``.env`` and ``.local``."""
+    cluster = cluster_from_environment()
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    try:
+        # Show build progress and start-up timing even though output is captured.
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                cluster.start()
+        else:
+            cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_tools() -> binaries.Binaries:
+    """Pinned kubectl/helm (and the rest), built or reused from the cache."""
+    return binaries.ensure_all()
+
+
+@pytest.fixture(scope="session")
+def api_client(kube: ControlPlane | ExistingCluster) -> Iterator[client.ApiClient]:
+    """A kubernetes-client ApiClient authenticated as the cluster admin."""
+    api = config.new_client_from_config(config_file=str(kube.kubeconfig))
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (the namespace controller empties it)."""
+    core = client.CoreV1Api(api_client)
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={"resultstore.dev/e2e": "true"})))
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name, propagation_policy="Background")
