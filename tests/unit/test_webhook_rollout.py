@@ -1,0 +1,74 @@
+"""Stock-mode rollout: which workloads opt in, what is hashed, and when a patch is needed."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from resultstore_operator.injection import INJECT_LABEL
+from resultstore_operator.rollout import (
+    HASH_ANNOTATION,
+    ROLLOUT_ANNOTATION,
+    rollout_patch,
+    secret_hash,
+    store_of_secret,
+    workload_store,
+)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def workload(rollout: str | None = "true", store: str | None = "orders",
+             digest: str | None = None) -> dict[str, Any]:
+    annotations = {ROLLOUT_ANNOTATION: rollout} if rollout is not None else {}
+    template_meta: dict[str, Any] = {"labels": {INJECT_LABEL: store} if store else {}}
+    if digest is not None:
+        template_meta["annotations"] = {HASH_ANNOTATION: digest}
+    return {"metadata": {"name": "w", "namespace": "team", "annotations": annotations},
+            "spec": {"template": {"metadata": template_meta, "spec": {}}}}
+
+
+def test_hash_covers_only_env_consumed_keys() -> None:
+    base = {"result_backend": b64("db+postgresql+psycopg://u:p1@h/d"),
+            "engine_options.json": b64("{}")}
+    h = secret_hash(base)
+    assert h is not None and len(h) == 20
+    assert secret_hash({**base, "engine_options.json": b64('{"pool_size": 9}')}) == h
+    assert secret_hash({**base, "result_backend": b64("db+postgresql+psycopg://u:p2@h/d")}) != h
+    assert secret_hash({"engine_options.json": b64("{}")}) is None
+    assert secret_hash(None) is None
+
+
+@pytest.mark.parametrize("secret,store", [
+    ({"type": "servicebinding.io/postgresql", "metadata": {"name": "orders-resultstore"}},
+     "orders"),
+    ({"type": "Opaque", "metadata": {"name": "orders-resultstore"}}, None),
+    ({"type": "servicebinding.io/postgresql", "metadata": {"name": "orders"}}, None),
+    ({"type": "servicebinding.io/postgresql", "metadata": {"name": "-resultstore"}}, None),
+])
+def test_store_of_secret(secret: dict[str, Any], store: str | None) -> None:
+    assert store_of_secret(secret) == store
+
+
+@pytest.mark.parametrize("rollout,store,expected", [
+    ("true", "orders", "orders"),
+    ("True", "orders", "orders"),
+    ("false", "orders", None),
+    (None, "orders", None),
+    ("true", None, None),
+])
+def test_workload_store(rollout: str | None, store: str | None, expected: str | None) -> None:
+    assert workload_store(workload(rollout, store)) == expected
+
+
+def test_rollout_patch_only_when_hash_differs() -> None:
+    assert rollout_patch(workload(), "abc") == {
+        "spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: "abc"}}}}}
+    assert rollout_patch(workload(digest="abc"), "abc") is None
+    assert rollout_patch(workload(digest="old"), "abc") is not None
+    assert rollout_patch(workload(rollout=None), "abc") is None
+    assert rollout_patch(workload(), None) is None
