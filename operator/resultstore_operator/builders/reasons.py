@@ -1,0 +1,69 @@
+"""Condition types, reasons and phases: the vocabulary users see in status and Events.
+
+Every failure mode the issue names has its own reason so that `kubectl get rstore` tells an
+operator *what* to fix (the Secret, the password, the network, the role's privileges)
+without reading logs.
+"""
+
+from __future__ import annotations
+
+# condition types
+READY = "Ready"
+SCHEMA_READY = "SchemaReady"
+CREDENTIALS_READY = "CredentialsReady"
+CLEANUP_SCHEDULED = "CleanupScheduled"
+CREDENTIALS_ROTATING = "CredentialsRotating"
+COMPONENT_CONDITIONS = (SCHEMA_READY, CREDENTIALS_READY, CLEANUP_SCHEDULED)
+
+# failure reasons (status False, Warning events)
+INVALID_SPEC = "InvalidSpec"
+ADMIN_SECRET_MISSING = "AdminSecretMissing"
+ADMIN_SECRET_INVALID = "AdminSecretInvalid"
+CA_SECRET_MISSING = "CASecretMissing"
+ADMIN_AUTH_FAILED = "AdminAuthFailed"
+DATABASE_UNREACHABLE = "DatabaseUnreachable"
+ADMIN_CANNOT_CREATE_ROLE = "AdminCannotCreateRole"
+INSUFFICIENT_PRIVILEGE = "InsufficientPrivilege"
+MIGRATION_FAILED = "MigrationFailed"
+SCHEMA_TOO_NEW = "SchemaTooNew"
+CRONJOB_FAILED = "CronJobFailed"
+KUBERNETES_ERROR = "KubernetesError"
+DATABASE_ERROR = "DatabaseError"
+DELETION_BLOCKED = "DeletionBlocked"
+PENDING = "Pending"
+
+# success / progress reasons
+READY_REASON = "Ready"
+SCHEMA_MIGRATED = "SchemaMigrated"
+ROLE_READY = "RoleReady"
+CRONJOB_READY = "CronJobReady"
+ROTATION_IDLE = "Idle"
+ROTATION_STARTED = "RotationStarted"
+NEXT_ROLE_READY = "NextRoleReady"
+SECRET_SWITCHED = "SecretSwitched"
+DRAINING = "DrainingPreviousRole"
+ROTATION_COMPLETE = "RotationComplete"
+
+# event-only reasons (actions)
+SECRET_CREATED = "SecretCreated"
+SECRET_UPDATED = "SecretUpdated"
+SECRET_RESTORED = "SecretRestored"
+PASSWORD_RESET = "PasswordReset"
+CRONJOB_CREATED = "CronJobCreated"
+CRONJOB_UPDATED = "CronJobUpdated"
+ROLE_CREATED = "RoleCreated"
+PRIVILEGES_RESTORED = "PrivilegesRestored"
+PREVIOUS_ROLE_REMOVED = "PreviousRoleRemoved"
+SESSIONS_TERMINATED = "SessionsTerminated"
+DATABASE_REACHABLE = "DatabaseReachable"
+CLEANUP_RETAINED = "DataRetained"
+CLEANUP_DROPPED = "SchemaDropped"
+CLEANUP_SKIPPED = "DatabaseCleanupSkipped"
+
+# phases
+PHASE_PENDING = "Pending"
+PHASE_PROVISIONING = "Provisioning"
+PHASE_READY = "Ready"
+PHASE_ROTATING = "Rotating"
+PHASE_FAILED = "Failed"
+PHASE_DELETING = "Deleting"

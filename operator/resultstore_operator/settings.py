@@ -1,0 +1,134 @@
+"""Operator settings, read once from the environment at start-up.
+
+Why a frozen dataclass: handlers run for months; reading the environment in a hot path
+would let a half-applied change of the Deployment produce an operator that behaves
+differently per handler. Everything tunable lives here and is fixed for the process life.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+ENV_PREFIX = "RESULTSTORE_"
+
+
+class SettingsError(ValueError):
+    """A malformed operator setting (names the variable, never echoes secret values)."""
+
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{key} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{key} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Everything the operator needs to know about its environment.
+
+    `namespaces` empty means cluster-wide. Intervals are seconds. `raw` is a read-only
+    snapshot of every RESULTSTORE_* variable so that optional modules (the webhook) can parse
+    their own settings from the same start-up snapshot instead of reading os.environ later.
+    """
+
+    namespaces: tuple[str, ...] = ()
+    operator_namespace: str = "resultstore-system"
+    tick_interval: float = 5.0
+    drift_interval: float = 60.0
+    retry_backoff_base: float = 2.0
+    retry_backoff_max: float = 300.0
+    cleanup_image: str = "celery-resultstore:0.1.0"
+    cleanup_image_pull_policy: str = "IfNotPresent"
+    health_address: str = "0.0.0.0:8080"
+    peering_name: str = ""
+    workers: int = 16
+    db_connect_timeout: int = 5
+    log_level: str = "INFO"
+    raw: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    @property
+    def standalone(self) -> bool:
+        """Without a peering name the operator runs standalone (one replica, Recreate)."""
+        return not self.peering_name
+
+    @property
+    def liveness_endpoint(self) -> str | None:
+        if not self.health_address:
+            return None
+        return f"http://{self.health_address}/healthz"
+
+    def backoff(self, failures: int) -> float:
+        """Exponential retry delay after `failures` consecutive failures (>= 1)."""
+        exponent = max(0, failures - 1)
+        delay = self.retry_backoff_base * (2 ** min(exponent, 30))
+        return float(min(self.retry_backoff_max, delay))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Parse settings from an environment mapping (os.environ by default)."""
+        env = os.environ if env is None else env
+        p = ENV_PREFIX
+        namespaces = tuple(
+            ns.strip() for ns in env.get(p + "WATCH_NAMESPACES", "").split(",") if ns.strip()
+        )
+        operator_namespace = (
+            env.get(p + "OPERATOR_NAMESPACE", "").strip()
+            or env.get("POD_NAMESPACE", "").strip()
+            or cls.operator_namespace
+        )
+        pull_policy = env.get(p + "CLEANUP_IMAGE_PULL_POLICY", "").strip() or "IfNotPresent"
+        if pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise SettingsError(
+                f"{p}CLEANUP_IMAGE_PULL_POLICY must be Always, IfNotPresent or Never"
+            )
+        snapshot = {k: v for k, v in env.items() if k.startswith(p)}
+        return cls(
+            namespaces=namespaces,
+            operator_namespace=operator_namespace,
+            tick_interval=_float(env, p + "TICK_INTERVAL", cls.tick_interval, 0.2),
+            drift_interval=_float(env, p + "DRIFT_INTERVAL", cls.drift_interval, 0.5),
+            retry_backoff_base=_float(env, p + "RETRY_BACKOFF_BASE", cls.retry_backoff_base, 0.1),
+            retry_backoff_max=_float(env, p + "RETRY_BACKOFF_MAX", cls.retry_backoff_max, 0.1),
+            cleanup_image=env.get(p + "CLEANUP_IMAGE", "").strip() or cls.cleanup_image,
+            cleanup_image_pull_policy=pull_policy,
+            health_address=env.get(p + "HEALTH_ADDRESS", cls.health_address).strip(),
+            peering_name=env.get(p + "PEERING", "").strip(),
+            workers=_int(env, p + "WORKERS", cls.workers, 1),
+            db_connect_timeout=_int(env, p + "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 1),
+            log_level=(env.get(p + "LOG_LEVEL", "").strip() or cls.log_level).upper(),
+            raw=MappingProxyType(snapshot),
+        )
+
+    def with_overrides(self, **changes: object) -> OperatorSettings:
+        """A copy with command-line overrides applied (still frozen)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)  # type: ignore[arg-type]
+
