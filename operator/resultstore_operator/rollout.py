@@ -35,6 +35,7 @@ HASHED_KEYS = (STOCK_KEY,)
 BINDING_TYPE = "servicebinding.io/postgresql"
 WORKLOAD_KINDS = ("deployments", "statefulsets", "daemonsets")
 _TRUE = frozenset({"true", "1", "yes", "on"})
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def secret_hash(data: Mapping[str, str] | None) -> str | None:
@@ -120,7 +121,8 @@ class RolloutGateway:
         return out
 
     def patch(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> None:
-        getattr(self._apps, f"patch_namespaced_{kind[:-1]}")(name, namespace, dict(body))
+        getattr(self._apps, f"patch_namespaced_{kind[:-1]}")(
+            name, namespace, dict(body), _content_type=MERGE_PATCH)
 
 
 def roll_workloads_for_secret(gateway: RolloutGateway, namespace: str, store: str,

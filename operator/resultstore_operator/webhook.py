@@ -485,7 +485,12 @@ class KubeGateway:
         return ensure_tls_secret(self._core, namespace, name, names)
 
     def apply_configuration(self, body: Mapping[str, Any]) -> bool:
-        """Create or replace the configuration so it is exactly ``body``; True if it changed."""
+        """Make our fields of the configuration equal ``body``; True if anything changed.
+
+        A JSON merge patch, not a replace: the ``webhooks`` list is ours and is replaced whole
+        (a strategic merge would blend a stale ``url`` with a new ``service``), while labels
+        and annotations others set (kubectl's last-applied, Helm's) are left alone.
+        """
         from kubernetes.client.exceptions import ApiException
 
         name = body["metadata"]["name"]
@@ -505,10 +510,14 @@ class KubeGateway:
                     raise
             if _configuration_matches(current, body):
                 return False
-            desired = json.loads(json.dumps(body))
-            desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            patch = {"metadata": {"labels": dict(body["metadata"].get("labels") or {}),
+                                  "resourceVersion": current["metadata"]["resourceVersion"]},
+                     "webhooks": body["webhooks"]}
+            if body["metadata"].get("annotations"):
+                patch["metadata"]["annotations"] = dict(body["metadata"]["annotations"])
             try:
-                self._admission.replace_mutating_webhook_configuration(name, desired)
+                self._admission.patch_mutating_webhook_configuration(
+                    name, patch, _content_type="application/merge-patch+json")
                 return True
             except ApiException as exc:
                 if exc.status == 409:
@@ -529,8 +538,10 @@ def _configuration_matches(current: Mapping[str, Any], desired: Mapping[str, Any
                     and all(subset(w, h) for w, h in zip(want, have, strict=True)))
         return bool(want == have)
 
-    return subset(desired.get("webhooks"), current.get("webhooks")) and subset(
-        desired["metadata"].get("labels") or {}, current["metadata"].get("labels") or {})
+    want, have = desired["metadata"], current["metadata"]
+    return (subset(desired.get("webhooks"), current.get("webhooks"))
+            and subset(want.get("labels") or {}, have.get("labels") or {})
+            and subset(want.get("annotations") or {}, have.get("annotations") or {}))
 
 
 # --------------------------------------------------------------------------------------------
