@@ -1,0 +1,398 @@
+"""Measurement jobs, each run in its own fresh interpreter: `python -m bench.jobs IN OUT`.
+
+Two process modes, because the stock backend behaves very differently in them:
+
+* worker: this process plays a Celery prefork worker's parent. It builds the app, touches
+  `app.backend` (the worker does, for its banner) and forks children with
+  multiprocessing's fork context, which runs the after-fork hooks exactly like billiard's
+  pool does; each child then runs Celery's own `process_initializer`, the function a
+  prefork pool child runs, before it measures.
+* client: a plain process (think web server or script) that never forked, building the app
+  and calling `AsyncResult.get()` / backend methods directly.
+
+Results that the timed part reads (for get and join) are written beforehand by a forked
+"seeding" child, so seeding never pollutes the measuring process's caches or pools and is
+fast even for backends that are slow in client mode.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, chord, group, states
+from celery.result import GroupResult
+
+from bench.backends import AppSpec
+from bench.celeryapp import CALLBACK, NOOP, build_app
+
+HOSTNAME = "bench-worker@localhost"
+PAYLOAD: dict[str, Any] = {"value": 42, "label": "benchmark result", "items": [1, 2, 3]}
+
+Workload = Callable[[Celery, dict[str, Any]], Any]
+
+
+# ---------------------------------------------------------------------------------------
+# process modes
+
+
+def _child_main(app: Celery, workload: Workload, params: dict[str, Any],
+                conn: Connection) -> None:
+    from celery.concurrency.prefork import process_initializer
+
+    try:
+        process_initializer(app, HOSTNAME)
+        conn.send(("ok", workload(app, params)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_in_pool_children(app: Celery, workload: Workload,
+                         params_per_child: list[dict[str, Any]]) -> list[Any]:
+    """Fork one prefork-like child per params dict; return their results in order."""
+    ctx = multiprocessing.get_context("fork")
+    procs = []
+    for params in params_per_child:
+        parent_conn, child_conn = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_main, args=(app, workload, params, child_conn))
+        proc.start()
+        child_conn.close()
+        procs.append((proc, parent_conn))
+    results: list[Any] = []
+    errors: list[str] = []
+    for proc, conn in procs:
+        try:
+            status, value = conn.recv()
+        except EOFError:
+            status, value = "error", f"child {proc.pid} died without a result"
+        proc.join()
+        if status == "ok":
+            results.append(value)
+        else:
+            errors.append(str(value))
+    if errors:
+        raise RuntimeError("pool child failed:\n" + "\n".join(errors))
+    return results
+
+
+def worker_parent_app(spec: AppSpec) -> Celery:
+    """Set the app up the way a prefork worker's parent has it when the pool forks."""
+    app = build_app(spec)
+    app.finalize()
+    app.loader.import_default_modules()
+    _ = app.backend  # the worker's banner prints app.backend.as_uri() before the pool starts
+    return app
+
+
+def seed_ready(spec: AppSpec, ids: list[str]) -> None:
+    """Store SUCCESS results for ids from a forked pool child (untimed preparation)."""
+    app = worker_parent_app(spec)
+    run_in_pool_children(app, _seed_workload, [{"ids": ids}])
+
+
+def _seed_workload(app: Celery, params: dict[str, Any]) -> int:
+    backend = app.backend
+    for index, task_id in enumerate(params["ids"]):
+        backend.store_result(task_id, {"index": index, **PAYLOAD}, states.SUCCESS)
+    return len(params["ids"])
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _clear_caches(app: Celery) -> None:
+    """Every timed read must reach the store, not a result cache from an earlier op."""
+    cache = getattr(app.backend, "_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+def _new_ids(prefix: str, n: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"{prefix}-{run}-{i}" for i in range(n)]
+
+
+def _timed_series(ids: list[str], op: Callable[[str], object], budget_s: float,
+                  min_ops: int) -> list[float]:
+    """Latency of op(id) per id, in milliseconds; stops early past the time budget."""
+    samples: list[float] = []
+    started = time.perf_counter()
+    for task_id in ids:
+        t0 = time.perf_counter_ns()
+        op(task_id)
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+        if len(samples) >= min_ops and time.perf_counter() - started > budget_s:
+            break
+    return samples
+
+
+# ---------------------------------------------------------------------------------------
+# workloads (run in the measuring process: a pool child or the client process itself)
+
+
+def latency_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    backend = app.backend
+    budget = float(params["budget_s"])
+    min_ops = int(params["min_ops"])
+    get_kwargs = {"timeout": 60, "disable_sync_subtasks": False}
+
+    for task_id in _new_ids("bench-warm", int(params["warmup"])):
+        backend.store_result(task_id, PAYLOAD, states.SUCCESS)
+    # Warm the read path too (first query compiles/prepares statements, opens pubsub, ...).
+    warm_get = params["warm_ids"]
+    for task_id in warm_get:
+        app.AsyncResult(task_id).get(**get_kwargs)
+        backend.get_task_meta(task_id)
+    _clear_caches(app)
+
+    store_ms = _timed_series(
+        _new_ids("bench-store", int(params["n_store"])),
+        lambda task_id: backend.store_result(task_id, PAYLOAD, states.SUCCESS),
+        budget, min_ops,
+    )
+
+    def _get(task_id: str) -> object:
+        _clear_caches(app)
+        value = app.AsyncResult(task_id).get(**get_kwargs)
+        if not isinstance(value, dict) or value.get("value") != PAYLOAD["value"]:
+            raise AssertionError(f"unexpected result for {task_id}: {value!r}")
+        return value
+
+    def _meta(task_id: str) -> object:
+        _clear_caches(app)
+        meta = backend.get_task_meta(task_id)
+        if meta.get("status") != states.SUCCESS:
+            raise AssertionError(f"unexpected meta for {task_id}: {meta!r}")
+        return meta
+
+    get_ms = _timed_series(params["get_ids"], _get, budget, min_ops)
+    meta_ms = _timed_series(params["meta_ids"], _meta, budget, min_ops)
+
+    group_ids: list[str] = params["group_ids"]
+    _clear_caches(app)
+    result = GroupResult(str(uuid.uuid4()), [app.AsyncResult(i) for i in group_ids], app=app)
+    t0 = time.perf_counter()
+    values = result.get(timeout=600, disable_sync_subtasks=False)
+    join_s = time.perf_counter() - t0
+    if [v["index"] for v in values] != list(range(len(group_ids))):
+        raise AssertionError("join returned results out of order or wrong")
+    return {
+        "store_ms": store_ms, "get_ms": get_ms, "meta_ms": meta_ms, "join_s": join_s,
+        "native_join": bool(result.supports_native_join),
+    }
+
+
+def writer_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """One of N concurrent writers: store as fast as possible for a fixed time."""
+    backend = app.backend
+    for task_id in _new_ids("bench-wwarm", int(params["warmup"])):
+        backend.store_result(task_id, PAYLOAD, states.SUCCESS)
+    barrier_path = Path(params["barrier_dir"])
+    (barrier_path / f"ready-{os.getpid()}").touch()
+    go = barrier_path / "go"
+    while not go.exists():
+        time.sleep(0.001)
+    duration = float(params["seconds"])
+    prefix = f"bench-w{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    latencies: list[float] = []
+    start = time.perf_counter()
+    deadline = start + duration
+    count = 0
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter_ns()
+        backend.store_result(f"{prefix}-{count}", PAYLOAD, states.SUCCESS)
+        latencies.append((time.perf_counter_ns() - t0) / 1e6)
+        count += 1
+    return {"count": count, "elapsed": time.perf_counter() - start, "latencies_ms": latencies}
+
+
+def paced_writer_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """A steady writer (a worker finishing tasks at a fixed rate) until the stop file appears.
+
+    Each sample is (wall-clock start, latency ms) so the orchestrator can pick the samples
+    that overlapped the cleanup run.
+    """
+    backend = app.backend
+    for task_id in _new_ids("bench-pwarm", int(params["warmup"])):
+        backend.store_result(task_id, PAYLOAD, states.SUCCESS)
+    Path(params["ready_file"]).touch()
+    stop = Path(params["stop_file"])
+    period = 1.0 / float(params["rate"])
+    prefix = f"bench-paced-{uuid.uuid4().hex[:6]}"
+    samples: list[tuple[float, float]] = []
+    next_at = time.perf_counter()
+    count = 0
+    while not stop.exists():
+        next_at += period
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        wall = time.time()
+        t0 = time.perf_counter_ns()
+        backend.store_result(f"{prefix}-{count}", PAYLOAD, states.SUCCESS)
+        samples.append((wall, (time.perf_counter_ns() - t0) / 1e6))
+        count += 1
+    return {"samples": samples}
+
+
+def cleanup_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """What `celery.backend_cleanup` (celery beat) runs: backend.cleanup()."""
+    started = time.time()
+    app.backend.cleanup()
+    return {"started": started, "finished": time.time()}
+
+
+def prepare_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """First use of a backend: lets it create its tables/schema outside any timing."""
+    task_id = f"bench-prepare-{uuid.uuid4().hex}"
+    app.backend.store_result(task_id, PAYLOAD, states.SUCCESS)
+    meta = app.backend.get_task_meta(task_id)
+    if meta.get("status") != states.SUCCESS:
+        raise AssertionError(f"prepare: backend did not read back its write: {meta!r}")
+    app.backend.forget(task_id)
+    return {"ok": True}
+
+
+def _parse_date_done(value: object) -> float:
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        moment = datetime.fromisoformat(str(value))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # stock stores naive UTC
+    return moment.timestamp()
+
+
+def _last_date_done(params: dict[str, Any], ids: list[str]) -> float:
+    """When the last header result was stored, read from storage (untimed)."""
+    sql_info = params.get("sql")
+    if sql_info:
+        import psycopg
+        from psycopg import sql
+
+        query = sql.SQL("SELECT max(date_done) FROM {}.{} WHERE task_id = ANY(%s)").format(
+            sql.Identifier(sql_info["schema"]), sql.Identifier(sql_info["task_table"])
+        )
+        with psycopg.connect(sql_info["dsn"]) as conn:
+            row = conn.execute(query, (ids,)).fetchone()
+        if row is None or row[0] is None:
+            raise AssertionError("header results not found in the task table")
+        return _parse_date_done(row[0])
+    import redis
+
+    client = redis.Redis.from_url(params["redis_db_url"])
+    raw = client.mget([f"celery-task-meta-{i}" for i in ids])
+    stamps = [_parse_date_done(json.loads(r)["date_done"]) for r in raw if r is not None]
+    if len(stamps) != len(ids):
+        raise AssertionError("some header results are missing from Redis")
+    return max(stamps)
+
+
+def chord_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """Client side of the chord and live-group tests; a real worker must be consuming."""
+    noop = app.tasks[NOOP]
+    callback = app.tasks[CALLBACK]
+    timeout = float(params["timeout"])
+    # Warm-up: worker ready, connections open, chord machinery exercised once.
+    warm = group(noop.s(i) for i in range(10)).apply_async()
+    warm.get(timeout=120)
+    chord(noop.s(i) for i in range(5))(callback.s()).get(timeout=120)
+
+    chord_ms: list[float] = []
+    chord_total_s: list[float] = []
+    parts = int(params["parts"])
+    for _ in range(int(params["chord_repeats"])):
+        ids = [str(uuid.uuid4()) for _ in range(parts)]
+        header = [noop.s(i).set(task_id=task_id) for i, task_id in enumerate(ids)]
+        t0 = time.time()
+        res = chord(header)(callback.s())
+        out = res.get(timeout=timeout, interval=0.05)
+        chord_total_s.append(time.time() - t0)
+        if int(out["n"]) != parts:
+            raise AssertionError(f"chord callback saw {out['n']} results, expected {parts}")
+        last = _last_date_done(params, ids)
+        chord_ms.append((out["started"] - last) * 1000.0)
+
+    live_s: list[float] = []
+    for _ in range(int(params["live_repeats"])):
+        t0 = time.perf_counter()
+        result = group(noop.s(i) for i in range(int(params["group_size"]))).apply_async()
+        values = result.get(timeout=timeout)
+        live_s.append(time.perf_counter() - t0)
+        if values != list(range(int(params["group_size"]))):
+            raise AssertionError("live group returned wrong values")
+    return {"chord_ms": chord_ms, "chord_total_s": chord_total_s, "live_join_s": live_s}
+
+
+WORKLOADS: dict[str, Workload] = {
+    "latency": latency_workload,
+    "writer": writer_workload,
+    "paced_writer": paced_writer_workload,
+    "cleanup": cleanup_workload,
+    "prepare": prepare_workload,
+    "chord": chord_workload,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# job entry
+
+
+def _latency_params(spec: AppSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Seed the ids the timed reads use, from a separate forked child."""
+    params = dict(params)
+    params["warm_ids"] = _new_ids("bench-wget", 5)
+    params["get_ids"] = _new_ids("bench-get", int(params["n_get"]))
+    params["meta_ids"] = _new_ids("bench-meta", int(params["n_get"]))
+    params["group_ids"] = _new_ids("bench-group", int(params["group_size"]))
+    seed_ready(spec, params["warm_ids"] + params["get_ids"] + params["meta_ids"])
+    seed_ready(spec, params["group_ids"])
+    return params
+
+
+def run_job(job: dict[str, Any]) -> Any:
+    spec = AppSpec.from_json(job["app"])
+    kind: str = job["kind"]
+    mode: str = job["mode"]
+    workload = WORKLOADS[kind]
+    params: dict[str, Any] = dict(job.get("params", {}))
+    if kind == "latency":
+        params = _latency_params(spec, params)
+    if mode == "worker":
+        app = worker_parent_app(spec)
+        children = int(job.get("children", 1))
+        per_child = [dict(params, child=i) for i in range(children)]
+        results = run_in_pool_children(app, workload, per_child)
+        return results if children > 1 else results[0]
+    if mode == "client":
+        return workload(build_app(spec), params)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_path, out_path = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_path.read_text())
+    try:
+        result = {"ok": True, "result": run_job(job)}
+    except BaseException:  # noqa: BLE001 - the orchestrator reports it
+        result = {"ok": False, "error": traceback.format_exc()}
+    out_path.write_text(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The benchmark phases; each fills `raw[backend][...]` with samples for the report.
+
+Backends are interleaved inside each repeat (and the order rotates per repeat) so that load
+from other work on the machine spreads over all backends instead of hitting one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+
+from bench.backends import BROKER_DB, BackendEntry
+from bench.runner import CeleryWorker, JobFailed, Runner
+from bench.services import BenchServices
+from bench.settings import BenchSettings
+
+Raw = dict[str, dict[str, Any]]
+Log = Callable[[str], None]
+MODES = ("worker", "client")
+EXPIRED_PREFIX = "bench-expired-"
+
+
+def _rotated(entries: list[BackendEntry], by: int) -> list[BackendEntry]:
+    if not entries:
+        return entries
+    by %= len(entries)
+    return entries[by:] + entries[:by]
+
+
+def prepare(runner: Runner, entries: list[BackendEntry], log: Log) -> None:
+    for entry in entries:
+        log(f"prepare {entry.key}")
+        runner.job(entry, "prepare", "client", {}, timeout=300)
+
+
+def latency(runner: Runner, settings: BenchSettings, entries: list[BackendEntry],
+            raw: Raw, log: Log) -> None:
+    params = {
+        "n_store": settings.n_store, "n_get": settings.n_get, "budget_s": settings.op_budget_s,
+        "min_ops": settings.min_ops, "warmup": settings.warmup,
+        "group_size": settings.group_size,
+    }
+    for rep in range(settings.repeats):
+        for entry in _rotated(entries, rep):
+            for mode in MODES:
+                t0 = time.perf_counter()
+                out = runner.job(entry, "latency", mode, params)
+                bucket = raw[entry.key].setdefault(mode, {
+                    "store_ms": [], "get_ms": [], "meta_ms": [], "join_s": []})
+                bucket["store_ms"].extend(out["store_ms"])
+                bucket["get_ms"].extend(out["get_ms"])
+                bucket["meta_ms"].extend(out["meta_ms"])
+                bucket["join_s"].append(out["join_s"])
+                bucket["native_join"] = out["native_join"]
+                log(f"latency {entry.key}/{mode} rep {rep + 1}/{settings.repeats}: "
+                    f"store n={len(out['store_ms'])} get n={len(out['get_ms'])} "
+                    f"join {out['join_s']:.3f}s ({time.perf_counter() - t0:.1f}s)")
+
+
+def _wait_files(directory: Path, pattern: str, count: int, timeout: float,
+                handle_poll: Callable[[], int | None]) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(directory.glob(pattern))) < count:
+        if handle_poll() is not None:
+            return  # the job exited early; wait() will report why
+        if time.monotonic() > deadline:
+            raise JobFailed(f"timed out waiting for {count} x {pattern} in {directory}")
+        time.sleep(0.02)
+
+
+def writers(runner: Runner, settings: BenchSettings, entries: list[BackendEntry],
+            raw: Raw, log: Log) -> None:
+    for rep in range(settings.writer_repeats):
+        for entry in _rotated(entries, rep):
+            barrier = runner.new_dir(f"barrier-{entry.key}")
+            params = {"seconds": settings.writer_seconds, "warmup": settings.warmup,
+                      "barrier_dir": str(barrier)}
+            handle = runner.start_job(entry, "writer", "worker", params,
+                                      children=settings.writers)
+            _wait_files(barrier, "ready-*", settings.writers, 300, handle.proc.poll)
+            (barrier / "go").touch()
+            results = handle.wait(timeout=settings.writer_seconds + 300)
+            total = sum(r["count"] for r in results)
+            elapsed = max(r["elapsed"] for r in results)
+            bucket = raw[entry.key].setdefault("writers", {"throughput": [],
+                                                           "latencies_ms": []})
+            bucket["throughput"].append(total / elapsed)
+            for r in results:
+                bucket["latencies_ms"].extend(r["latencies_ms"])
+            log(f"writers {entry.key} rep {rep + 1}/{settings.writer_repeats}: "
+                f"{total / elapsed:.0f} stores/s")
+
+
+def chords(runner: Runner, settings: BenchSettings, services: BenchServices,
+           entries: list[BackendEntry], raw: Raw, log: Log) -> None:
+    broker = redis.Redis.from_url(services.redis.db_url(BROKER_DB))
+    for entry in entries:
+        broker.flushdb()
+        params: dict[str, Any] = {
+            "parts": settings.chord_parts, "chord_repeats": settings.chord_repeats,
+            "live_repeats": settings.live_group_repeats, "group_size": settings.group_size,
+            "timeout": 900, "sql": entry.sql.to_json() if entry.sql else None,
+            "redis_db_url": entry.redis_db_url,
+        }
+        worker = CeleryWorker(entry, settings.worker_concurrency,
+                              runner.run_dir / f"worker-{entry.key}.log")
+        with worker:
+            out = runner.job(entry, "chord", "client", params, timeout=3600)
+        raw[entry.key]["chord"] = out
+        log(f"chord {entry.key}: callback after last header "
+            f"{', '.join(f'{v:.1f}' for v in out['chord_ms'])} ms; live join "
+            f"{', '.join(f'{v:.2f}' for v in out['live_join_s'])} s")
+    broker.flushdb()
+
+
+def _seed_expired(entry: BackendEntry, rows: int) -> float:
+    """Generate `rows` expired results with one INSERT ... SELECT generate_series."""
+    assert entry.sql is not None
+    info = entry.sql
+    table = sql.Identifier(info.schema, info.task_table)
+    seq = sql.Literal(f"{info.schema}.{info.task_sequence}")
+    t0 = time.perf_counter()
+    with psycopg.connect(info.dsn) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {table} (id, task_id, status, result, date_done) "
+                "SELECT nextval({seq}), {prefix} || g, 'SUCCESS', {payload}, "
+                "now() - interval '30 days' - g * interval '1 millisecond' "
+                "FROM generate_series(1, {rows}) AS g"
+            ).format(table=table, seq=seq, prefix=sql.Literal(EXPIRED_PREFIX),
+                     payload=sql.Literal(b'{"value": 42, "label": "expired"}'),
+                     rows=sql.Literal(rows))
+        )
+    with psycopg.connect(info.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table))
+    with psycopg.connect(info.admin_dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")  # so a checkpoint does not land inside the measurement
+    return time.perf_counter() - t0
+
+
+def _count_expired(entry: BackendEntry) -> int:
+    assert entry.sql is not None
+    query = sql.SQL("SELECT count(*) FROM {} WHERE task_id LIKE {}").format(
+        sql.Identifier(entry.sql.schema, entry.sql.task_table),
+        sql.Literal(EXPIRED_PREFIX + "%"),
+    )
+    with psycopg.connect(entry.sql.dsn) as conn:
+        row = conn.execute(query).fetchone()
+    return int(row[0]) if row else -1
+
+
+def cleanup(runner: Runner, settings: BenchSettings, entries: list[BackendEntry],
+            raw: Raw, log: Log) -> None:
+    baseline_s = 2.0 if not settings.quick else 1.0
+    for rep in range(settings.cleanup_repeats):
+        for entry in _rotated([e for e in entries if e.has_cleanup], rep):
+            seed_s = _seed_expired(entry, settings.cleanup_rows)
+            log(f"cleanup {entry.key}: seeded {settings.cleanup_rows} expired rows "
+                f"in {seed_s:.1f}s")
+            flags = runner.new_dir(f"cleanup-{entry.key}")
+            params = {"rate": settings.cleanup_writer_rate, "warmup": settings.warmup,
+                      "ready_file": str(flags / "ready"), "stop_file": str(flags / "stop")}
+            writer = runner.start_job(entry, "paced_writer", "worker", params)
+            try:
+                _wait_files(flags, "ready", 1, 300, writer.proc.poll)
+                time.sleep(baseline_s)
+                window = runner.job(entry, "cleanup", "client", {}, timeout=3600)
+                time.sleep(baseline_s / 2)
+            finally:
+                (flags / "stop").touch()
+            samples = writer.wait(timeout=300)["samples"]
+            start, end = window["started"], window["finished"]
+            during = [lat for wall, lat in samples if start <= wall <= end]
+            before = [lat for wall, lat in samples if wall < start]
+            remaining = _count_expired(entry)
+            bucket = raw[entry.key].setdefault("cleanup", {
+                "writer_during_ms": [], "writer_baseline_ms": [], "cleanup_s": [],
+                "rows": settings.cleanup_rows, "remaining": []})
+            bucket["writer_during_ms"].extend(during)
+            bucket["writer_baseline_ms"].extend(before)
+            bucket["cleanup_s"].append(end - start)
+            bucket["remaining"].append(remaining)
+            log(f"cleanup {entry.key} rep {rep + 1}: {end - start:.1f}s, "
+                f"{len(during)} writer samples during, {remaining} expired rows left")

@@ -1,0 +1,64 @@
+"""The benchmark's quick mode runs end to end and prints a complete table.
+
+No timing assertions: numbers on a shared 2-core machine are noise for a test. This only
+proves the harness works (services start, every phase runs for every installed backend, the
+table and the JSON record are complete), so the full run is never the first run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+EXPECTED_METRICS = (
+    "store_result latency",
+    "get: AsyncResult.get (ready)",
+    "get: backend.get_task_meta",
+    "get: client / worker (AsyncResult.get)",
+    "join 100 ready (GroupResult.get)",
+    "group 100: dispatch -> join, live worker",
+    "chord 50: last header stored -> callback start",
+    "8 concurrent writers",
+    "cleanup 20,000 expired rows: duration",
+    "writer latency during cleanup (target on p99)",
+)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_quick_benchmark_completes_with_full_table(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=380,
+    )
+    assert result.returncode == 0, f"bench failed:\n{result.stdout}\n{result.stderr[-5000:]}"
+    out = result.stdout
+    assert "=== celery-resultstore benchmark ===" in out
+    assert "=== end of benchmark ===" in out
+    assert "synchronous_commit=on" in out and "fsync=on" in out
+    for metric in EXPECTED_METRICS:
+        assert metric in out, f"table lacks {metric!r}:\n{out}"
+
+    files = list(tmp_path.glob("*-quick.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["postgres"]["synchronous_commit"] == "on"
+    rows = {(r["metric"], r["mode"]): r for r in record["rows"]}
+    # Every row has a number for every backend that ran (Redis has no cleanup to run).
+    ran = [b["key"] for b in record["backends"] if b["available"]]
+    assert {"stock", "redis"} <= set(ran)
+    for (metric, mode), row in rows.items():
+        for key in ran:
+            if key == "redis" and ("cleanup" in metric):
+                continue
+            cell = row["cells"].get(key)
+            assert cell is not None and cell["median"] == cell["median"], (
+                f"{metric}/{mode} has no value for {key}")
+        if "resultstore" in ran and row["target"]:
+            assert row["result"] in ("PASS", "FAIL"), f"{metric}/{mode}: {row['result']}"
