@@ -27,6 +27,10 @@ namespace) do not collide.
 {{- printf "%s-webhook" (include "resultstore.fullname" .) }}
 {{- end }}
 
+{{- define "resultstore.injectorName" -}}
+{{- printf "%s-injector" (include "resultstore.fullname" .) }}
+{{- end }}
+
 {{- define "resultstore.webhookTlsSecret" -}}
 {{- printf "%s-webhook-tls" (include "resultstore.fullname" .) }}
 {{- end }}
@@ -62,4 +66,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "resultstore.certManager" -}}
 {{- if and .Values.webhook.enabled (eq .Values.webhook.tls.mode "certManager") }}true{{ end }}
+{{- end }}
+
+{{/* Namespaces the webhook never mutates, sorted like the operator's builder sorts them. */}}
+{{- define "resultstore.excludedNamespaces" -}}
+{{- uniq (concat (list "kube-system" .Release.Namespace) .Values.webhook.excludeNamespaces) | sortAlpha | toJson }}
 {{- end }}
