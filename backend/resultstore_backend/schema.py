@@ -212,6 +212,8 @@ def tables_for(names: TableNames) -> ResultTables:
         # header contains groups: the callback joins the saved GroupResult
         sa.Column("complex", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("fired_at", _tz(), nullable=True),
+        # token of the part return that claimed the callback (fires exactly once)
+        sa.Column("claim", sa.String(64), nullable=True),
         sa.Column("created_at", _tz(), nullable=False),
     )
     sa.Index("ix_resultstore_chords_created_at", chord.c.created_at)

@@ -1,0 +1,127 @@
+"""``resultstore`` command line: ``cleanup`` (the CronJob), ``migrate`` and ``check``.
+
+Errors are printed as one line naming the file/key at fault (never a password)
+and turn into a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from .cleanup import DEFAULT_BATCH_SIZE, DEFAULT_PENDING_HORIZON, run_cleanup
+from .config import ConfigError, DirectorySource, StoreConfig, parse_backend_url, redact
+from .engine import EngineHolder, classify_connect_error
+from .schema import SCHEMA_VERSION, current_version, migrate
+
+__all__ = ["main"]
+
+
+def _source(args: argparse.Namespace) -> DirectorySource | StoreConfig:
+    if args.config_dir:
+        return DirectorySource(args.config_dir)
+    return parse_backend_url(args.url)
+
+
+def _holder(args: argparse.Namespace) -> EngineHolder:
+    return EngineHolder(_source(args), create_tables=False)
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    holder = _holder(args)
+    config = holder.config
+    expires = args.expires if args.expires is not None else config.expires
+    if expires is None and not args.config_dir:
+        expires = 86400
+    try:
+        engine = holder.engine()
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.DBAPIError as exc:
+        raise classify_connect_error(exc, config) from None
+    report = run_cleanup(engine, config.names, expires=expires,
+                         pending_horizon=args.pending_horizon, batch_size=args.batch_size)
+    holder.dispose()
+    print(
+        f"deleted {report.rows_deleted} rows (tasks={report.tasks_deleted} "
+        f"groups={report.groups_deleted} chords={report.chords_deleted} "
+        f"unready={report.unready_deleted}) in {report.duration_seconds:.2f}s"
+    )
+    if report.error:
+        print(f"resultstore cleanup: error: {redact(report.error, config.password)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    holder = _holder(args)
+    config = holder.config
+    try:
+        with holder.engine().connect().execution_options(
+                isolation_level="SERIALIZABLE" if config.is_sqlite else "READ COMMITTED") as conn:
+            version = migrate(conn, config.names)
+    except sa.exc.OperationalError as exc:
+        raise classify_connect_error(exc, config) from None
+    print(f"schema {config.names.schema or '(default)'} at version {version}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    holder = _holder(args)
+    config = holder.config
+    try:
+        with holder.engine().connect() as conn:
+            version = current_version(conn, config.names)
+    except sa.exc.OperationalError as exc:
+        raise classify_connect_error(exc, config) from None
+    print(f"ok: {config.describe()} schema {config.names.schema or '(default)'} "
+          f"version {version} (code {SCHEMA_VERSION})")
+    return 0 if version == SCHEMA_VERSION else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resultstore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_source(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--config-dir", help="mounted result-store Secret directory")
+        group.add_argument("--url", help="backend URL (postgresql://...?schema=, sqlite:///...)")
+
+    p = sub.add_parser("cleanup", help="delete expired results in batches")
+    add_source(p)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--expires", type=int, default=None,
+                   help="seconds after completion (default: celery.json result_expires)")
+    p.add_argument("--pending-horizon", type=int, default=DEFAULT_PENDING_HORIZON,
+                   help="delete never-ready rows untouched this many seconds (0: keep)")
+    p.set_defaults(func=_cmd_cleanup)
+
+    p = sub.add_parser("migrate", help="create or upgrade the tables")
+    add_source(p)
+    p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("check", help="connect and report the schema version")
+    add_source(p)
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) <= 0:
+        print("resultstore: error: --batch-size must be positive", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"resultstore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

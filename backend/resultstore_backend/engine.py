@@ -1,0 +1,471 @@
+"""A process-local, fork-safe, hot-reloadable engine per result store.
+
+Celery creates one backend object per thread (``app.backend`` is thread-local)
+and, with the prefork pool, per child process. Connections must be pooled per
+*process* and never cross a fork, so engines live here, in a module-level
+registry keyed by the configuration source, rather than on the backend:
+
+- every thread of a process shares one pool;
+- after ``fork()`` the child drops the inherited pools without closing their
+  sockets (``dispose(close=False)``; closing would terminate the parent's
+  sessions) and builds its own on first use;
+- in config-directory mode the ``..data`` symlink is checked at most every
+  ``reload_interval`` seconds (one ``readlink``), and when the kubelet has
+  swapped it the next operation gets a new engine; the old one is disposed
+  once the operations still using it have returned their connections.
+
+Connections are DBAPI connections in autocommit mode, handed out by the pool,
+so a single-statement operation is one network round trip (no BEGIN/COMMIT),
+and multi-statement ones open an explicit transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from .config import (
+    BackendSource,
+    ConfigError,
+    DirectorySource,
+    StoreConfig,
+    binding_version,
+    read_binding_dir,
+    redact,
+)
+from .schema import SCHEMA_VERSION, current_version, migrate
+
+try:  # psycopg is a base dependency, but keep SQLite-only use importable without it
+    import psycopg
+except ImportError:  # pragma: no cover
+    psycopg = None  # type: ignore[assignment]
+
+__all__ = [
+    "EngineHolder",
+    "StoreConnectionError",
+    "build_engine",
+    "get_holder",
+    "is_connection_error",
+    "is_transient_error",
+    "reset_registry",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A pooled connection idle for longer than this is pinged before use.
+DEFAULT_IDLE_PING_AFTER = 10.0
+DEFAULT_RELOAD_INTERVAL = 1.0
+
+
+class StoreConnectionError(ConfigError):
+    """The store could not be reached with the configured settings.
+
+    ``transient`` is True for errors that may go away by themselves (server
+    restarting, network); authentication and missing role/database are not.
+    """
+
+    def __init__(self, message: str, *, path: str | None, key: str | None,
+                 transient: bool) -> None:
+        super().__init__(message, path=path, key=key)
+        self.transient = transient
+
+
+# --------------------------------------------------------------------------- error classes
+
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53", "40")  # connection, shutdown, resources, txn
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None) or exc
+    return getattr(orig, "sqlstate", None)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection itself is unusable."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None) or exc
+    if psycopg is not None and isinstance(orig, (psycopg.OperationalError,
+                                                 psycopg.InterfaceError)):
+        state = _sqlstate(orig)
+        return state is None or state.startswith(("08", "57P"))
+    return isinstance(exc, sa.exc.DisconnectionError)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Whether retrying the (idempotent) operation may succeed."""
+    if isinstance(exc, StoreConnectionError):
+        return exc.transient
+    if isinstance(exc, ConfigError):
+        return False
+    if isinstance(exc, (sa.exc.DisconnectionError, sa.exc.TimeoutError)):
+        return True  # pool checkout timeout, failed pre-ping
+    orig: BaseException = getattr(exc, "orig", None) or exc
+    if isinstance(orig, sqlite3.OperationalError):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+    if psycopg is not None and isinstance(orig, psycopg.Error):
+        state = _sqlstate(orig)
+        if state is None:
+            return isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError))
+        return state.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    return False
+
+
+def classify_connect_error(exc: BaseException, config: StoreConfig) -> StoreConnectionError:
+    """Turn a failure to connect into an error naming the file/key at fault."""
+    orig: BaseException = getattr(exc, "orig", None) or exc
+    text = redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig),
+                  config.password)
+    low = text.lower()
+    transient = True
+    key = "host"
+    if "password authentication failed" in low or "no password supplied" in low:
+        key, transient = "password", False
+    elif "role" in low and "does not exist" in low:
+        key, transient = "username", False
+    elif "database" in low and "does not exist" in low:
+        key, transient = "database", False
+    elif "ssl" in low:
+        key = "sslmode"
+    elif "connection refused" in low:
+        key = "port"
+    url = config.url
+    target = f"{url.host}:{url.port or 5432}/{url.database} as {url.username}"
+    message = f"cannot connect to PostgreSQL at {target}: {text}"
+    if config.source_dir is not None:
+        return StoreConnectionError(message, path=str(config.source_dir / key), key=None,
+                                    transient=transient)
+    return StoreConnectionError(message, path=config.describe(), key=key, transient=transient)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def _ping(dbapi_conn: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("SELECT 1")
+        cur.fetchall()
+    finally:
+        cur.close()
+
+
+def build_engine(config: StoreConfig, *, idle_ping_after: float = DEFAULT_IDLE_PING_AFTER
+                 ) -> Engine:
+    """Create the engine for ``config`` (autocommit DBAPI connections, idle-only pings)."""
+    options = dict(config.engine_options)
+    pre_ping = bool(options.pop("pool_pre_ping", True))
+    connect_args = dict(options.pop("connect_args", None) or {})
+    if config.is_sqlite:
+        connect_args.setdefault("timeout", 30.0)
+        connect_args.setdefault("check_same_thread", False)
+        for key in ("pool_size", "max_overflow", "pool_timeout", "pool_recycle"):
+            options.pop(key, None)
+    else:
+        # psycopg prepares a statement on the server after this many executions
+        # on a connection; our hot statements are few and repeat constantly.
+        connect_args.setdefault("prepare_threshold", 1)
+    engine = sa.create_engine(
+        config.url,
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=False,
+        connect_args=connect_args,
+        **options,
+    )
+
+    if config.is_sqlite:
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    if pre_ping and idle_ping_after >= 0:
+        @event.listens_for(engine, "checkin")
+        def _on_checkin(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+            record.info["rs_idle_since"] = time.monotonic()
+
+        @event.listens_for(engine, "checkout")
+        def _on_checkout(dbapi_conn: Any, record: ConnectionPoolEntry,
+                         proxy: PoolProxiedConnection) -> None:
+            since = record.info.get("rs_idle_since")
+            if since is None or time.monotonic() - since < idle_ping_after:
+                return
+            try:
+                _ping(dbapi_conn)
+            except Exception as exc:
+                # the pool discards this connection and checks out another
+                raise sa.exc.DisconnectionError("idle connection failed its ping") from exc
+
+    return engine
+
+
+@dataclass
+class _EngineSlot:
+    engine: Engine
+    config: StoreConfig
+    inflight: int = 0
+    retired: bool = False
+
+
+class EngineHolder:
+    """The engine of one store in this process (see the module docstring)."""
+
+    def __init__(self, source: BackendSource, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+                 idle_ping_after: float = DEFAULT_IDLE_PING_AFTER,
+                 create_tables: bool | None = None) -> None:
+        self.source = source
+        self.reload_interval = reload_interval
+        self.idle_ping_after = idle_ping_after
+        self.create_tables = (
+            not isinstance(source, DirectorySource) if create_tables is None else create_tables
+        )
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._slot: _EngineSlot | None = None
+        self._retiring: list[_EngineSlot] = []
+        self._next_check = 0.0
+        self._bad_version: str | None = None
+        self._migrated_urls: set[str] = set()
+        self._last_invalidate = 0.0
+        self.reloads = 0
+        if isinstance(source, DirectorySource):
+            # read now: a bad directory fails the backend's construction, loudly
+            self._initial: StoreConfig | None = read_binding_dir(source.path)
+        else:
+            self._initial = source
+        _HOLDERS.add(self)
+
+    # -- fork safety ---------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget inherited pools without touching their sockets."""
+        self._lock = threading.Lock()
+        for slot in [self._slot, *self._retiring]:
+            if slot is not None:
+                slot.engine.dispose(close=False)
+        if self._slot is not None:
+            self._initial = self._slot.config
+        self._slot = None
+        self._retiring = []
+        self._pid = os.getpid()
+        self._next_check = 0.0
+
+    # -- configuration -------------------------------------------------------------
+
+    @property
+    def config(self) -> StoreConfig:
+        slot = self._slot
+        if slot is not None:
+            return slot.config
+        assert self._initial is not None
+        return self._initial
+
+    def _new_slot(self, config: StoreConfig) -> _EngineSlot:
+        engine = build_engine(config, idle_ping_after=self.idle_ping_after)
+        slot = _EngineSlot(engine=engine, config=config)
+        if self.create_tables:
+            key = config.url.render_as_string(hide_password=True) + repr(config.names)
+            if key not in self._migrated_urls:
+                self._ensure_schema(slot)
+                self._migrated_urls.add(key)
+        return slot
+
+    def _ensure_schema(self, slot: _EngineSlot) -> None:
+        try:
+            with slot.engine.connect() as conn:
+                if current_version(conn, slot.config.names) >= SCHEMA_VERSION:
+                    return
+            with slot.engine.connect().execution_options(
+                isolation_level="SERIALIZABLE" if slot.config.is_sqlite else "READ COMMITTED"
+            ) as conn:
+                migrate(conn, slot.config.names)
+        except sa.exc.DBAPIError as exc:
+            if is_connection_error(exc) or isinstance(exc, sa.exc.OperationalError):
+                slot.engine.dispose()
+                raise classify_connect_error(exc, slot.config) from exc
+            raise
+
+    def _maybe_reload(self, now: float) -> None:
+        assert isinstance(self.source, DirectorySource)
+        self._next_check = now + self.reload_interval
+        version = binding_version(self.source.path)
+        current = self.config.version
+        if version == current or version is None or version == self._bad_version:
+            return
+        try:
+            config = read_binding_dir(self.source.path)
+        except ConfigError as exc:
+            self._bad_version = version
+            logger.error("result store config changed but is invalid, keeping the old one: %s",
+                         exc)
+            return
+        with self._lock:
+            if self._slot is not None and self._slot.config.version == config.version:
+                return
+            new = self._new_slot(config)
+            old, self._slot = self._slot, new
+            self.reloads += 1
+            if old is not None:
+                old.retired = True
+                self._retiring.append(old)
+                self._reap_locked()
+        logger.info("result store config reloaded from %s (%s)", self.source.path,
+                    config.version)
+
+    def _reap_locked(self) -> None:
+        keep = []
+        for slot in self._retiring:
+            if slot.inflight == 0:
+                slot.engine.dispose()
+            else:
+                keep.append(slot)
+        self._retiring = keep
+
+    # -- engines and connections ------------------------------------------------------
+
+    def _current_slot(self) -> _EngineSlot:
+        if self._pid != os.getpid():
+            self._after_fork()
+        if isinstance(self.source, DirectorySource):
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._maybe_reload(now)
+        slot = self._slot
+        if slot is None:
+            with self._lock:
+                slot = self._slot
+                if slot is None:
+                    slot = self._slot = self._new_slot(self.config)
+        return slot
+
+    def engine(self) -> Engine:
+        """The current engine (SQLAlchemy Core use: migrations, cleanup)."""
+        return self._current_slot().engine
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pooled DBAPI connection (autocommit) for the duration of the block.
+
+        Connection-level failures invalidate the connection and the pool, so
+        the next attempt reconnects instead of reusing dead sockets.
+        """
+        slot = self._current_slot()
+        with self._lock:
+            slot.inflight += 1
+        try:
+            try:
+                fairy = slot.engine.raw_connection()
+            except sa.exc.DBAPIError as exc:
+                self.invalidate(slot)
+                raise classify_connect_error(exc, slot.config) from exc
+            try:
+                yield fairy.driver_connection
+            except BaseException as exc:
+                if is_connection_error(exc):
+                    try:
+                        fairy.invalidate(exc if isinstance(exc, Exception) else None)
+                    finally:
+                        self.invalidate(slot)
+                raise
+            finally:
+                fairy.close()
+        finally:
+            with self._lock:
+                slot.inflight -= 1
+                if slot.retired and slot.inflight == 0:
+                    self._reap_locked()
+
+    def run(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(dbapi_connection)`` on a pooled connection."""
+        with self.connection() as conn:
+            return fn(conn)
+
+    def invalidate(self, slot: _EngineSlot | None = None) -> None:
+        """Drop the pooled connections (after a connection loss), at most every 100 ms."""
+        slot = slot or self._slot
+        if slot is None:
+            return
+        now = time.monotonic()
+        if now - self._last_invalidate < 0.1:
+            return
+        self._last_invalidate = now
+        slot.engine.dispose()
+
+    def dispose(self) -> None:
+        """Close everything (tests, shutdown)."""
+        with self._lock:
+            for slot in [self._slot, *self._retiring]:
+                if slot is not None:
+                    slot.engine.dispose()
+            if self._slot is not None:
+                self._initial = self._slot.config
+            self._slot = None
+            self._retiring = []
+
+
+# --------------------------------------------------------------------------- registry
+
+_HOLDERS: weakref.WeakSet[EngineHolder] = weakref.WeakSet()
+_REGISTRY: dict[tuple[Any, ...], EngineHolder] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _source_key(source: BackendSource) -> Any:
+    if isinstance(source, DirectorySource):
+        return ("dir", str(source.path))
+    return ("url", source.url.render_as_string(hide_password=False), source.names,
+            repr(sorted(source.engine_options.items())))
+
+
+def get_holder(source: BackendSource, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+               idle_ping_after: float = DEFAULT_IDLE_PING_AFTER,
+               create_tables: bool | None = None) -> EngineHolder:
+    """The process-wide holder for ``source`` (created on first use)."""
+    key = (_source_key(source), reload_interval, idle_ping_after, create_tables)
+    holder = _REGISTRY.get(key)
+    if holder is None:
+        with _REGISTRY_LOCK:
+            holder = _REGISTRY.get(key)
+            if holder is None:
+                holder = EngineHolder(source, reload_interval=reload_interval,
+                                      idle_ping_after=idle_ping_after,
+                                      create_tables=create_tables)
+                _REGISTRY[key] = holder
+    return holder
+
+
+def reset_registry() -> None:
+    """Dispose and forget every holder of this process (tests)."""
+    with _REGISTRY_LOCK:
+        for holder in list(_REGISTRY.values()):
+            holder.dispose()
+        _REGISTRY.clear()
+
+
+def _after_fork_in_child() -> None:
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for holder in list(_HOLDERS):
+        holder._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

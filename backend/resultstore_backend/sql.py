@@ -1,0 +1,155 @@
+"""Pre-rendered SQL of the backend's hot paths (pure: built from dialect + table names).
+
+The hot path bypasses SQLAlchemy's ORM and statement compilation entirely: each
+operation is one pre-rendered statement executed on a pooled DBAPI connection
+in autocommit mode, which psycopg turns into a server-side prepared statement
+after its first use. Every identifier is validated and quoted (TableNames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .schema import TableNames
+
+READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+_READY_SQL = ", ".join(f"'{s}'" for s in READY_STATES)
+
+#: task-table columns written by a store, in parameter order
+TASK_COLUMNS = (
+    "task_id", "status", "result", "date_done", "traceback", "children", "name", "args",
+    "kwargs", "worker", "retries", "queue", "stamps", "updated_at",
+)
+#: columns read back for a task meta, in order (after task_id in get_many)
+META_COLUMNS = (
+    "status", "result", "date_done", "traceback", "children", "name", "args", "kwargs",
+    "worker", "retries", "queue", "stamps",
+)
+
+
+@dataclass(frozen=True)
+class Statements:
+    dialect: str
+    ph: str
+    upsert_task: str
+    select_task: str
+    select_many_ready: str  # PostgreSQL: one array parameter; SQLite: "{in}" placeholder
+    task_exists: str
+    delete_task: str
+    upsert_group: str
+    select_group: str
+    delete_group: str
+    reset_chord: str
+    delete_chord_parts: str
+    set_chord_size: str
+    add_to_chord: str
+    chord_part_return: str  # PostgreSQL only: insert part + count + claim in one statement
+    insert_part: str
+    bump_chord: str
+    claim_chord: str
+    select_chord: str
+    select_parts: str
+
+    def in_list(self, n: int) -> str:
+        return ", ".join([self.ph] * n)
+
+
+@lru_cache(maxsize=32)
+def statements(dialect: str, names: TableNames) -> Statements:
+    pg = dialect == "postgresql"
+    ph = "%s" if pg else "?"
+    task = names.qualified(names.task_table)
+    group = names.qualified(names.group_table)
+    chord = names.qualified(names.chord_table)
+    parts = names.qualified(names.chord_part_table)
+    cols = ", ".join(TASK_COLUMNS)
+    values = ", ".join([ph] * len(TASK_COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS if c != "task_id")
+    meta_cols = ", ".join(META_COLUMNS)
+    if pg:
+        task_seq = names.qualified(names.task_sequence).replace("'", "''")
+        group_seq = names.qualified(names.group_sequence).replace("'", "''")
+        insert_task = (
+            f"INSERT INTO {task} AS t (id, {cols}) VALUES (nextval('{task_seq}'), {values})"
+        )
+        insert_group = (
+            f"INSERT INTO {group} AS g (id, taskset_id, result, date_done) "
+            f"VALUES (nextval('{group_seq}'), {ph}, {ph}, {ph})"
+        )
+        many = f"SELECT task_id, {meta_cols} FROM {task} WHERE task_id = ANY({ph}) " \
+               f"AND status IN ({_READY_SQL})"
+    else:
+        insert_task = f"INSERT INTO {task} AS t ({cols}) VALUES ({values})"
+        insert_group = (
+            f"INSERT INTO {group} AS g (taskset_id, result, date_done) VALUES ({ph}, {ph}, {ph})"
+        )
+        many = f"SELECT task_id, {meta_cols} FROM {task} WHERE task_id IN ({{in}}) " \
+               f"AND status IN ({_READY_SQL})"
+    # A ready state is never replaced by a non-ready one, and nothing replaces
+    # SUCCESS (a redelivered task must not overwrite its first result).
+    upsert_task = (
+        f"{insert_task} ON CONFLICT (task_id) DO UPDATE SET {updates} "
+        f"WHERE t.status IS NULL OR (t.status <> 'SUCCESS' AND "
+        f"(excluded.status IN ({_READY_SQL}) OR t.status NOT IN ({_READY_SQL})))"
+    )
+    # The callback is claimed by the one statement that records the last
+    # distinct part; the row lock serialises concurrent part returns.
+    complete = "c.fired_at IS NULL AND c.size IS NOT NULL AND c.done + n.k >= c.size + c.extra"
+    chord_part_return = (
+        f"WITH ins AS (INSERT INTO {parts} (group_id, part, idx, task_id, status, result, "
+        f"created_at) VALUES (%(gid)s, %(part)s, %(idx)s, %(tid)s, %(status)s, %(result)s, "
+        f"%(now)s) ON CONFLICT DO NOTHING RETURNING 1), "
+        f"n AS (SELECT count(*) AS k FROM ins) "
+        f"UPDATE {chord} AS c SET done = c.done + n.k, "
+        f"fired_at = CASE WHEN {complete} THEN %(now)s ELSE c.fired_at END, "
+        f"claim = CASE WHEN {complete} THEN %(token)s ELSE c.claim END "
+        f"FROM n WHERE c.group_id = %(gid)s "
+        f"RETURNING c.size, c.extra, c.done, c.complex, "
+        f"COALESCE(c.claim = %(token)s, false) AS claimed"
+    ) if pg else ""
+    return Statements(
+        dialect=dialect,
+        ph=ph,
+        upsert_task=upsert_task,
+        select_task=f"SELECT {meta_cols} FROM {task} WHERE task_id = {ph}",
+        select_many_ready=many,
+        task_exists=f"SELECT 1 FROM {task} WHERE task_id = {ph}",
+        delete_task=f"DELETE FROM {task} WHERE task_id = {ph}",
+        upsert_group=(
+            f"{insert_group} ON CONFLICT (taskset_id) DO UPDATE SET "
+            f"result = excluded.result, date_done = excluded.date_done"
+        ),
+        select_group=f"SELECT result, date_done FROM {group} WHERE taskset_id = {ph}",
+        delete_group=f"DELETE FROM {group} WHERE taskset_id = {ph}",
+        reset_chord=(
+            f"INSERT INTO {chord} (group_id, size, extra, done, complex, fired_at, created_at) "
+            f"VALUES ({ph}, NULL, 0, 0, {ph}, NULL, {ph}) ON CONFLICT (group_id) DO UPDATE SET "
+            f"size = NULL, extra = 0, done = 0, complex = excluded.complex, fired_at = NULL, "
+            f"claim = NULL, "
+            f"created_at = excluded.created_at"
+        ),
+        delete_chord_parts=f"DELETE FROM {parts} WHERE group_id = {ph}",
+        set_chord_size=(
+            f"INSERT INTO {chord} (group_id, size, extra, done, complex, fired_at, created_at) "
+            f"VALUES ({ph}, {ph}, 0, 0, {'false' if pg else '0'}, NULL, {ph}) "
+            f"ON CONFLICT (group_id) DO UPDATE SET size = excluded.size"
+        ),
+        add_to_chord=f"UPDATE {chord} SET extra = extra + 1 WHERE group_id = {ph}",
+        chord_part_return=chord_part_return,
+        insert_part=(
+            f"INSERT INTO {parts} (group_id, part, idx, task_id, status, result, created_at) "
+            f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT DO NOTHING"
+        ),
+        bump_chord=f"UPDATE {chord} SET done = done + {ph} WHERE group_id = {ph}",
+        claim_chord=(
+            f"UPDATE {chord} SET fired_at = {ph}, claim = {ph} WHERE group_id = {ph} "
+            f"AND fired_at IS NULL "
+            f"AND size IS NOT NULL AND done >= size + extra"
+        ),
+        select_chord=f"SELECT size, extra, done, complex FROM {chord} WHERE group_id = {ph}",
+        select_parts=(
+            f"SELECT task_id, status, result FROM {parts} WHERE group_id = {ph} "
+            f"ORDER BY idx ASC NULLS LAST, part"
+        ),
+    )
