@@ -34,6 +34,9 @@ HASH_ANNOTATION = "resultstore.dev/secret-hash"
 HASHED_KEYS = (STOCK_KEY,)
 BINDING_TYPE = "servicebinding.io/postgresql"
 WORKLOAD_KINDS = ("deployments", "statefulsets", "daemonsets")
+# kubernetes-client method suffixes per plural (list_namespaced_<x>, patch_namespaced_<x>).
+_CLIENT_NAMES = {"deployments": "deployment", "statefulsets": "stateful_set",
+                 "daemonsets": "daemon_set"}
 _TRUE = frozenset({"true", "1", "yes", "on"})
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -115,13 +118,13 @@ class RolloutGateway:
     def workloads(self, namespace: str) -> list[tuple[str, dict[str, Any]]]:
         out: list[tuple[str, dict[str, Any]]] = []
         for kind in WORKLOAD_KINDS:
-            listing = getattr(self._apps, f"list_namespaced_{kind[:-1]}")(namespace)
+            listing = getattr(self._apps, f"list_namespaced_{_CLIENT_NAMES[kind]}")(namespace)
             for item in listing.items:
                 out.append((kind, self._api.sanitize_for_serialization(item)))
         return out
 
     def patch(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> None:
-        getattr(self._apps, f"patch_namespaced_{kind[:-1]}")(
+        getattr(self._apps, f"patch_namespaced_{_CLIENT_NAMES[kind]}")(
             name, namespace, dict(body), _content_type=MERGE_PATCH)
 
 

@@ -72,3 +72,13 @@ def test_rollout_patch_only_when_hash_differs() -> None:
     assert rollout_patch(workload(digest="old"), "abc") is not None
     assert rollout_patch(workload(rollout=None), "abc") is None
     assert rollout_patch(workload(), None) is None
+
+
+def test_client_method_names_exist() -> None:
+    from kubernetes import client
+
+    from resultstore_operator.rollout import _CLIENT_NAMES, WORKLOAD_KINDS
+
+    for kind in WORKLOAD_KINDS:
+        for verb in ("list", "patch"):
+            assert hasattr(client.AppsV1Api, f"{verb}_namespaced_{_CLIENT_NAMES[kind]}")

@@ -1,0 +1,755 @@
+"""The pod-injection webhook against a real API server, served by a real operator process.
+
+The operator process runs the webhook (TLS from the CA kept in a Secret, the configuration it
+registers itself in URL mode at https://127.0.0.1:PORT) and the stock-mode rollout handlers.
+ResultStores here are made Ready through the status subresource, and their Secrets are written
+with ``resultstore_backend.config.render_binding`` against the session's PostgreSQL (schema via
+``resultstore_backend.schema.migrate``): that is exactly the contract the webhook relies on, and
+it keeps these tests independent of the provisioning controllers tested elsewhere.
+
+No kubelet runs, so pods are stored but never start. The worker test does the kubelet's part:
+it materialises the Secret volume into a kubelet-style directory (the ``..data`` symlink) at the
+pod's mount path, resolves the pod's env (including ``secretKeyRef``), and starts a real Celery
+worker with the pod's command.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from resultstore_backend.config import Binding, CelerySettings, EngineSettings, render_binding
+from resultstore_backend.schema import TableNames, migrate
+from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
+from resultstore_devtools.postgres import PostgresServer
+from resultstore_devtools.procs import free_port, port_open
+from resultstore_devtools.redis import RedisServer
+from resultstore_operator.crd import build_crd
+from resultstore_operator.injection import (
+    CONTAINERS_ANNOTATION,
+    ENV_NAME,
+    INJECT_LABEL,
+    MODE_ANNOTATION,
+    OVERRIDE_ENV_ANNOTATION,
+    STATUS_ANNOTATION,
+    backend_url,
+    mount_path,
+    secret_name,
+    volume_name,
+)
+from resultstore_operator.rollout import HASH_ANNOTATION, ROLLOUT_ANNOTATION, secret_hash
+from resultstore_operator.webhook import GROUP, PLURAL, VERSION, WEBHOOK_PATH
+from resultstore_operator.webhook_tls import TlsBundle
+from tests.helpers.kubelet_dir import KubeletDir
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+MERGE = "application/merge-patch+json"
+
+# The operator process: the webhook and rollout handlers in Kopf, as resultstore-operator
+# wires them (webhook.register() / rollout.register() on the default registry).
+OPERATOR_SCRIPT = """
+import logging, kopf
+from resultstore_operator import rollout, webhook
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+webhook.register()
+rollout.register()
+kopf.run(standalone=True, clusterwide=True)
+"""
+
+
+def eventually(probe: Callable[[], T | None], timeout: float, what: str,
+               interval: float = 0.3) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------
+# The operator process
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OperatorProcess:
+    env: dict[str, str]
+    port: int
+    config_name: str
+    namespace: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log_file = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", OPERATOR_SCRIPT], env=self.env, cwd=REPO,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, (
+            f"operator process exited:\n{self.tail()}")
+
+
+@dataclass
+class WebhookEnv:
+    """Everything a test needs: API clients, the operator process, a canary namespace."""
+
+    api: client.ApiClient
+    operator: OperatorProcess
+    canary_namespace: str
+    # Any: the tests pass plain dict bodies, which the client accepts but its stubs do not.
+    core: Any = field(init=False)
+    custom: Any = field(init=False)
+    admission: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.admission = client.AdmissionregistrationV1Api(self.api)
+
+    def to_dict(self, obj: Any) -> dict[str, Any]:
+        out = self.api.sanitize_for_serialization(obj)
+        assert isinstance(out, dict)
+        return out
+
+    def ca_bundle(self) -> str | None:
+        try:
+            cfg = self.admission.read_mutating_webhook_configuration(self.operator.config_name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        hooks = self.to_dict(cfg).get("webhooks") or []
+        return hooks[0].get("clientConfig", {}).get("caBundle") if hooks else None
+
+    def wait_serving(self, timeout: float = 90) -> None:
+        """Port open, configuration registered, and the API server actually calling us."""
+        def ready() -> bool:
+            self.operator.assert_alive()
+            return port_open(self.operator.port, "127.0.0.1") and bool(self.ca_bundle())
+
+        eventually(ready, timeout, "the webhook to serve and register its configuration")
+
+        # Webhook configurations reach the admission chain through an informer: probe with
+        # server-side dry-run creations until one comes back mutated.
+        def canary_injected() -> bool:
+            self.operator.assert_alive()
+            created = self.core.create_namespaced_pod(
+                self.canary_namespace, pod_body("canary", "canary"), dry_run="All")
+            return STATUS_ANNOTATION in (created.metadata.annotations or {})
+
+        eventually(canary_injected, timeout, "the API server to call the webhook")
+
+    def create_pod(self, namespace: str, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Create a pod; return the stored object and the API's Warning header (if any)."""
+        created, _, headers = self.core.create_namespaced_pod_with_http_info(namespace, body)
+        return self.to_dict(created), str((headers or {}).get("Warning", ""))
+
+    def read_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.to_dict(self.core.read_namespaced_pod(name, namespace))
+
+
+def wait_default_service_account(core: Any, namespace: str) -> None:
+    """Pods are rejected until the ServiceAccount controller has created ``default``."""
+    def exists() -> bool:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    eventually(exists, 30, f"ServiceAccount default in {namespace}")
+
+
+def ensure_crd(api: client.ApiClient) -> None:
+    ext: Any = client.ApiextensionsV1Api(api)
+    body = build_crd()
+    try:  # another suite (or the chart) may have installed it already: leave it alone
+        ext.read_custom_resource_definition(body["metadata"]["name"])
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        try:
+            ext.create_custom_resource_definition(body)
+        except ApiException as exc2:
+            if exc2.status != 409:
+                raise
+
+    def established() -> bool:
+        crd = api.sanitize_for_serialization(
+            ext.read_custom_resource_definition(body["metadata"]["name"]))
+        return any(c["type"] == "Established" and c["status"] == "True"
+                   for c in crd.get("status", {}).get("conditions") or [])
+
+    eventually(established, 30, "the ResultStore CRD to be established")
+
+
+def make_namespace(core: Any, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"resultstore.dev/e2e": "true"}}})
+    wait_default_service_account(core, name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def webhook(kube: ControlPlane | ExistingCluster, api_client: client.ApiClient,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookEnv]:
+    core: Any = client.CoreV1Api(api_client)
+    ensure_crd(api_client)
+    operator_ns = make_namespace(core, "rs-operator")
+    canary_ns = make_namespace(core, "rs-canary")
+    port = free_port()
+    config_name = f"resultstore-injector-e2e-{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ, **kube.env,
+        "RESULTSTORE_OPERATOR_NAMESPACE": operator_ns,
+        "RESULTSTORE_WEBHOOK_HOST": "127.0.0.1",
+        "RESULTSTORE_WEBHOOK_PORT": str(port),
+        "RESULTSTORE_WEBHOOK_URL": f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
+        "RESULTSTORE_WEBHOOK_CONFIG_NAME": config_name,
+        "RESULTSTORE_WEBHOOK_EVENT_DEDUP_SECONDS": "0",
+    }
+    operator = OperatorProcess(env, port, config_name, operator_ns,
+                               tmp_path_factory.mktemp("operator") / "operator.log")
+    wenv = WebhookEnv(api_client, operator, canary_ns)
+    operator.start()
+    try:
+        make_ready_store(wenv, canary_ns, "canary")
+        wenv.wait_serving()
+        yield wenv
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.tail(80)}")
+        with _ignore_404():
+            wenv.admission.delete_mutating_webhook_configuration(config_name)
+        for ns in (operator_ns, canary_ns):
+            with _ignore_404():
+                core.delete_namespace(ns, propagation_policy="Background")
+
+
+class _ignore_404:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return isinstance(exc, ApiException) and exc.status == 404
+
+
+@pytest.fixture
+def ns(webhook: WebhookEnv, namespace: str) -> str:
+    wait_default_service_account(webhook.core, namespace)
+    return namespace
+
+
+# --------------------------------------------------------------------------------------------
+# ResultStores, Secrets and pods
+# --------------------------------------------------------------------------------------------
+
+
+def make_store(wenv: WebhookEnv, namespace: str, name: str) -> None:
+    wenv.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore",
+        "metadata": {"name": name},
+        "spec": {"database": {"host": "127.0.0.1", "name": "results",
+                              "adminSecretRef": {"name": "postgres-admin"}},
+                 "schema": f"rs_{uuid.uuid4().hex[:8]}"},
+    })
+
+
+def set_ready(wenv: WebhookEnv, namespace: str, name: str, ready: bool) -> None:
+    """Set the Ready condition through the status subresource, as the operator does."""
+    condition = {"type": "Ready", "status": "True" if ready else "False",
+                 "reason": "Provisioned" if ready else "DatabaseUnreachable",
+                 "message": "set by the webhook e2e test", "lastTransitionTime": now_rfc3339()}
+    wenv.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name,
+        {"status": {"phase": "Ready" if ready else "Pending", "conditions": [condition],
+                    "secretName": secret_name(name)}},
+        _content_type=MERGE)
+
+
+def make_ready_store(wenv: WebhookEnv, namespace: str, name: str) -> None:
+    make_store(wenv, namespace, name)
+    set_ready(wenv, namespace, name, True)
+
+
+def write_store_secret(wenv: WebhookEnv, namespace: str, store: str,
+                       binding: Binding) -> dict[str, str]:
+    """The Secret the operator writes for ``store`` (every DESIGN.md key)."""
+    data = render_binding(binding)
+    body = {"apiVersion": "v1", "kind": "Secret", "type": "servicebinding.io/postgresql",
+            "metadata": {"name": secret_name(store)}, "stringData": data}
+    try:
+        wenv.core.create_namespaced_secret(namespace, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        wenv.core.patch_namespaced_secret(secret_name(store), namespace,
+                                          {"stringData": data}, _content_type=MERGE)
+    return data
+
+
+def fake_binding(schema: str, password: str = "pw") -> Binding:
+    return Binding(host="127.0.0.1", port=5432, database="results", username="store_user",
+                   password=password, sslmode="disable", engine=EngineSettings(),
+                   celery=CelerySettings(schema=schema))
+
+
+def pod_body(store: str | None, name: str | None = None, *,
+             annotations: dict[str, str] | None = None,
+             containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": {"app": "worker"}}
+    if name:
+        metadata["name"] = name
+    else:
+        metadata["generateName"] = "worker-"
+    if store is not None:
+        metadata["labels"][INJECT_LABEL] = store
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+        "spec": {"containers": containers or [
+            {"name": "worker", "image": "example/worker:1", "command": ["celery", "worker"]},
+            {"name": "exporter", "image": "example/exporter:1"},
+        ]},
+    }
+
+
+def our_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in container.get("env") or [] if e["name"] == ENV_NAME]
+
+
+def our_volumes(pod: dict[str, Any], store: str) -> list[dict[str, Any]]:
+    return [v for v in pod["spec"].get("volumes") or [] if v["name"] == volume_name(store)]
+
+
+def our_mounts(container: dict[str, Any], store: str) -> list[dict[str, Any]]:
+    return [m for m in container.get("volumeMounts") or [] if m["name"] == volume_name(store)]
+
+
+def assert_injected(pod: dict[str, Any], store: str, *, stock: bool = False,
+                    containers: set[str] | None = None) -> None:
+    assert our_volumes(pod, store) == [
+        {"name": volume_name(store), "secret": {"secretName": secret_name(store),
+                                                "defaultMode": 420}}]
+    assert pod["metadata"]["annotations"][STATUS_ANNOTATION] == store
+    for c in pod["spec"]["containers"]:
+        if containers is not None and c["name"] not in containers:
+            assert not our_mounts(c, store) and not our_env(c)
+            continue
+        assert our_mounts(c, store) == [{"name": volume_name(store),
+                                         "mountPath": mount_path(store), "readOnly": True}]
+        if stock:
+            assert our_env(c) == [{"name": ENV_NAME, "valueFrom": {"secretKeyRef": {
+                "name": secret_name(store), "key": "result_backend"}}}]
+        else:
+            assert our_env(c) == [{"name": ENV_NAME, "value": backend_url(store)}]
+
+
+def assert_untouched(pod: dict[str, Any], store: str) -> None:
+    assert not our_volumes(pod, store)
+    assert STATUS_ANNOTATION not in (pod["metadata"].get("annotations") or {})
+    for c in pod["spec"]["containers"]:
+        assert not our_mounts(c, store) and not our_env(c)
+
+
+def resubmittable(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    """The stored pod as a new creation request (server-owned fields dropped)."""
+    body = json.loads(json.dumps(pod))
+    body["metadata"] = {k: v for k, v in body["metadata"].items()
+                        if k in ("labels", "annotations")}
+    body["metadata"]["name"] = name
+    body.pop("status", None)
+    body["spec"].pop("nodeName", None)
+    return body
+
+
+def events_with_reason(wenv: WebhookEnv, namespace: str, reason: str) -> list[dict[str, Any]]:
+    items = wenv.core.list_namespaced_event(namespace).items
+    return [e for e in (wenv.to_dict(i) for i in items) if e.get("reason") == reason]
+
+
+# --------------------------------------------------------------------------------------------
+# Injection of bare pods and controller-created pods
+# --------------------------------------------------------------------------------------------
+
+
+def test_bare_pod_is_injected_in_every_container(webhook: WebhookEnv, ns: str) -> None:
+    make_ready_store(webhook, ns, "orders")
+    created, _ = webhook.create_pod(ns, pod_body("orders", "bare"))
+    stored = webhook.read_pod(ns, "bare")
+    assert stored["spec"] == created["spec"]
+    assert_injected(stored, "orders")
+    # The ServiceAccount token volume the API server added is still there, next to ours.
+    assert any(v["name"].startswith("kube-api-access") for v in stored["spec"]["volumes"])
+
+
+def test_stock_mode_and_container_selection(webhook: WebhookEnv, ns: str) -> None:
+    make_ready_store(webhook, ns, "orders")
+    webhook.create_pod(ns, pod_body("orders", "stock", annotations={
+        MODE_ANNOTATION: "stock", CONTAINERS_ANNOTATION: "worker"}))
+    assert_injected(webhook.read_pod(ns, "stock"), "orders", stock=True, containers={"worker"})
+
+
+def test_job_pods_are_injected(webhook: WebhookEnv, ns: str) -> None:
+    """Pods a controller creates have no name at admission; the namespace is the request's."""
+    make_ready_store(webhook, ns, "orders")
+    batch: Any = client.BatchV1Api(webhook.api)
+    template = pod_body("orders")
+    template["metadata"].pop("generateName")
+    template["spec"]["restartPolicy"] = "Never"
+    batch.create_namespaced_job(ns, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "migrate"},
+        "spec": {"backoffLimit": 0, "template": {"metadata": template["metadata"],
+                                                 "spec": template["spec"]}}})
+
+    def job_pod() -> dict[str, Any] | None:
+        pods = webhook.core.list_namespaced_pod(ns, label_selector="job-name=migrate").items
+        return webhook.to_dict(pods[0]) if pods else None
+
+    pod = eventually(job_pod, 60, "the Job controller to create its pod")
+    assert pod["metadata"]["generateName"].startswith("migrate-")
+    assert_injected(pod, "orders")
+
+
+def test_applying_twice_changes_nothing(webhook: WebhookEnv, ns: str) -> None:
+    """An already-injected pod spec submitted again comes back identical: no duplicates."""
+    make_ready_store(webhook, ns, "orders")
+    first, _ = webhook.create_pod(ns, pod_body("orders", "once"))
+    again, warning = webhook.create_pod(ns, resubmittable(first, "twice"))
+    assert warning == ""
+    assert_injected(again, "orders")
+
+    def strip(p: dict[str, Any]) -> list[dict[str, Any]]:  # the SA token volume is per pod
+        return [v for v in p["spec"]["volumes"] if not v["name"].startswith("kube-api-access")]
+
+    assert strip(again) == strip(first)
+    for a, b in zip(again["spec"]["containers"], first["spec"]["containers"], strict=True):
+        assert a["env"] == b["env"]
+        assert our_mounts(a, "orders") == our_mounts(b, "orders")
+
+
+def test_user_env_kept_unless_override(webhook: WebhookEnv, ns: str) -> None:
+    make_ready_store(webhook, ns, "orders")
+    mine = [{"name": "worker", "image": "w",
+             "env": [{"name": ENV_NAME, "value": "redis://127.0.0.1:6379/1"}]}]
+    kept, warning = webhook.create_pod(ns, pod_body("orders", "kept", containers=mine))
+    assert our_env(kept["spec"]["containers"][0]) == mine[0]["env"]
+    assert our_mounts(kept["spec"]["containers"][0], "orders")
+    assert "resultstore:" in warning and OVERRIDE_ENV_ANNOTATION in warning
+    replaced, _ = webhook.create_pod(ns, pod_body(
+        "orders", "replaced", containers=mine, annotations={OVERRIDE_ENV_ANNOTATION: "true"}))
+    assert our_env(replaced["spec"]["containers"][0]) == [
+        {"name": ENV_NAME, "value": backend_url("orders")}]
+
+
+# --------------------------------------------------------------------------------------------
+# Never refusing: missing / not-Ready stores, excluded namespaces, unlabelled pods
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_or_unready_store_admits_unchanged_with_warning_and_event(
+        webhook: WebhookEnv, ns: str) -> None:
+    ghost, warning = webhook.create_pod(ns, pod_body("ghost", "ghost"))
+    assert_untouched(ghost, "ghost")
+    assert "ResultStore 'ghost' not found" in warning
+    make_store(webhook, ns, "pending")
+    set_ready(webhook, ns, "pending", False)
+    pending, warning = webhook.create_pod(ns, pod_body("pending", "pending"))
+    assert_untouched(pending, "pending")
+    assert "is not Ready" in warning and "DatabaseUnreachable" in warning
+    for reason, pod in (("ResultStoreNotFound", "ghost"), ("ResultStoreNotReady", "pending")):
+        events = eventually(partial(events_with_reason, webhook, ns, reason), 30,
+                            f"an Event {reason}")
+        assert events[0]["type"] == "Warning"
+        assert events[0]["involvedObject"]["name"] == pod
+        assert "password" not in events[0]["message"].lower()
+
+
+def test_unlabelled_and_excluded_namespaces_untouched(webhook: WebhookEnv, ns: str) -> None:
+    make_ready_store(webhook, ns, "orders")
+    plain, _ = webhook.create_pod(ns, pod_body(None, "plain"))
+    assert_untouched(plain, "orders")
+    assert plain["spec"]["containers"][0].get("env") is None
+    for excluded in ("kube-system", webhook.operator.namespace):
+        if excluded != "kube-system":
+            make_ready_store(webhook, excluded, "orders")
+        name = f"excluded-{uuid.uuid4().hex[:6]}"
+        try:
+            pod, warning = webhook.create_pod(excluded, pod_body("orders", name))
+            assert_untouched(pod, "orders")
+            assert warning == ""
+        finally:
+            webhook.core.delete_namespaced_pod(name, excluded, grace_period_seconds=0)
+    # The same pod in an ordinary namespace is injected: the exclusions are what differ.
+    control, _ = webhook.create_pod(ns, pod_body("orders", "control"))
+    assert_injected(control, "orders")
+
+
+# --------------------------------------------------------------------------------------------
+# Running the worker the way the pod would
+# --------------------------------------------------------------------------------------------
+
+
+def materialise_pod(wenv: WebhookEnv, namespace: str, pod: dict[str, Any],
+                    container: str) -> dict[str, str]:
+    """Do the kubelet's part for one container: Secret volumes as files, env resolved.
+
+    Returns the container's environment. Volumes are written at their real mount paths (the
+    tests run as root on a throwaway machine), so the injected URL is used verbatim.
+    """
+    spec = pod["spec"]
+    c = next(c for c in spec["containers"] if c["name"] == container)
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    for mount in c.get("volumeMounts") or []:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue  # the ServiceAccount token (projected) is not needed by a worker
+        data = wenv.core.read_namespaced_secret(secret["secretName"], namespace).data or {}
+        KubeletDir(mount["mountPath"]).write(
+            {k: base64.b64decode(v) for k, v in data.items()})
+    env: dict[str, str] = {}
+    for entry in c.get("env") or []:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            data = wenv.core.read_namespaced_secret(ref["name"], namespace).data or {}
+            env[entry["name"]] = base64.b64decode(data[ref["key"]]).decode()
+    return env
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.mark.parametrize("mode", ["resultstore", "stock"])
+def test_worker_runs_with_injected_config(
+        webhook: WebhookEnv, ns: str, mode: str, postgres: PostgresServer,
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    store = f"w{uuid.uuid4().hex[:6]}"
+    schema = f"rs_{store}"
+    database = f"wh_{store}"
+    postgres.create_database(database)
+    engine = sa.create_engine(postgres.url(database))
+    try:
+        with engine.begin() as conn:
+            migrate(conn, TableNames(schema))
+        binding = Binding(host=postgres.host, port=postgres.port, database=database,
+                          username=postgres.superuser, password=postgres.password,
+                          sslmode="disable", engine=EngineSettings(pool_size=2),
+                          celery=CelerySettings(schema=schema))
+        write_store_secret(webhook, ns, store, binding)
+        make_ready_store(webhook, ns, store)
+
+        queue = f"q-{store}"
+        command = ["celery", "-A", "tests.e2e.test_webhook_app", "worker", "--pool=solo",
+                   "-Q", queue, "-n", f"{store}@%h", "--loglevel=INFO",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        annotations = {MODE_ANNOTATION: "stock"} if mode == "stock" else None
+        body = pod_body(store, "worker", annotations=annotations, containers=[{
+            "name": "worker", "image": "example/worker:1", "command": command,
+            "env": [{"name": "CELERY_BROKER_URL", "value": redis_server.url}]}])
+        webhook.create_pod(ns, body)
+        pod = webhook.read_pod(ns, "worker")
+        assert_injected(pod, store, stock=mode == "stock")
+
+        env = materialise_pod(webhook, ns, pod, "worker")
+        if mode == "stock":
+            assert env[ENV_NAME].startswith("db+postgresql+psycopg://")
+        else:
+            assert env[ENV_NAME] == f"resultstore:///var/run/resultstore/{store}"
+            assert os.path.islink(f"{mount_path(store)}/..data")
+        process_env = {"PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+                       "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "LANG": "C.UTF-8",
+                       **env}
+        log_path = tmp_path / "worker.log"
+        with log_path.open("wb") as out:
+            worker = Worker(subprocess.Popen(
+                pod["spec"]["containers"][0]["command"], env=process_env, cwd=REPO,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True), log_path)
+        try:
+            from celery import Celery
+
+            sender = Celery("sender", broker=redis_server.url)
+            sender.conf.update(task_serializer="json", accept_content=["json"])
+            ids = [sender.send_task("e2e.add", args=(i, i), queue=queue).id for i in range(5)]
+
+            def stored() -> dict[str, tuple[str, Any]] | None:
+                assert worker.proc.poll() is None, f"worker exited:\n{worker.tail()}"
+                with engine.connect() as conn:
+                    rows = conn.execute(sa.text(
+                        f'SELECT task_id, status, result FROM "{schema}".celery_taskmeta '
+                        "WHERE task_id = ANY(:ids)"), {"ids": ids}).all()
+                done = {r.task_id: (r.status, r.result) for r in rows}
+                if len(done) == len(ids) and all(s == "SUCCESS" for s, _ in done.values()):
+                    return done
+                return None
+
+            try:
+                done = eventually(stored, 90, "the worker's results in the store's schema", 0.5)
+            except AssertionError:
+                raise AssertionError(f"no results; worker log:\n{worker.tail()}") from None
+            for i, task_id in enumerate(ids):
+                assert pickle.loads(done[task_id][1]) == 2 * i
+            sender.close()
+        finally:
+            worker.stop()
+    finally:
+        engine.dispose()
+        shutil.rmtree(mount_path(store), ignore_errors=True)
+        postgres.drop_database(database)
+
+
+# --------------------------------------------------------------------------------------------
+# Stock-mode rollout on Secret rotation
+# --------------------------------------------------------------------------------------------
+
+
+def test_rollout_annotation_follows_secret_rotation(webhook: WebhookEnv, ns: str) -> None:
+    make_ready_store(webhook, ns, "orders")
+    write_store_secret(webhook, ns, "orders", fake_binding("orders_s", password="one"))
+    apps: Any = client.AppsV1Api(webhook.api)
+    template = pod_body("orders", annotations={MODE_ANNOTATION: "stock"})
+    template["metadata"].pop("generateName")
+    template["metadata"]["labels"]["app"] = "rollout"
+    apps.create_namespaced_deployment(ns, {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "workers", "annotations": {ROLLOUT_ANNOTATION: "true"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "rollout"}},
+                 "template": {"metadata": template["metadata"], "spec": template["spec"]}}})
+    apps.create_namespaced_deployment(ns, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bystander"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "bystander"}},
+                 "template": {"metadata": {"labels": {"app": "bystander",
+                                                      INJECT_LABEL: "orders"}},
+                              "spec": template["spec"]}}})
+
+    def template_hash(name: str = "workers") -> str | None:
+        d = webhook.to_dict(apps.read_namespaced_deployment(name, ns))
+        return (d["spec"]["template"]["metadata"].get("annotations") or {}).get(HASH_ANNOTATION)
+
+    def secret_digest() -> str | None:
+        return secret_hash(webhook.core.read_namespaced_secret(
+            secret_name("orders"), ns).data)
+
+    first = eventually(lambda: template_hash() == secret_digest() and template_hash(), 60,
+                       "the pod template to carry the Secret hash")
+    # Rotation: the operator rewrites the Secret with the next role's password.
+    write_store_secret(webhook, ns, "orders", fake_binding("orders_s", password="two"))
+    second = eventually(lambda: (h := template_hash()) != first and h == secret_digest() and h,
+                        60, "the hash to follow the rotated Secret")
+    assert second != first
+
+    # The Deployment controller rolls: a second ReplicaSet, whose pods are injected too.
+    def replica_sets() -> list[dict[str, Any]] | None:
+        items = [webhook.to_dict(r) for r in apps.list_namespaced_replica_set(
+            ns, label_selector="app=rollout").items]
+        hashes = {(r["spec"]["template"]["metadata"].get("annotations") or {}).get(
+            HASH_ANNOTATION) for r in items}
+        return items if second in hashes else None
+
+    eventually(replica_sets, 60, "a ReplicaSet for the new hash")
+
+    def new_pod() -> dict[str, Any] | None:
+        for p in webhook.core.list_namespaced_pod(ns, label_selector="app=rollout").items:
+            d = webhook.to_dict(p)
+            if (d["metadata"].get("annotations") or {}).get(HASH_ANNOTATION) == second:
+                return d
+        return None
+
+    assert_injected(eventually(new_pod, 60, "a pod of the new ReplicaSet"), "orders", stock=True)
+    assert template_hash("bystander") is None  # not opted in: never touched
+
+
+# --------------------------------------------------------------------------------------------
+# Failing open and keeping the CA across restarts (restarts the operator: keep last)
+# --------------------------------------------------------------------------------------------
+
+
+def test_webhook_down_admits_pods_and_ca_survives_restart(webhook: WebhookEnv, ns: str) -> None:
+    make_ready_store(webhook, ns, "orders")
+    bundle_before = webhook.ca_bundle()
+    tls_secret = webhook.core.read_namespaced_secret(
+        "resultstore-webhook-tls", webhook.operator.namespace)
+    ca_before = TlsBundle.from_secret_data(tls_secret.data)
+    assert ca_before is not None and bundle_before is not None
+    assert base64.b64decode(bundle_before) == ca_before.ca_crt
+
+    webhook.operator.stop()
+    assert not port_open(webhook.operator.port, "127.0.0.1")
+    started = time.monotonic()
+    down, _ = webhook.create_pod(ns, pod_body("orders", "while-down"))
+    assert time.monotonic() - started < 10  # failurePolicy Ignore: no long stall either
+    assert_untouched(down, "orders")
+    assert webhook.read_pod(ns, "while-down")["metadata"]["name"] == "while-down"
+
+    webhook.operator.start()
+    webhook.wait_serving()
+    assert webhook.ca_bundle() == bundle_before  # the CA survived the restart
+    after, _ = webhook.create_pod(ns, pod_body("orders", "after-restart"))
+    assert_injected(after, "orders")
