@@ -156,7 +156,7 @@ def spec_schema() -> Schema:
             "groupTable": _string("Group result table.", default=s.DEFAULT_GROUP_TABLE,
                                   max_length=63, pattern=s.TABLE_PATTERN),
         },
-        default={},
+        default={"taskTable": s.DEFAULT_TASK_TABLE, "groupTable": s.DEFAULT_GROUP_TABLE},
         rules=[
             {"rule": "self == oldSelf", "message": "tables are immutable"},
             {"rule": "self.taskTable != self.groupTable",
@@ -214,8 +214,8 @@ def spec_schema() -> Schema:
         },
         default={},
         rules=[{
-            "rule": "!has(self.rotateEvery) || duration(self.rotateEvery) > "
-                    "duration(self.drainTimeout)",
+            "rule": "!has(self.rotateEvery) || !has(self.drainTimeout) || "
+                    "duration(self.rotateEvery) > duration(self.drainTimeout)",
             "message": "rotateEvery must be longer than drainTimeout",
         }],
     )

@@ -1,0 +1,396 @@
+"""PostgreSQL I/O through the admin connection: migrate, roles, grants, drain, teardown.
+
+Each reconcile opens one short-lived admin session (no pool: the operator talks to a
+database for a fraction of a second per store per interval, and a pool per store would hold
+hundreds of idle connections at scale). Statements come from builders.sql; this module only
+executes them and turns driver errors into `DatabaseError`s with a distinct reason per cause
+(admin password wrong, host unreachable, role lacks CREATEROLE, ...). Messages are redacted:
+no password can reach a log line, an Event or the status through an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from resultstore_backend.config import redact
+from resultstore_backend.schema import SCHEMA_VERSION, TableNames, current_version, migrate
+
+from .builders import reasons as r
+from .builders import sql as q
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseError(Exception):
+    """A failure with a user-facing reason; the message never contains a password."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect (the store's database) and how (sslmode, CA, timeout)."""
+
+    host: str
+    port: int
+    database: str
+    sslmode: str = "prefer"
+    ca_cert: str | None = field(default=None, repr=False)
+    connect_timeout: int = 5
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CleanupRun:
+    started_at: datetime
+    duration_seconds: float
+    rows_deleted: int
+    success: bool
+    error: str | None
+
+
+def _message_of(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    base = orig if isinstance(orig, BaseException) else exc
+    text = str(base).strip().replace("\n", " ")
+    return " ".join(text.split())
+
+
+def classify(exc: BaseException, *secrets: str | None) -> DatabaseError:
+    """Map a driver/SQLAlchemy exception onto one of the documented reasons."""
+    orig = getattr(exc, "orig", None)
+    base = orig if isinstance(orig, BaseException) else exc
+    message = redact(_message_of(exc), *secrets)
+    lowered = message.lower()
+    sqlstate = getattr(base, "sqlstate", None)
+    if sqlstate == "42501" or "permission denied" in lowered or "must be" in lowered and (
+            "superuser" in lowered or "createrole" in lowered):
+        return DatabaseError(r.INSUFFICIENT_PRIVILEGE, message)
+    if isinstance(base, psycopg.OperationalError | psycopg.InterfaceError) or isinstance(
+            exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        if ("password authentication failed" in lowered
+                or "no pg_hba.conf entry" in lowered
+                or ("role" in lowered and "does not exist" in lowered)
+                or "authentication failed" in lowered):
+            return DatabaseError(r.ADMIN_AUTH_FAILED, message)
+        if "database" in lowered and "does not exist" in lowered:
+            return DatabaseError(r.DATABASE_UNREACHABLE, message)
+        return DatabaseError(r.DATABASE_UNREACHABLE, message)
+    return DatabaseError(r.DATABASE_ERROR, message)
+
+
+class _CaFile:
+    """The CA certificate as a file for libpq's sslrootcert, removed on close."""
+
+    def __init__(self, pem: str | None) -> None:
+        self.path: str | None = None
+        if pem:
+            fd, path = tempfile.mkstemp(prefix="resultstore-ca-", suffix=".crt")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(pem)
+            self.path = path
+
+    def close(self) -> None:
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = None
+
+
+def _connect_args(target: Target, ca: _CaFile) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "sslmode": target.sslmode,
+        "connect_timeout": target.connect_timeout,
+        "application_name": "resultstore-operator",
+    }
+    if ca.path:
+        args["sslrootcert"] = ca.path
+    return args
+
+
+def check_login(target: Target, creds: Credentials) -> bool:
+    """True when `creds` can log in; False on an authentication failure.
+
+    Other failures (host down) raise DatabaseError: "cannot tell" must not be mistaken for
+    "wrong password", or the operator would reset a valid password during an outage.
+    """
+    ca = _CaFile(target.ca_cert)
+    try:
+        with psycopg.connect(host=target.host, port=target.port, dbname=target.database,
+                             user=creds.username, password=creds.password,
+                             **_connect_args(target, ca)):
+            return True
+    except psycopg.Error as exc:
+        err = classify(exc, creds.password)
+        if err.reason == r.ADMIN_AUTH_FAILED:
+            return False
+        raise err from None
+    finally:
+        ca.close()
+
+
+class AdminSession:
+    """One admin connection; use as a context manager (`with AdminSession(...) as db`)."""
+
+    def __init__(self, target: Target, admin: Credentials) -> None:
+        self.target = target
+        self.admin = admin
+        self._ca = _CaFile(target.ca_cert)
+        self._engine: sa.Engine | None = None
+        self._conn: sa.Connection | None = None
+
+    # --- connection ----------------------------------------------------------------------
+
+    def __enter__(self) -> AdminSession:
+        url = URL.create("postgresql+psycopg", username=self.admin.username,
+                         password=self.admin.password, host=self.target.host,
+                         port=self.target.port, database=self.target.database)
+        self._engine = sa.create_engine(url, poolclass=NullPool,
+                                        connect_args=_connect_args(self.target, self._ca))
+        try:
+            self._conn = self._engine.connect()
+        except Exception as exc:
+            self.close()
+            raise classify(exc, self.admin.password) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        self._ca.close()
+
+    @property
+    def conn(self) -> sa.Connection:
+        if self._conn is None:
+            raise RuntimeError("AdminSession used outside of its context")
+        return self._conn
+
+    @property
+    def raw(self) -> psycopg.Connection[Any]:
+        driver = self.conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        return driver
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except DatabaseError:
+            self._rollback()
+            raise
+        except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
+            self._rollback()
+            raise classify(exc, self.admin.password) from None
+
+    def _rollback(self) -> None:
+        try:
+            self.raw.rollback()
+        except Exception:  # noqa: BLE001 - the connection may be gone
+            pass
+
+    def _execute(self, statements: Iterable[sql.SQL | sql.Composed]) -> None:
+        with self._errors():
+            with self.raw.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+            self.raw.commit()
+
+    def _query(self, statement: sql.SQL | sql.Composed,
+               params: Any = None) -> list[tuple[Any, ...]]:
+        with self._errors():
+            with self.raw.cursor() as cur:
+                cur.execute(statement, params)
+                rows = list(cur.fetchall())
+            self.raw.commit()
+            return rows
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def check_capabilities(self, schema: str) -> None:
+        """Distinct reasons for an admin that cannot do its job, before touching anything."""
+        rows = self._query(q.ADMIN_CAPABILITIES)
+        if not rows:
+            raise DatabaseError(r.INSUFFICIENT_PRIVILEGE, "cannot read the admin role")
+        superuser, createrole, can_create = rows[0]
+        if not (superuser or createrole):
+            raise DatabaseError(
+                r.ADMIN_CANNOT_CREATE_ROLE,
+                f"admin role {self.admin.username!r} lacks CREATEROLE; grant it with "
+                f"ALTER ROLE {self.admin.username} CREATEROLE")
+        if not (superuser or can_create) and not self.schema_exists(schema):
+            raise DatabaseError(
+                r.INSUFFICIENT_PRIVILEGE,
+                f"admin role {self.admin.username!r} may not create schemas in database "
+                f"{self.target.database!r}; GRANT CREATE ON DATABASE to it")
+
+    def schema_exists(self, schema: str) -> bool:
+        return bool(self._query(q.SCHEMA_EXISTS, (schema,)))
+
+    # --- schema ----------------------------------------------------------------------------
+
+    def migrate(self, names: TableNames) -> tuple[int, int]:
+        """(version before, version after); idempotent (the backend's versioned migrations)."""
+        with self._errors():
+            before = current_version(self.conn, names)
+            self.conn.commit()
+            if before > SCHEMA_VERSION:
+                raise DatabaseError(
+                    r.SCHEMA_TOO_NEW,
+                    f"schema {names.schema} is at version {before}, newer than this operator "
+                    f"({SCHEMA_VERSION}); upgrade the operator")
+            if before == SCHEMA_VERSION:
+                return before, before
+            try:
+                after = migrate(self.conn, names)
+            except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
+                err = classify(exc, self.admin.password)
+                if err.reason == r.DATABASE_ERROR:
+                    err = DatabaseError(r.MIGRATION_FAILED, err.message)
+                raise err from None
+            return before, after
+
+    def last_cleanup_run(self, names: TableNames) -> CleanupRun | None:
+        statement = sql.SQL(
+            "SELECT started_at, duration_seconds, rows_deleted, success, error FROM {} "
+            "ORDER BY started_at DESC, id DESC LIMIT 1"
+        ).format(sql.Identifier(names.schema or "public", names.cleanup_table))
+        rows = self._query(statement)
+        if not rows:
+            return None
+        started, duration, deleted, success, error = rows[0]
+        return CleanupRun(started, float(duration), int(deleted), bool(success), error)
+
+    def drop_schema(self, schema: str) -> None:
+        self._execute([q.drop_schema(schema)])
+
+    # --- roles -----------------------------------------------------------------------------
+
+    def role_state(self, role: str) -> tuple[bool, bool]:
+        """(exists, can log in)."""
+        rows = self._query(q.ROLE_INFO, (role,))
+        if not rows:
+            return False, False
+        return True, bool(rows[0][0])
+
+    def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool:
+        """Create the login role, or (re)set its password/LOGIN; True if it was created.
+
+        `verifier` None keeps the current password (it is known to be what the Secret
+        holds) and only makes sure the role can log in.
+        """
+        exists, can_login = self.role_state(role)
+        statements: list[sql.SQL | sql.Composed] = []
+        if not exists:
+            if verifier is None:
+                raise ValueError("a new role needs a password")
+            statements.append(q.create_role(role, verifier))
+        elif verifier is not None:
+            statements.append(q.set_password(role, verifier))
+        elif not can_login:
+            statements.append(q.set_login(role, True))
+        if statements or not exists:
+            statements.append(q.set_search_path(role, self.target.database, schema))
+            statements.append(q.grant_connect(role, self.target.database))
+        if statements:
+            self._execute(statements)
+        return not exists
+
+    def sync_privileges(self, schema: str, version_table: str, granted: Iterable[str],
+                        managed: Iterable[str]) -> list[str]:
+        """Make the ACLs of our schema and its objects exactly least-privilege.
+
+        `granted` roles get USAGE/DML/sequence usage; every other `managed` role and PUBLIC
+        get nothing on our objects. Returns human-readable descriptions of what changed
+        (empty when nothing drifted).
+        """
+        granted_set = set(granted)
+        managed_list = sorted(set(managed) | granted_set)
+        objects = [q.DbObject(q.KIND_SCHEMA, schema)] + [
+            q.DbObject(kind, schema, name)
+            for kind, name in self._query(q.SCHEMA_OBJECTS, (schema,))
+        ]
+        actual: dict[tuple[q.DbObject, str], set[str]] = {}
+        for kind, name, grantee, privilege in self._query(
+                q.OBJECT_ACLS, {"schema": schema, "roles": managed_list}):
+            obj = q.DbObject(kind, schema, name)
+            actual.setdefault((obj, grantee or "PUBLIC"), set()).add(privilege)
+        expected = {
+            (obj, role): q.expected_privileges(obj, version_table)
+            for obj in objects for role in granted_set
+        }
+        changes = q.privilege_changes(
+            {k: frozenset(v) for k, v in actual.items()}, expected)
+        if changes:
+            self._execute(q.change_statement(ch) for ch in changes)
+        return [f"{verb} {','.join(sorted(privs))} on {obj.kind.lower()} {obj.label()} "
+                f"{'to' if verb == 'GRANT' else 'from'} {grantee}"
+                for verb, obj, grantee, privs in changes]
+
+    def session_count(self, role: str) -> int:
+        rows = self._query(q.COUNT_SESSIONS, (role,))
+        return int(rows[0][0]) if rows else 0
+
+    def terminate_sessions(self, role: str) -> int:
+        rows = self._query(q.TERMINATE_SESSIONS, (role,))
+        return int(rows[0][0]) if rows else 0
+
+    def disable_login(self, role: str) -> bool:
+        exists, can_login = self.role_state(role)
+        if exists and can_login:
+            self._execute([q.set_login(role, False)])
+            return True
+        return False
+
+    def remove_role(self, role: str, schema: str) -> bool:
+        """Revoke what we granted and drop the role; fall back to NOLOGIN if it still owns
+        something elsewhere (a DBA's grant in another database). True when dropped."""
+        exists, _ = self.role_state(role)
+        if not exists:
+            return True
+        statements: list[sql.SQL | sql.Composed] = []
+        if self.schema_exists(schema):
+            statements.extend(q.revoke_everything(role, schema, self.target.database))
+        else:
+            statements.append(q.revoke_connect(role, self.target.database))
+        statements.append(q.drop_role(role))
+        try:
+            self._execute(statements)
+            return True
+        except DatabaseError as exc:
+            log.warning("could not drop role %s (%s); disabling its login instead", role,
+                        exc.reason)
+            self.disable_login(role)
+            return False
