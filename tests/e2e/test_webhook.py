@@ -569,6 +569,16 @@ def materialise_pod(wenv: WebhookEnv, namespace: str, pod: dict[str, Any],
     return env
 
 
+def decode_result(raw: bytes) -> Any:
+    """A ``result`` column value: a pickle (stock's PickleType layout) or the serializer's JSON.
+
+    Celery >= 5.6 stock writes the result_serializer's bytes; older rows and this project's
+    backend may store a pickle. Either way it must decode to the task's return value.
+    """
+    raw = bytes(raw)
+    return pickle.loads(raw) if raw[:1] == b"\x80" else json.loads(raw)
+
+
 @dataclass
 class Worker:
     proc: subprocess.Popen[bytes]
@@ -655,7 +665,7 @@ def test_worker_runs_with_injected_config(
             except AssertionError:
                 raise AssertionError(f"no results; worker log:\n{worker.tail()}") from None
             for i, task_id in enumerate(ids):
-                assert pickle.loads(done[task_id][1]) == 2 * i
+                assert decode_result(done[task_id][1]) == 2 * i
             sender.close()
         finally:
             worker.stop()
