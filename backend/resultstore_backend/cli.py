@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -22,7 +23,7 @@ __all__ = ["main"]
 
 def _source(args: argparse.Namespace) -> DirectorySource | StoreConfig:
     if args.config_dir:
-        return DirectorySource(args.config_dir)
+        return DirectorySource(Path(args.config_dir))
     return parse_backend_url(args.url)
 
 

@@ -53,6 +53,13 @@ try:  # psycopg is a base dependency, but keep SQLite-only use importable withou
 except ImportError:  # pragma: no cover
     psycopg = None  # type: ignore[assignment]
 
+_DBAPI_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,) + (
+    (psycopg.Error,) if psycopg is not None else ()
+)
+
+_CONNECT_ERRORS: tuple[type[Exception], ...] = (
+    sa.exc.DBAPIError, sa.exc.DisconnectionError, *_DBAPI_ERRORS)
+
 __all__ = [
     "EngineHolder",
     "StoreConnectionError",
@@ -374,7 +381,8 @@ class EngineHolder:
         try:
             try:
                 fairy = slot.engine.raw_connection()
-            except sa.exc.DBAPIError as exc:
+            except _CONNECT_ERRORS as exc:
+                # the pool does not wrap driver errors raised while connecting
                 self.invalidate(slot)
                 raise classify_connect_error(exc, slot.config) from exc
             try:
