@@ -27,7 +27,7 @@ from typing import Any
 
 from .injection import INJECT_LABEL, SECRET_SUFFIX, STOCK_KEY
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("resultstore.rollout")
 
 ROLLOUT_ANNOTATION = "resultstore.dev/rollout"
 HASH_ANNOTATION = "resultstore.dev/secret-hash"
@@ -161,8 +161,11 @@ def sync_workload(gateway: RolloutGateway, kind: str, workload: Mapping[str, Any
     return True
 
 
-def register(registry: Any = None) -> None:
+def register(registry: Any = None, operator_settings: Any = None) -> None:
     """Add the rollout's Kopf event handlers (Secrets and the three workload kinds).
+
+    ``operator_settings`` is accepted for the uniform plug-in hook of ``main.py``; the
+    rollout has no settings of its own (it follows the namespaces Kopf watches).
 
     Event handlers rather than create/update handlers: they keep no progress annotations on
     the users' workloads and are naturally level-triggered (initial listing included).

@@ -59,7 +59,7 @@ from .webhook_tls import (
     write_bundle_files,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("resultstore.webhook")
 
 WEBHOOK_PATH = "/mutate-pods"
 HEALTH_PATH = "/healthz"

@@ -1,11 +1,10 @@
-"""The pod-injection webhook against a real API server, served by a real operator process.
+"""The pod-injection webhook against a real API server, served by the real operator process.
 
-The operator process runs the webhook (TLS from the CA kept in a Secret, the configuration it
-registers itself in URL mode at https://127.0.0.1:PORT) and the stock-mode rollout handlers.
-ResultStores here are made Ready through the status subresource, and their Secrets are written
-with ``resultstore_backend.config.render_binding`` against the session's PostgreSQL (schema via
-``resultstore_backend.schema.migrate``): that is exactly the contract the webhook relies on, and
-it keeps these tests independent of the provisioning controllers tested elsewhere.
+``resultstore-operator`` runs here exactly as installed (console script, clusterwide): the
+ResultStore controllers provision real stores on the session's PostgreSQL (schema, login role,
+the ``<name>-resultstore`` Secret, Ready condition), and the webhook plug-in serves admission
+over TLS from the CA it keeps in a Secret, registering its configuration in URL mode
+(https://127.0.0.1:PORT). The stock-mode rollout plug-in runs in the same process.
 
 No kubelet runs, so pods are stored but never start. The worker test does the kubelet's part:
 it materialises the Secret volume into a kubelet-style directory (the ``..data`` symlink) at the
@@ -24,7 +23,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,8 +36,6 @@ import sqlalchemy as sa
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from resultstore_backend.config import Binding, CelerySettings, EngineSettings, render_binding
-from resultstore_backend.schema import TableNames, migrate
 from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_devtools.procs import free_port, port_open
@@ -58,6 +54,7 @@ from resultstore_operator.injection import (
     volume_name,
 )
 from resultstore_operator.rollout import HASH_ANNOTATION, ROLLOUT_ANNOTATION, secret_hash
+from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
 from resultstore_operator.webhook import GROUP, PLURAL, VERSION, WEBHOOK_PATH
 from resultstore_operator.webhook_tls import TlsBundle
 from tests.helpers.kubelet_dir import KubeletDir
@@ -67,16 +64,8 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 MERGE = "application/merge-patch+json"
 
-# The operator process: the webhook and rollout handlers in Kopf, as resultstore-operator
-# wires them (webhook.register() / rollout.register() on the default registry).
-OPERATOR_SCRIPT = """
-import logging, kopf
-from resultstore_operator import rollout, webhook
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-webhook.register()
-rollout.register()
-kopf.run(standalone=True, clusterwide=True)
-"""
+OPERATOR = [str(REPO / ".venv" / "bin" / "resultstore-operator"), "--verbose"]
+STORE_READY_TIMEOUT = 120
 
 
 def eventually(probe: Callable[[], T | None], timeout: float, what: str,
@@ -112,7 +101,7 @@ class OperatorProcess:
     def start(self) -> None:
         log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", OPERATOR_SCRIPT], env=self.env, cwd=REPO,
+            OPERATOR, env=self.env, cwd=REPO,
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
 
@@ -144,6 +133,8 @@ class WebhookEnv:
     api: client.ApiClient
     operator: OperatorProcess
     canary_namespace: str
+    postgres: PostgresServer
+    database: str
     # Any: the tests pass plain dict bodies, which the client accepts but its stubs do not.
     core: Any = field(init=False)
     custom: Any = field(init=False)
@@ -242,16 +233,21 @@ def make_namespace(core: Any, prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def webhook(kube: ControlPlane | ExistingCluster, api_client: client.ApiClient,
+            postgres: PostgresServer,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookEnv]:
     core: Any = client.CoreV1Api(api_client)
     ensure_crd(api_client)
     operator_ns = make_namespace(core, "rs-operator")
     canary_ns = make_namespace(core, "rs-canary")
+    database = f"wh_{uuid.uuid4().hex[:8]}"
+    postgres.start()
+    postgres.create_database(database)
     port = free_port()
     config_name = f"resultstore-injector-e2e-{uuid.uuid4().hex[:6]}"
     env = {
         **os.environ, **kube.env,
         "RESULTSTORE_OPERATOR_NAMESPACE": operator_ns,
+        "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
         "RESULTSTORE_WEBHOOK_HOST": "127.0.0.1",
         "RESULTSTORE_WEBHOOK_PORT": str(port),
         "RESULTSTORE_WEBHOOK_URL": f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
@@ -260,20 +256,21 @@ def webhook(kube: ControlPlane | ExistingCluster, api_client: client.ApiClient,
     }
     operator = OperatorProcess(env, port, config_name, operator_ns,
                                tmp_path_factory.mktemp("operator") / "operator.log")
-    wenv = WebhookEnv(api_client, operator, canary_ns)
+    wenv = WebhookEnv(api_client, operator, canary_ns, postgres, database)
     operator.start()
     try:
         make_ready_store(wenv, canary_ns, "canary")
         wenv.wait_serving()
         yield wenv
     finally:
+        # Stores first (their finalizer needs the operator), then the operator itself.
+        for ns in (operator_ns, canary_ns):
+            with _ignore_404():
+                core.delete_namespace(ns, propagation_policy="Background")
         operator.stop()
         print(f"--- operator log (tail) ---\n{operator.tail(80)}")
         with _ignore_404():
             wenv.admission.delete_mutating_webhook_configuration(config_name)
-        for ns in (operator_ns, canary_ns):
-            with _ignore_404():
-                core.delete_namespace(ns, propagation_policy="Background")
 
 
 class _ignore_404:
@@ -295,53 +292,66 @@ def ns(webhook: WebhookEnv, namespace: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def make_store(wenv: WebhookEnv, namespace: str, name: str) -> None:
-    wenv.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore",
-        "metadata": {"name": name},
-        "spec": {"database": {"host": "127.0.0.1", "name": "results",
-                              "adminSecretRef": {"name": "postgres-admin"}},
-                 "schema": f"rs_{uuid.uuid4().hex[:8]}"},
-    })
+ADMIN_SECRET = "postgres-admin"
 
 
-def set_ready(wenv: WebhookEnv, namespace: str, name: str, ready: bool) -> None:
-    """Set the Ready condition through the status subresource, as the operator does."""
-    condition = {"type": "Ready", "status": "True" if ready else "False",
-                 "reason": "Provisioned" if ready else "DatabaseUnreachable",
-                 "message": "set by the webhook e2e test", "lastTransitionTime": now_rfc3339()}
-    wenv.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name,
-        {"status": {"phase": "Ready" if ready else "Pending", "conditions": [condition],
-                    "secretName": secret_name(name)}},
-        _content_type=MERGE)
-
-
-def make_ready_store(wenv: WebhookEnv, namespace: str, name: str) -> None:
-    make_store(wenv, namespace, name)
-    set_ready(wenv, namespace, name, True)
-
-
-def write_store_secret(wenv: WebhookEnv, namespace: str, store: str,
-                       binding: Binding) -> dict[str, str]:
-    """The Secret the operator writes for ``store`` (every DESIGN.md key)."""
-    data = render_binding(binding)
-    body = {"apiVersion": "v1", "kind": "Secret", "type": "servicebinding.io/postgresql",
-            "metadata": {"name": secret_name(store)}, "stringData": data}
+def ensure_admin_secret(wenv: WebhookEnv, namespace: str) -> None:
+    """The admin credentials a ResultStore refers to (the session PostgreSQL's superuser)."""
     try:
-        wenv.core.create_namespaced_secret(namespace, body)
+        wenv.core.create_namespaced_secret(namespace, {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": ADMIN_SECRET},
+            "stringData": {"username": wenv.postgres.superuser,
+                           "password": wenv.postgres.password}})
     except ApiException as exc:
         if exc.status != 409:
             raise
-        wenv.core.patch_namespaced_secret(secret_name(store), namespace,
-                                          {"stringData": data}, _content_type=MERGE)
-    return data
 
 
-def fake_binding(schema: str, password: str = "pw") -> Binding:
-    return Binding(host="127.0.0.1", port=5432, database="results", username="store_user",
-                   password=password, sslmode="disable", engine=EngineSettings(),
-                   celery=CelerySettings(schema=schema))
+def make_store(wenv: WebhookEnv, namespace: str, name: str,
+               admin_secret: str = ADMIN_SECRET) -> str:
+    """Create a ResultStore on the session's PostgreSQL; return its schema."""
+    ensure_admin_secret(wenv, namespace)
+    schema = f"rs_{uuid.uuid4().hex[:10]}"
+    wenv.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore",
+        "metadata": {"name": name},
+        "spec": {"database": {"host": wenv.postgres.host, "port": wenv.postgres.port,
+                              "name": wenv.database, "sslMode": "disable",
+                              "adminSecretRef": {"name": admin_secret}},
+                 "schema": schema,
+                 "credentials": {"drainTimeout": "5s"}},
+    })
+    return schema
+
+
+def ready_condition(wenv: WebhookEnv, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = wenv.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return dict(cond)
+    return None
+
+
+def wait_ready(wenv: WebhookEnv, namespace: str, name: str, want: str = "True") -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        wenv.operator.assert_alive()
+        cond = ready_condition(wenv, namespace, name)
+        return cond if cond is not None and cond.get("status") == want else None
+
+    try:
+        return eventually(probe, STORE_READY_TIMEOUT,
+                          f"ResultStore {namespace}/{name} Ready={want}")
+    except AssertionError:
+        raise AssertionError(f"ResultStore {namespace}/{name} not Ready={want}: "
+                             f"{ready_condition(wenv, namespace, name)}\n"
+                             f"{wenv.operator.tail()}") from None
+
+
+def make_ready_store(wenv: WebhookEnv, namespace: str, name: str) -> str:
+    """A ResultStore provisioned by the operator and Ready; return its schema."""
+    schema = make_store(wenv, namespace, name)
+    wait_ready(wenv, namespace, name)
+    return schema
 
 
 def pod_body(store: str | None, name: str | None = None, *,
@@ -503,11 +513,12 @@ def test_missing_or_unready_store_admits_unchanged_with_warning_and_event(
     ghost, warning = webhook.create_pod(ns, pod_body("ghost", "ghost"))
     assert_untouched(ghost, "ghost")
     assert "ResultStore 'ghost' not found" in warning
-    make_store(webhook, ns, "pending")
-    set_ready(webhook, ns, "pending", False)
+    # A store the operator cannot provision (its admin Secret does not exist): not Ready.
+    make_store(webhook, ns, "pending", admin_secret="no-such-secret")
+    reason = wait_ready(webhook, ns, "pending", want="False")["reason"]
     pending, warning = webhook.create_pod(ns, pod_body("pending", "pending"))
     assert_untouched(pending, "pending")
-    assert "is not Ready" in warning and "DatabaseUnreachable" in warning
+    assert "is not Ready" in warning and reason in warning
     for reason, pod in (("ResultStoreNotFound", "ghost"), ("ResultStoreNotReady", "pending")):
         events = eventually(partial(events_with_reason, webhook, ns, reason), 30,
                             f"an Event {reason}")
@@ -602,20 +613,9 @@ def test_worker_runs_with_injected_config(
         webhook: WebhookEnv, ns: str, mode: str, postgres: PostgresServer,
         redis_server: RedisServer, tmp_path: Path) -> None:
     store = f"w{uuid.uuid4().hex[:6]}"
-    schema = f"rs_{store}"
-    database = f"wh_{store}"
-    postgres.create_database(database)
-    engine = sa.create_engine(postgres.url(database))
+    schema = make_ready_store(webhook, ns, store)  # the operator writes the Secret
+    engine = sa.create_engine(postgres.url(webhook.database))
     try:
-        with engine.begin() as conn:
-            migrate(conn, TableNames(schema))
-        binding = Binding(host=postgres.host, port=postgres.port, database=database,
-                          username=postgres.superuser, password=postgres.password,
-                          sslmode="disable", engine=EngineSettings(pool_size=2),
-                          celery=CelerySettings(schema=schema))
-        write_store_secret(webhook, ns, store, binding)
-        make_ready_store(webhook, ns, store)
-
         queue = f"q-{store}"
         command = ["celery", "-A", "tests.e2e.test_webhook_app", "worker", "--pool=solo",
                    "-Q", queue, "-n", f"{store}@%h", "--loglevel=INFO",
@@ -672,7 +672,6 @@ def test_worker_runs_with_injected_config(
     finally:
         engine.dispose()
         shutil.rmtree(mount_path(store), ignore_errors=True)
-        postgres.drop_database(database)
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +681,6 @@ def test_worker_runs_with_injected_config(
 
 def test_rollout_annotation_follows_secret_rotation(webhook: WebhookEnv, ns: str) -> None:
     make_ready_store(webhook, ns, "orders")
-    write_store_secret(webhook, ns, "orders", fake_binding("orders_s", password="one"))
     apps: Any = client.AppsV1Api(webhook.api)
     template = pod_body("orders", annotations={MODE_ANNOTATION: "stock"})
     template["metadata"].pop("generateName")
@@ -709,10 +707,12 @@ def test_rollout_annotation_follows_secret_rotation(webhook: WebhookEnv, ns: str
 
     first = eventually(lambda: template_hash() == secret_digest() and template_hash(), 60,
                        "the pod template to carry the Secret hash")
-    # Rotation: the operator rewrites the Secret with the next role's password.
-    write_store_secret(webhook, ns, "orders", fake_binding("orders_s", password="two"))
+    # Rotation on request: the operator creates the next role and rewrites the Secret.
+    webhook.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "orders",
+        {"metadata": {"annotations": {ROTATE_ANNOTATION: "e2e-1"}}}, _content_type=MERGE)
     second = eventually(lambda: (h := template_hash()) != first and h == secret_digest() and h,
-                        60, "the hash to follow the rotated Secret")
+                        STORE_READY_TIMEOUT, "the hash to follow the rotated Secret")
     assert second != first
 
     # The Deployment controller rolls: a second ReplicaSet, whose pods are injected too.
