@@ -55,6 +55,7 @@ KUBECONFIG_ENV = "RESULTSTORE_E2E_KUBECONFIG"
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CONTEXT_NAME = "resultstore-local"
+TEMP_PREFIX = "resultstore-cp-"
 
 # Controller names as kube-controller-manager 1.34 spells them. Besides the ones the tests
 # and the operator need (cronjob, job, garbage collector, namespace, service accounts and
@@ -503,7 +504,8 @@ class ControlPlane:
         started = time.monotonic()
         self.binaries = self.binaries or binaries_mod.ensure_all(self.progress)
         if self.state_dir is None:
-            self.state_dir = Path(tempfile.mkdtemp(prefix="resultstore-cp-"))
+            _sweep_abandoned_dirs()
+            self.state_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
             self._owns_dir = True
         last_error: Exception | None = None
         for attempt in range(3):
@@ -720,6 +722,26 @@ class ControlPlane:
 
 class _PortClash(RuntimeError):
     pass
+
+
+def _sweep_abandoned_dirs(max_age: float = 3600.0) -> None:
+    """Remove session directories left by a killed test run (no finalizer ran).
+
+    Its processes already died with it (parent-death signal); only files remain. A directory
+    is abandoned when none of its recorded processes runs, or, if it never recorded any,
+    when it is older than ``max_age`` (a concurrent session may still be starting).
+    """
+    for candidate in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        try:
+            state = json.loads(Layout(candidate).state_file.read_text())
+            alive = any(_pid_runs(p["pid"], p["executable"]) for p in state["processes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            try:
+                alive = time.time() - candidate.stat().st_mtime < max_age
+            except OSError:
+                continue
+        if not alive:
+            shutil.rmtree(candidate, ignore_errors=True)
 
 
 def cluster_from_environment(
