@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import pytest
 import yaml
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "resultstore"
 CRD_NAME = "resultstores.resultstore.dev"
 
-Cluster = ControlPlane | ExistingCluster
+Cluster: TypeAlias = ControlPlane | ExistingCluster
 
 
 @dataclass(frozen=True)
