@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import phases
 from bench.backends import DATABASES, BackendEntry, build_entries
-from bench.report import build_rows, raw_summary, render_table, rows_json
+from bench.report import build_rows, floor_line, raw_summary, render_table, rows_json
 from bench.runner import Runner
 from bench.services import BenchServices
 from bench.settings import BenchSettings, parse_args
@@ -103,6 +103,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
             "rows": rows_json(rows),
             "raw": raw_summary(raw),
             "table": table,
+            "floor": floor_line(raw),
         }
         return record
     finally:
@@ -129,6 +130,8 @@ def print_record(record: dict[str, Any], json_path: Path) -> None:
           "client = plain non-forked process")
     print()
     print(record["table"])
+    if record.get("floor"):
+        print(record["floor"])
     print()
     print(f"JSON: {json_path}")
     print(TABLE_END)

@@ -337,7 +337,44 @@ def chord_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
     return {"chord_ms": chord_ms, "chord_total_s": chord_total_s, "live_join_s": live_s}
 
 
+def floor_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """The PostgreSQL floor on this machine: what any backend's store/get can approach.
+
+    One psycopg connection, autocommit, server-side prepared statements, no Celery: a
+    single-row upsert (which has to wait for the WAL flush with synchronous_commit=on) and a
+    primary-key select, the issue's pgbench reference points.
+    """
+    import psycopg
+
+    budget = float(params["budget_s"])
+    min_ops = int(params["min_ops"])
+    payload = json.dumps(PAYLOAD).encode()
+    with psycopg.connect(params["dsn"], autocommit=True, prepare_threshold=0) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_floor (task_id varchar(155) PRIMARY KEY, "
+            "status varchar(50), result bytea, date_done timestamptz)"
+        )
+        upsert = (
+            "INSERT INTO bench_floor (task_id, status, result, date_done) "
+            "VALUES (%s, 'SUCCESS', %s, now()) ON CONFLICT (task_id) DO UPDATE SET "
+            "status = excluded.status, result = excluded.result, date_done = excluded.date_done"
+        )
+        select = "SELECT status, result, date_done FROM bench_floor WHERE task_id = %s"
+        for task_id in _new_ids("floor-warm", int(params["warmup"])):
+            conn.execute(upsert, (task_id, payload))
+            conn.execute(select, (task_id,)).fetchone()
+        ids = _new_ids("floor", int(params["n_store"]))
+        upsert_ms = _timed_series(ids, lambda i: conn.execute(upsert, (i, payload)),
+                                  budget, min_ops)
+        select_ms = _timed_series(ids[: len(upsert_ms)],
+                                  lambda i: conn.execute(select, (i,)).fetchone(),
+                                  budget, min_ops)
+        conn.execute("TRUNCATE bench_floor")
+    return {"upsert_ms": upsert_ms, "select_ms": select_ms}
+
+
 WORKLOADS: dict[str, Workload] = {
+    "floor": floor_workload,
     "latency": latency_workload,
     "writer": writer_workload,
     "paced_writer": paced_writer_workload,

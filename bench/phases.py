@@ -61,6 +61,16 @@ def latency(runner: Runner, settings: BenchSettings, entries: list[BackendEntry]
                 log(f"latency {entry.key}/{mode} rep {rep + 1}/{settings.repeats}: "
                     f"store n={len(out['store_ms'])} get n={len(out['get_ms'])} "
                     f"join {out['join_s']:.3f}s ({time.perf_counter() - t0:.1f}s)")
+        sql_entries = [e for e in entries if e.sql is not None]
+        if sql_entries:
+            # The raw-psycopg floor, once per repeat, interleaved with the backends.
+            entry = sql_entries[-1]
+            assert entry.sql is not None
+            out = runner.job(entry, "floor", "client", dict(params, dsn=entry.sql.dsn))
+            bucket = raw.setdefault("_floor", {}).setdefault("client", {
+                "upsert_ms": [], "select_ms": []})
+            bucket["upsert_ms"].extend(out["upsert_ms"])
+            bucket["select_ms"].extend(out["select_ms"])
 
 
 def _wait_files(directory: Path, pattern: str, count: int, timeout: float,
@@ -127,15 +137,29 @@ def _seed_expired(entry: BackendEntry, rows: int) -> float:
     seq = sql.Literal(f"{info.schema}.{info.task_sequence}")
     t0 = time.perf_counter()
     with psycopg.connect(info.dsn) as conn:
+        columns = {
+            str(r[0]) for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s",
+                (info.schema, info.task_table),
+            )
+        }
+        # Backends may add bookkeeping timestamps (resultstore: updated_at); age those too
+        # so the rows look like results written 30 days ago, not like fresh ones.
+        extra = [c for c in ("updated_at",) if c in columns]
+        when = "now() - interval '30 days' - g * interval '1 millisecond'"
         conn.execute(
             sql.SQL(
-                "INSERT INTO {table} (id, task_id, status, result, date_done) "
-                "SELECT nextval({seq}), {prefix} || g, 'SUCCESS', {payload}, "
-                "now() - interval '30 days' - g * interval '1 millisecond' "
-                "FROM generate_series(1, {rows}) AS g"
-            ).format(table=table, seq=seq, prefix=sql.Literal(EXPIRED_PREFIX),
-                     payload=sql.Literal(b'{"value": 42, "label": "expired"}'),
-                     rows=sql.Literal(rows))
+                "INSERT INTO {table} (id, task_id, status, result, date_done{extra_cols}) "
+                "SELECT nextval({seq}), {prefix} || g, 'SUCCESS', {payload}, {when}"
+                "{extra_vals} FROM generate_series(1, {rows}) AS g"
+            ).format(
+                table=table, seq=seq, prefix=sql.Literal(EXPIRED_PREFIX),
+                payload=sql.Literal(b'{"value": 42, "label": "expired"}'),
+                rows=sql.Literal(rows), when=sql.SQL(when),
+                extra_cols=sql.SQL("").join(sql.SQL(", ") + sql.Identifier(c) for c in extra),
+                extra_vals=sql.SQL("").join(sql.SQL(", " + when) for _ in extra),
+            )
         )
     with psycopg.connect(info.dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table))

@@ -248,6 +248,18 @@ def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
     return data
 
 
+def floor_line(raw: Raw) -> str | None:
+    """The raw-psycopg reference, printed under the table (no backend can beat it)."""
+    data = _get(raw, "_floor", "client")
+    if not data or not data.get("upsert_ms"):
+        return None
+    up = _latency_cell(data["upsert_ms"])
+    sel = _latency_cell(data["select_ms"])
+    assert up is not None and sel is not None
+    return (f"PostgreSQL floor (one psycopg connection, prepared, autocommit, no Celery): "
+            f"single-row upsert+commit {up.text()} ms, primary-key select {sel.text()} ms")
+
+
 def raw_summary(raw: Raw) -> dict[str, Any]:
     """Per-repeat values and latency summaries (not every sample: keeps the file small)."""
     out: dict[str, Any] = {}
