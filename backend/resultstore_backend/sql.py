@@ -101,7 +101,8 @@ def statements(dialect: str, names: TableNames) -> Statements:
         f"created_at) VALUES (%(gid)s, %(part)s, %(idx)s, %(tid)s, %(status)s, %(result)s, "
         f"%(now)s) ON CONFLICT DO NOTHING RETURNING 1), "
         f"n AS (SELECT count(*) AS k FROM ins) "
-        f"UPDATE {chord} AS c SET done = c.done + n.k, "
+        f"UPDATE {chord} AS c SET "
+        f"done = CASE WHEN c.fired_at IS NULL THEN c.done + n.k ELSE c.done END, "
         f"fired_at = CASE WHEN {complete} THEN %(now)s ELSE c.fired_at END, "
         f"claim = CASE WHEN {complete} THEN %(token)s ELSE c.claim END "
         f"FROM n WHERE c.group_id = %(gid)s "
@@ -141,7 +142,9 @@ def statements(dialect: str, names: TableNames) -> Statements:
             f"INSERT INTO {parts} (group_id, part, idx, task_id, status, result, created_at) "
             f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT DO NOTHING"
         ),
-        bump_chord=f"UPDATE {chord} SET done = done + {ph} WHERE group_id = {ph}",
+        bump_chord=(
+            f"UPDATE {chord} SET done = done + {ph} WHERE group_id = {ph} AND fired_at IS NULL"
+        ),
         claim_chord=(
             f"UPDATE {chord} SET fired_at = {ph}, claim = {ph} WHERE group_id = {ph} "
             f"AND fired_at IS NULL "

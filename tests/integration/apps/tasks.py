@@ -23,35 +23,35 @@ def _r() -> redis.Redis:
 
 
 def define_tasks(app: Celery) -> SimpleNamespace:
-    @app.task(name="rs.add")
+    @app.task(shared=False, name="rs.add")
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="rs.tsum")
+    @app.task(shared=False, name="rs.tsum")
     def tsum(values: list[int]) -> int:
         return sum(values)
 
-    @app.task(name="rs.fail")
+    @app.task(shared=False, name="rs.fail")
     def fail(message: str) -> None:
         raise ValueError(message)
 
-    @app.task(name="rs.sleep_then")
+    @app.task(shared=False, name="rs.sleep_then")
     def sleep_then(value: Any, seconds: float) -> Any:
         time.sleep(seconds)
         return value
 
-    @app.task(name="rs.record_run", bind=True)
+    @app.task(shared=False, name="rs.record_run", bind=True)
     def record_run(self: Any, tag: str) -> str:
         """Count executions under ``tag`` in Redis and return a per-run value."""
         n = _r().incr(f"runs:{tag}")
         return f"run-{n}"
 
-    @app.task(name="rs.record_callback")
+    @app.task(shared=False, name="rs.record_callback")
     def record_callback(values: list[Any], tag: str) -> list[Any]:
         _r().incr(f"callback:{tag}")
         return values
 
-    @app.task(name="rs.whoami")
+    @app.task(shared=False, name="rs.whoami")
     def whoami() -> dict[str, Any]:
         return {"pid": os.getpid()}
 
