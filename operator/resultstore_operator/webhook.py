@@ -690,6 +690,7 @@ class WebhookRuntime:
         self._cert_paths: tuple[str, str] | None = None
         self._external_mtimes: tuple[float, ...] = ()
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._config_ok = False
 
     async def _lookup(self, namespace: str, name: str) -> StoreLookup:
         return await asyncio.to_thread(
@@ -746,17 +747,32 @@ class WebhookRuntime:
         assert self._context is not None
         await self.server.start(self._context)
         self.serving = True
-        await self._apply_configuration()
+        await self._try_apply_configuration()
+
+    async def _try_apply_configuration(self) -> None:
+        """Apply the configuration; a failure (RBAC, API down) is logged and retried soon.
+
+        Serving must not depend on it: an installer may own the configuration, and an
+        existing one with the same CA keeps working while we cannot write it.
+        """
+        try:
+            await self._apply_configuration()
+            self._config_ok = True
+        except Exception as exc:
+            self._config_ok = False
+            log.error("could not apply MutatingWebhookConfiguration %s (%s: %s); retrying",
+                      self.settings.config_name, type(exc).__name__, exc)
 
     async def resync_forever(self) -> None:
         """Renew certificates and correct configuration drift, forever."""
         while True:
-            await asyncio.sleep(self.settings.resync_interval)
+            interval = self.settings.resync_interval
+            await asyncio.sleep(interval if self._config_ok else min(interval, 15.0))
             try:
                 await self._load_certificates()
-                await self._apply_configuration()
             except Exception as exc:
-                log.warning("webhook resync failed: %s", exc)
+                log.warning("webhook certificate resync failed: %s", exc)
+            await self._try_apply_configuration()
 
     async def stop(self) -> None:
         await self.server.stop()

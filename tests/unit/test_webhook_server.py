@@ -13,19 +13,28 @@ import json
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
-from resultstore_devtools.procs import free_port
+from resultstore_devtools.procs import free_port, port_open
 from resultstore_operator.injection import INJECT_LABEL, StoreLookup, StoreState
 from resultstore_operator.webhook import (
     WEBHOOK_PATH,
     InjectionServer,
+    KubeGateway,
+    WebhookRuntime,
     WebhookSettings,
     server_ssl_context,
 )
-from resultstore_operator.webhook_tls import ServingNames, new_bundle, write_bundle_files
+from resultstore_operator.webhook_tls import (
+    ServingNames,
+    TlsBundle,
+    ca_bundle_b64,
+    new_bundle,
+    reconcile_bundle,
+    write_bundle_files,
+)
 
 
 def review(namespace: str, labels: dict[str, str] | None, uid: str = "uid-1",
@@ -106,3 +115,48 @@ def test_server_contract(tmp_path: Path) -> None:
     reasons = [e["reason"] for e in events]
     assert reasons == ["ResultStoreNotReady", "ResultStoreUnknown"]
     assert all(e["metadata"]["namespace"] == "team" for e in events)
+
+
+class RecordingGateway:
+    """Stands in for the API only in this lifecycle unit test (e2e uses the real API)."""
+
+    def __init__(self) -> None:
+        self.secret: TlsBundle | None = None
+        self.applied: list[Mapping[str, Any]] = []
+        self.fail_apply = True
+
+    def ensure_tls(self, namespace: str, name: str, names: ServingNames) -> TlsBundle:
+        self.secret, _ = reconcile_bundle(self.secret, names)
+        return self.secret
+
+    def apply_configuration(self, body: Mapping[str, Any]) -> bool:
+        if self.fail_apply:
+            raise RuntimeError("forbidden")
+        self.applied.append(body)
+        return True
+
+
+def test_runtime_serves_without_configuration_and_keeps_ca(tmp_path: Path) -> None:
+    port = free_port()
+    settings = WebhookSettings(operator_namespace="ops", listen_host="127.0.0.1",
+                               listen_port=port, url=f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
+                               cert_dir=str(tmp_path))
+    gateway = RecordingGateway()
+
+    async def main() -> None:
+        first = WebhookRuntime(settings, cast(KubeGateway, gateway))
+        await first.start()
+        try:
+            assert first.serving and port_open(port, "127.0.0.1")  # apply failed, still serving
+            gateway.fail_apply = False
+            await first._try_apply_configuration()
+        finally:
+            await first.stop()
+        second = WebhookRuntime(settings, cast(KubeGateway, gateway))
+        await second.start()  # a restart: the CA comes back from the kept Secret
+        await second.stop()
+
+    asyncio.run(main())
+    assert gateway.secret is not None
+    bundles = [b["webhooks"][0]["clientConfig"]["caBundle"] for b in gateway.applied]
+    assert bundles == [ca_bundle_b64(gateway.secret)] * 2
