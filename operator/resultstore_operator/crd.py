@@ -320,6 +320,7 @@ def status_schema() -> Schema:
                     "phase": _string("Stable, Rotating or Draining.", max_length=32),
                     "rotationStartedAt": time,
                     "drainDeadline": time,
+                    "secretSwitchedAt": time,
                     "lastRotationTime": time,
                     "handledRotateRequest": _string(
                         "Last value of the resultstore.dev/rotate annotation acted on.",

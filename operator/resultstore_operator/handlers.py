@@ -532,7 +532,7 @@ class Controller:
         if creds.phase == rot.DRAINING and creds.previous_role:
             previous = creds.previous_role
             sessions = db.session_count(previous)
-            if rot.drain_finished(creds, sessions, run.now):
+            if rot.drain_finished(creds, sessions, run.now, self.settings.rotation_grace):
                 if sessions:
                     killed = db.terminate_sessions(previous)
                     run.event("Warning", r.SESSIONS_TERMINATED,
@@ -550,8 +550,8 @@ class Controller:
             else:
                 deadline = c.timestamp(creds.drain_deadline) if creds.drain_deadline else "-"
                 run.cond(r.CREDENTIALS_ROTATING, True, r.DRAINING,
-                         f"waiting for {sessions} sessions of role {previous} to end "
-                         f"(at most until {deadline})")
+                         f"waiting for {sessions} sessions of role {previous} to end and "
+                         f"for workers to reload the Secret (at most until {deadline})")
         elif c.get_condition(run.status.get("conditions"), r.CREDENTIALS_ROTATING) is None:
             run.cond(r.CREDENTIALS_ROTATING, False, r.ROTATION_IDLE, "no rotation in progress")
         return creds

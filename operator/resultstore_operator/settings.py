@@ -58,6 +58,9 @@ class OperatorSettings:
     operator_namespace: str = "resultstore-system"
     tick_interval: float = 5.0
     drift_interval: float = 60.0
+    #: Seconds after a Secret switch during which an idle previous role is kept anyway:
+    #: the kubelet needs up to its sync period (60 s) plus cache TTL to refresh volumes.
+    rotation_grace: float = 90.0
     retry_backoff_base: float = 2.0
     retry_backoff_max: float = 300.0
     cleanup_image: str = "celery-resultstore:0.1.0"
@@ -114,6 +117,7 @@ class OperatorSettings:
             operator_namespace=operator_namespace,
             tick_interval=_float(env, p + "TICK_INTERVAL", cls.tick_interval, 0.2),
             drift_interval=_float(env, p + "DRIFT_INTERVAL", cls.drift_interval, 0.5),
+            rotation_grace=_float(env, p + "ROTATION_GRACE", cls.rotation_grace, 0.0),
             retry_backoff_base=_float(env, p + "RETRY_BACKOFF_BASE", cls.retry_backoff_base, 0.1),
             retry_backoff_max=_float(env, p + "RETRY_BACKOFF_MAX", cls.retry_backoff_max, 0.1),
             cleanup_image=env.get(p + "CLEANUP_IMAGE", "").strip() or cls.cleanup_image,

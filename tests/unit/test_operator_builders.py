@@ -375,6 +375,10 @@ def test_rotation_walks_through_its_steps() -> None:
     assert not rot.drain_finished(s2, sessions=3, now=NOW + timedelta(seconds=59))
     assert rot.drain_finished(s2, sessions=3, now=NOW + timedelta(seconds=60))
     assert rot.drain_finished(s2, sessions=0, now=NOW)
+    # an idle previous role is still kept for the grace period (kubelet refresh delay)
+    assert not rot.drain_finished(s2, sessions=0, now=NOW + timedelta(seconds=5), grace=10)
+    assert rot.drain_finished(s2, sessions=0, now=NOW + timedelta(seconds=10), grace=10)
+    assert rot.drain_finished(s2, sessions=2, now=NOW + timedelta(seconds=60), grace=600)
     s3 = rot.finish_rotation(s2, NOW + timedelta(seconds=5))
     assert (s3.phase, s3.active_role, s3.previous_role, s3.rotations) == (
         rot.STABLE, f"{BASE}_b", None, 1)

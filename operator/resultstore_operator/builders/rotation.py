@@ -35,6 +35,7 @@ class CredentialState:
     next_role: str | None = None
     rotation_started_at: datetime | None = None
     drain_deadline: datetime | None = None
+    secret_switched_at: datetime | None = None
     last_rotation_time: datetime | None = None
     handled_rotate_request: str | None = None
     rotations: int = 0
@@ -47,6 +48,7 @@ class CredentialState:
         "next_role": "nextRole",
         "rotation_started_at": "rotationStartedAt",
         "drain_deadline": "drainDeadline",
+        "secret_switched_at": "secretSwitchedAt",
         "last_rotation_time": "lastRotationTime",
         "handled_rotate_request": "handledRotateRequest",
         "rotations": "rotations",
@@ -70,6 +72,7 @@ class CredentialState:
             next_role=raw.get("nextRole") or None,
             rotation_started_at=parse_timestamp(raw.get("rotationStartedAt")),
             drain_deadline=parse_timestamp(raw.get("drainDeadline")),
+            secret_switched_at=parse_timestamp(raw.get("secretSwitchedAt")),
             last_rotation_time=parse_timestamp(raw.get("lastRotationTime")),
             handled_rotate_request=raw.get("handledRotateRequest"),
             rotations=int(raw.get("rotations") or 0),
@@ -138,15 +141,27 @@ def secret_switched(state: CredentialState, now: datetime,
         active_role=state.next_role,
         next_role=None,
         drain_deadline=now + timedelta(seconds=drain_timeout),
+        secret_switched_at=now,
     )
 
 
-def drain_finished(state: CredentialState, sessions: int, now: datetime) -> bool:
+def drain_finished(state: CredentialState, sessions: int, now: datetime,
+                   grace: float = 0.0) -> bool:
+    """May the previous role be removed now?
+
+    Yes once drainTimeout has passed. Before that, only when no session of it is left *and*
+    `grace` seconds went by since the Secret switched: a worker whose pool happens to be
+    empty still holds the old credentials until the kubelet refreshes its Secret volume
+    (up to its sync period plus cache TTL), and must not find its role gone on reconnect.
+    """
     if state.phase != DRAINING:
         return False
-    if sessions == 0:
+    if state.drain_deadline is not None and now >= state.drain_deadline:
         return True
-    return state.drain_deadline is not None and now >= state.drain_deadline
+    if sessions:
+        return False
+    switched = state.secret_switched_at
+    return switched is None or now >= switched + timedelta(seconds=grace)
 
 
 def finish_rotation(state: CredentialState, now: datetime) -> CredentialState:
@@ -157,6 +172,7 @@ def finish_rotation(state: CredentialState, now: datetime) -> CredentialState:
         next_role=None,
         rotation_started_at=None,
         drain_deadline=None,
+        secret_switched_at=None,
         last_rotation_time=now,
         rotations=state.rotations + 1,
     )

@@ -1,0 +1,473 @@
+"""Not tests: helpers for the operator's end-to-end tests.
+
+The operator runs as a real process (`resultstore-operator`) against the test control plane,
+watching only the test's namespace. There is no kubelet, so the tests do its part: they
+materialise the operator-written Secret into a kubelet-style directory and re-materialise it
+when it changes (SecretMirror), then run real Celery code against `resultstore:///<dir>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from resultstore_devtools.procs import free_port
+from resultstore_operator.crd import build_crd
+from resultstore_operator.spec import GROUP, PLURAL, VERSION
+from tests.helpers.kubelet_dir import KubeletDir
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_BIN = Path(sys.executable).parent / "resultstore-operator"
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T | None], timeout: float, what: str,
+               interval: float = 0.25) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def ensure_crd(api: client.ApiClient) -> None:
+    """Create or update the CRD from crd.py and wait until it is served."""
+    ext = client.ApiextensionsV1Api(api)
+    body = build_crd()
+    name = body["metadata"]["name"]
+    try:
+        live = ext.read_custom_resource_definition(name)
+        body["metadata"]["resourceVersion"] = live.metadata.resource_version
+        ext.replace_custom_resource_definition(name, body)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        ext.create_custom_resource_definition(body)
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition(name)
+        return any(c.type == "Established" and c.status == "True"
+                   for c in (crd.status.conditions or []))
+
+    eventually(established, 30, "the ResultStore CRD to be established")
+
+
+# --- the operator process ------------------------------------------------------------------
+
+
+@dataclass
+class OperatorProcess:
+    kubeconfig: Path
+    namespaces: tuple[str, ...]
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(
+        prefix="resultstore-operator-", suffix=".log")[1]))
+    proc: subprocess.Popen[bytes] | None = None
+    health_port: int = 0
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTSTORE_")}
+        self.health_port = free_port()
+        env.update({
+            "KUBECONFIG": str(self.kubeconfig),
+            "RESULTSTORE_WATCH_NAMESPACES": ",".join(self.namespaces),
+            "RESULTSTORE_TICK_INTERVAL": "0.5",
+            "RESULTSTORE_DRIFT_INTERVAL": "2",
+            "RESULTSTORE_RETRY_BACKOFF_BASE": "0.5",
+            "RESULTSTORE_RETRY_BACKOFF_MAX": "4",
+            "RESULTSTORE_ROTATION_GRACE": "3",
+            "RESULTSTORE_DB_CONNECT_TIMEOUT": "3",
+            "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{self.health_port}",
+            "RESULTSTORE_WEBHOOK_ENABLED": "false",
+            "RESULTSTORE_CLEANUP_IMAGE": "celery-resultstore:e2e",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> OperatorProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(OPERATOR_BIN), "--no-plugins"], env=self.env(), cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        eventually(self._healthy, 60, "the operator's liveness endpoint")
+        return self
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as rsp:
+                return bool(rsp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM lets Kopf exit cleanly; SIGKILL simulates a crash."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+
+# --- PostgreSQL side -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admin:
+    username: str
+    password: str
+
+
+def create_admin(pg: Any, database: str, *, createrole: bool = True,
+                 create_on_db: bool = True) -> Admin:
+    """A non-superuser admin, as a DBA would hand to the operator."""
+    name = "adm_" + secrets.token_hex(4)
+    password = secrets.token_urlsafe(16)
+    with psycopg.connect(pg.dsn(database), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN {'CREATEROLE' if createrole else ''} "
+                     f"PASSWORD '{password}'")
+        if create_on_db:
+            conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO {name}')
+    return Admin(name, password)
+
+
+def superuser_query(pg: Any, database: str, query: str,
+                    params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.dsn(database), autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def can_login(binding: Mapping[str, str], password: str | None = None) -> bool:
+    try:
+        with psycopg.connect(host=binding["host"], port=int(binding["port"]),
+                             dbname=binding["database"], user=binding["username"],
+                             password=password or binding["password"], connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def connect_as(binding: Mapping[str, str]) -> psycopg.Connection[Any]:
+    return psycopg.connect(binding["uri"], autocommit=True)
+
+
+# --- Kubernetes side -----------------------------------------------------------------------
+
+
+class Cluster:
+    """Thin typed-enough wrappers over the API for the tests."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core: Any = client.CoreV1Api(api)
+        self.batch: Any = client.BatchV1Api(api)
+        self.custom: Any = client.CustomObjectsApi(api)
+
+    def admin_secret(self, namespace: str, admin: Admin, name: str = "pg-admin") -> None:
+        body = {"metadata": {"name": name},
+                "stringData": {"username": admin.username, "password": admin.password}}
+        try:
+            self.core.create_namespaced_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.replace_namespaced_secret(name, namespace, body)
+
+    def create_store(self, namespace: str, name: str, spec: Mapping[str, Any],
+                     annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore",
+                "metadata": {"name": name, "annotations": dict(annotations or {})},
+                "spec": dict(spec)}
+        return dict(self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body))
+
+    def store(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_store(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, dict(patch),
+            _content_type="application/merge-patch+json")
+
+    def patch_store_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
+            _content_type="application/merge-patch+json")
+
+    def delete_store(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def condition(self, namespace: str, name: str, type_: str) -> dict[str, Any] | None:
+        obj = self.store(namespace, name) or {}
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == type_:
+                return dict(cond)
+        return None
+
+    def wait_condition(self, namespace: str, name: str, type_: str = "Ready",
+                       status: str = "True", reason: str | None = None,
+                       timeout: float = 60) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            cond = self.condition(namespace, name, type_)
+            if cond and cond.get("status") == status and (reason is None
+                                                          or cond.get("reason") == reason):
+                return cond
+            return None
+
+        return eventually(probe, timeout, f"{name}: {type_}={status} ({reason or 'any'})")
+
+    def wait_ready(self, namespace: str, name: str, timeout: float = 60) -> dict[str, Any]:
+        self.wait_condition(namespace, name, "Ready", "True", timeout=timeout)
+        obj = self.store(namespace, name)
+        assert obj is not None
+        return obj
+
+    def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            raw = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(self.api.sanitize_for_serialization(raw))
+
+    def binding(self, namespace: str, store: str) -> dict[str, str]:
+        secret = self.secret(namespace, f"{store}-resultstore")
+        assert secret is not None, f"Secret of {store} missing"
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    def cronjob(self, namespace: str, store: str) -> dict[str, Any] | None:
+        try:
+            raw = self.batch.read_namespaced_cron_job(f"{store}-resultstore-cleanup", namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(self.api.sanitize_for_serialization(raw))
+
+    def events(self, namespace: str, store: str | None = None) -> list[dict[str, Any]]:
+        items = self.core.list_namespaced_event(namespace).items
+        out = [dict(self.api.sanitize_for_serialization(e)) for e in items]
+        if store is not None:
+            out = [e for e in out if (e.get("involvedObject") or {}).get("name") == store]
+        return sorted(out, key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+
+    def reasons(self, namespace: str, store: str) -> list[str]:
+        return [str(e.get("reason")) for e in self.events(namespace, store)]
+
+    def remove_all_stores(self, namespace: str, operator_running: bool) -> None:
+        """Teardown: let the running operator finalise, else strip the finalizers."""
+        listing = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        for item in listing.get("items", []):
+            name = item["metadata"]["name"]
+            if operator_running:
+                self.patch_store(namespace, name, {"metadata": {"annotations": {
+                    f"{GROUP}/skip-database-cleanup": "true"}}})
+                self.delete_store(namespace, name)
+        deadline = time.monotonic() + (20 if operator_running else 0)
+        while time.monotonic() < deadline:
+            if not self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL).get("items"):
+                return
+            time.sleep(0.3)
+        for item in self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL).get("items", []):
+            name = item["metadata"]["name"]
+            try:
+                self.patch_store(namespace, name, {"metadata": {"finalizers": None}})
+                self.delete_store(namespace, name)
+            except ApiException:
+                pass
+
+
+def store_spec(pg: Any, database: str, schema: str, **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "database": {"host": pg.host, "port": pg.port, "name": database, "sslMode": "disable",
+                     "adminSecretRef": {"name": "pg-admin"}},
+        "schema": schema,
+    }
+    spec.update(extra)
+    return spec
+
+
+# --- the kubelet's part ----------------------------------------------------------------------
+
+
+class SecretMirror:
+    """Keep a kubelet-style directory in sync with a Secret, as the kubelet does for a volume.
+
+    The kubelet refreshes Secret volumes periodically (not instantly); `period` plays that
+    role. Each change is published atomically through the `..data` symlink swap.
+    """
+
+    def __init__(self, cluster: Cluster, namespace: str, secret: str, path: Path,
+                 period: float = 1.0) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.secret = secret
+        self.dir = KubeletDir(path)
+        self.path = path
+        self.period = period
+        self.versions = 0
+        self._last: dict[str, str] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="secret-mirror")
+
+    def sync(self) -> bool:
+        secret = self.cluster.secret(self.namespace, self.secret)
+        if secret is None:
+            return False  # like the kubelet: a deleted Secret leaves the last content
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        if data != self._last:
+            self.dir.write(data)
+            self._last = data
+            self.versions += 1
+            return True
+        return False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - keep mirroring through API hiccups
+                pass
+
+    def __enter__(self) -> SecretMirror:
+        self.sync()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@contextmanager
+def operator_running(kubeconfig: Path, namespace: str,
+                     extra_env: Mapping[str, str] | None = None) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(kubeconfig, (namespace,), dict(extra_env or {})).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+def no_secret_in(text: str, *values: str) -> None:
+    for value in values:
+        assert value and value not in text, "a password leaked into operator output/status"
+
+
+# --- fixtures (imported by the test modules) -------------------------------------------------
+
+
+@dataclass
+class OpEnv:
+    """One test's world: namespace, database, admin Secret and a running operator."""
+
+    cluster: Cluster
+    namespace: str
+    pg: Any
+    database: str
+    admin: Admin
+    kubeconfig: Path
+    operator: OperatorProcess
+
+    def spec(self, schema: str, **extra: Any) -> dict[str, Any]:
+        return store_spec(self.pg, self.database, schema, **extra)
+
+    def create(self, name: str, schema: str, annotations: Mapping[str, str] | None = None,
+               **extra: Any) -> dict[str, Any]:
+        return self.cluster.create_store(self.namespace, name, self.spec(schema, **extra),
+                                         annotations)
+
+    def ready(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        return self.cluster.wait_ready(self.namespace, name, timeout)
+
+    def binding(self, name: str) -> dict[str, str]:
+        return self.cluster.binding(self.namespace, name)
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return superuser_query(self.pg, self.database, sql, params)
+
+    def admin_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """As the admin role the operator uses (objects it creates are owned by it)."""
+        dsn = self.pg.dsn(self.database, self.admin.username, self.admin.password)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return list(cur.fetchall()) if cur.description else []
+
+    def restart_operator(self, crash: bool = False,
+                         between: Callable[[], None] | None = None) -> None:
+        self.operator.stop(signal.SIGKILL if crash else signal.SIGTERM)
+        if between is not None:
+            between()
+        self.operator = OperatorProcess(self.kubeconfig, (self.namespace,),
+                                        self.operator.extra_env, self.operator.log_path).start()
+
+
+def make_openv(kube: Any, api_client: client.ApiClient, namespace: str, postgres: Any,
+               pg_database: Any, extra_env: Mapping[str, str] | None = None
+               ) -> Iterator[OpEnv]:
+    ensure_crd(api_client)
+    cluster = Cluster(api_client)
+    admin = create_admin(postgres, pg_database.name)
+    cluster.admin_secret(namespace, admin)
+    op = OperatorProcess(Path(kube.kubeconfig), (namespace,), dict(extra_env or {})).start()
+    env = OpEnv(cluster, namespace, postgres, pg_database.name, admin, Path(kube.kubeconfig), op)
+    try:
+        yield env
+    finally:
+        running = env.operator.proc is not None and env.operator.proc.poll() is None
+        try:
+            cluster.remove_all_stores(namespace, operator_running=running)
+        finally:
+            env.operator.stop()
