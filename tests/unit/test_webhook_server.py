@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import ssl
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -160,3 +162,52 @@ def test_runtime_serves_without_configuration_and_keeps_ca(tmp_path: Path) -> No
     assert gateway.secret is not None
     bundles = [b["webhooks"][0]["clientConfig"]["caBundle"] for b in gateway.applied]
     assert bundles == [ca_bundle_b64(gateway.secret)] * 2
+
+
+def test_external_certificates_are_reloaded_when_files_change(tmp_path: Path) -> None:
+    """cert-manager mode: files are mounted, rotated in place, and picked up without restart."""
+    port = free_port()
+    names = ServingNames(ips=("127.0.0.1",))
+    first, second = new_bundle(names), new_bundle(names)
+
+    def publish(bundle: TlsBundle) -> None:
+        write_bundle_files(bundle, str(tmp_path))
+        (tmp_path / "ca.crt").write_bytes(bundle.ca_crt)
+
+    publish(first)
+    settings = WebhookSettings(
+        operator_namespace="ops", listen_host="127.0.0.1", listen_port=port,
+        url=f"https://127.0.0.1:{port}{WEBHOOK_PATH}", cert_file=str(tmp_path / "tls.crt"),
+        key_file=str(tmp_path / "tls.key"), ca_file=str(tmp_path / "ca.crt"))
+    gateway = RecordingGateway()
+    gateway.fail_apply = False
+
+    async def handshake(ca: bytes) -> bool:
+        ctx = ssl.create_default_context(cadata=ca.decode())
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"https://127.0.0.1:{port}/healthz", ssl=ctx) as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectorCertificateError:
+            return False
+
+    async def main() -> None:
+        runtime = WebhookRuntime(settings, cast(KubeGateway, gateway))
+        await runtime.start()
+        try:
+            assert await handshake(first.ca_crt)
+            assert not await runtime._load_certificates()  # unchanged files: nothing to do
+            time.sleep(0.01)
+            publish(second)
+            os.utime(tmp_path / "tls.crt", (time.time() + 5, time.time() + 5))
+            assert await runtime._load_certificates()
+            await runtime._try_apply_configuration()
+            assert await handshake(second.ca_crt)
+            assert not await handshake(first.ca_crt)
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+    assert gateway.secret is None  # no Secret is written in external mode
+    bundles = [b["webhooks"][0]["clientConfig"]["caBundle"] for b in gateway.applied]
+    assert bundles == [ca_bundle_b64(first), ca_bundle_b64(second)]
