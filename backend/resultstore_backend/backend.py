@@ -99,6 +99,12 @@ class _JsonSafePickler(pickle.Pickler):
         cls = type(obj)
         if cls in _SAFE_TYPES:
             return NotImplemented
+        if isinstance(obj, type):
+            # classes referenced by the reductions above (set, int, dict, UUID, ...)
+            if (obj.__module__, obj.__qualname__) in _SAFE_GLOBALS:
+                return NotImplemented
+            raise EncodeError(f"cannot store the class {obj.__module__}.{obj.__qualname__} "
+                              "with the json result_serializer")
         if isinstance(obj, bool):
             return bool, (bool(obj),)
         if isinstance(obj, int):
