@@ -430,6 +430,37 @@ def events_with_reason(wenv: WebhookEnv, namespace: str, reason: str) -> list[di
 
 
 # --------------------------------------------------------------------------------------------
+# The configuration the operator registers
+# --------------------------------------------------------------------------------------------
+
+
+def test_registered_configuration_has_the_required_properties(webhook: WebhookEnv) -> None:
+    stored = webhook.to_dict(webhook.admission.read_mutating_webhook_configuration(
+        webhook.operator.config_name))
+    [hook] = stored["webhooks"]
+    assert hook["name"] == "inject.resultstore.dev"
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["timeoutSeconds"] == 5
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["objectSelector"]["matchExpressions"] == [
+        {"key": INJECT_LABEL, "operator": "Exists"}]
+    assert hook["namespaceSelector"]["matchExpressions"] == [{
+        "key": "kubernetes.io/metadata.name", "operator": "NotIn",
+        "values": sorted(["kube-system", webhook.operator.namespace])}]
+    assert hook["rules"][0]["operations"] == ["CREATE"]
+    assert hook["rules"][0]["resources"] == ["pods"]
+    assert hook["clientConfig"]["url"] == (
+        f"https://127.0.0.1:{webhook.operator.port}{WEBHOOK_PATH}")
+    tls = webhook.core.read_namespaced_secret("resultstore-webhook-tls",
+                                              webhook.operator.namespace)
+    bundle = TlsBundle.from_secret_data(tls.data)
+    assert bundle is not None
+    assert base64.b64decode(hook["clientConfig"]["caBundle"]) == bundle.ca_crt
+
+
+# --------------------------------------------------------------------------------------------
 # Injection of bare pods and controller-created pods
 # --------------------------------------------------------------------------------------------
 
