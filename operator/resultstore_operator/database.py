@@ -364,6 +364,28 @@ class AdminSession:
         return int(rows[0][0]) if rows else 0
 
     def terminate_sessions(self, role: str) -> int:
+        """End the role's sessions; best effort for a non-superuser admin.
+
+        pg_terminate_backend needs the privileges of the target role (or pg_signal_backend).
+        A CREATEROLE admin may grant itself membership in a role it manages, so it does that
+        once and retries; if even that is refused the sessions are left to end on their own
+        (the role is NOLOGIN or dropped anyway) rather than blocking rotation or deletion.
+        """
+        try:
+            return self._terminate(role)
+        except DatabaseError as exc:
+            if exc.reason != r.INSUFFICIENT_PRIVILEGE:
+                raise
+        try:
+            self._execute([q.grant_membership_to_self(role)])
+            return self._terminate(role)
+        except DatabaseError as exc:
+            if exc.reason != r.INSUFFICIENT_PRIVILEGE:
+                raise
+            log.warning("cannot terminate sessions of %s: %s", role, exc.message)
+            return 0
+
+    def _terminate(self, role: str) -> int:
         rows = self._query(q.TERMINATE_SESSIONS, (role,))
         return int(rows[0][0]) if rows else 0
 

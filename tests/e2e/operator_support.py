@@ -329,9 +329,9 @@ class Cluster:
                 pass
 
 
-def store_spec(pg: Any, database: str, schema: str, **extra: Any) -> dict[str, Any]:
+def store_spec(pg: Any, db_name: str, schema: str, **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "database": {"host": pg.host, "port": pg.port, "name": database, "sslMode": "disable",
+        "database": {"host": pg.host, "port": pg.port, "name": db_name, "sslMode": "disable",
                      "adminSecretRef": {"name": "pg-admin"}},
         "schema": schema,
     }

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from celery import Celery
 
@@ -147,6 +148,22 @@ def test_rotation_resumes_after_the_operator_is_killed_mid_drain(env: OpEnv) -> 
     assert creds["activeRole"] == new["username"]
     assert not can_login(old)
     assert env.binding("orders") == new  # the resumed operator did not rotate again
+
+
+def test_drain_timeout_ends_lingering_sessions_of_the_previous_role(env: OpEnv) -> None:
+    env.create("orders", "orders", credentials={"drainTimeout": "3s"})
+    env.ready("orders")
+    old = env.binding("orders")
+    lingering = connect_as(old)  # never reloads, never disconnects
+    try:
+        request_rotation(env, "orders", "r1")
+        wait_rotations(env, "orders", 1, timeout=60)
+        with pytest.raises(psycopg.OperationalError):
+            lingering.execute("SELECT 1")
+    finally:
+        lingering.close()
+    assert not can_login(old)
+    assert "SessionsTerminated" in env.cluster.reasons(env.namespace, "orders")
 
 
 def test_rotation_resumes_from_a_step_persisted_before_a_crash(env: OpEnv) -> None:

@@ -165,6 +165,11 @@ def revoke_everything(role: str, schema: str, database: str) -> list[sql.Compose
     ]
 
 
+def grant_membership_to_self(role: str) -> sql.Composed:
+    """Lets a CREATEROLE admin signal the role's backends (pg_terminate_backend)."""
+    return sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role))
+
+
 def drop_role(role: str) -> sql.Composed:
     return sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role))
 
