@@ -40,6 +40,7 @@ class PostgresServer:
         if self.base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix="resultstore-pg-"))
             self._owns_dir = True
+        self.base_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port()
         self._ids = service_user()
