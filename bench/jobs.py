@@ -369,8 +369,14 @@ def floor_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
         select_ms = _timed_series(ids[: len(upsert_ms)],
                                   lambda i: conn.execute(select, (i,)).fetchone(),
                                   budget, min_ops)
+        # For reference only (never used by a backend row): the same upsert when the commit
+        # does not wait for the WAL flush, i.e. what the fsync costs on this disk.
+        conn.execute("SET synchronous_commit = off")
+        nosync_ms = _timed_series(_new_ids("floor-nosync", int(params["n_store"])),
+                                  lambda i: conn.execute(upsert, (i, payload)), budget, min_ops)
+        conn.execute("RESET synchronous_commit")
         conn.execute("TRUNCATE bench_floor")
-    return {"upsert_ms": upsert_ms, "select_ms": select_ms}
+    return {"upsert_ms": upsert_ms, "select_ms": select_ms, "upsert_nosync_ms": nosync_ms}
 
 
 WORKLOADS: dict[str, Workload] = {

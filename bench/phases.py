@@ -68,9 +68,9 @@ def latency(runner: Runner, settings: BenchSettings, entries: list[BackendEntry]
             assert entry.sql is not None
             out = runner.job(entry, "floor", "client", dict(params, dsn=entry.sql.dsn))
             bucket = raw.setdefault("_floor", {}).setdefault("client", {
-                "upsert_ms": [], "select_ms": []})
-            bucket["upsert_ms"].extend(out["upsert_ms"])
-            bucket["select_ms"].extend(out["select_ms"])
+                "upsert_ms": [], "select_ms": [], "upsert_nosync_ms": []})
+            for name in ("upsert_ms", "select_ms", "upsert_nosync_ms"):
+                bucket[name].extend(out[name])
 
 
 def _wait_files(directory: Path, pattern: str, count: int, timeout: float,

@@ -255,9 +255,14 @@ def floor_line(raw: Raw) -> str | None:
         return None
     up = _latency_cell(data["upsert_ms"])
     sel = _latency_cell(data["select_ms"])
+    nosync = _latency_cell(data.get("upsert_nosync_ms"))
     assert up is not None and sel is not None
-    return (f"PostgreSQL floor (one psycopg connection, prepared, autocommit, no Celery): "
+    line = (f"PostgreSQL floor (one psycopg connection, prepared, autocommit, no Celery): "
             f"single-row upsert+commit {up.text()} ms, primary-key select {sel.text()} ms")
+    if nosync is not None:
+        line += (f"; for reference only, the same upsert with synchronous_commit=off "
+                 f"{nosync.text()} ms (what the WAL flush costs; no row above uses it)")
+    return line
 
 
 def raw_summary(raw: Raw) -> dict[str, Any]:
