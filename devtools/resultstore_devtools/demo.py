@@ -110,7 +110,7 @@ def _examples(pg: PostgresServer, redis_url: str, admin_user: str,
             db = doc["spec"]["database"]
             db.update(host=pg.host, port=pg.port, name=DATABASE, sslMode="disable")
             # A demo-sized drain: the previous role goes as soon as its sessions are gone.
-            doc["spec"]["credentials"]["drainTimeout"] = "60s"
+            doc["spec"]["credentials"]["drainTimeout"] = "20s"
         elif kind == "Deployment":
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 for env in container.get("env") or []:
