@@ -72,8 +72,8 @@ def _profiled_ops(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
             one(task_id)
             samples.append((time.perf_counter_ns() - t0) / 1e6)
     profiler.stop()
-    return {"samples": samples, "text": profiler.output_text(unicode=True, color=False,
-                                                            show_all=False)}
+    return {"samples": samples, "text": profiler.output_text(
+        unicode=True, color=False, show_all=bool(params.get("show_all")))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", choices=("store", "get", "meta", "join"), default="store")
     parser.add_argument("-n", type=int, default=2000, help="operations (join: group size)")
     parser.add_argument("--joins", type=int, default=5)
+    parser.add_argument("--all", action="store_true", help="show library frames too")
     args = parser.parse_args(argv)
 
     services = BenchServices()
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         warm = [f"prof-warm-{run}-{i}" for i in range(20)]
         if args.op != "store":
             seed_ready(entry.app, ids)
-        params = {"op": args.op, "ids": ids, "warm": warm, "joins": args.joins}
+        params = {"op": args.op, "ids": ids, "warm": warm, "joins": args.joins,
+                  "show_all": args.all}
         if args.mode == "worker":
             app = worker_parent_app(entry.app)
             out = run_in_pool_children(app, _profiled_ops, [params])[0]
