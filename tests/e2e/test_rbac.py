@@ -131,18 +131,16 @@ class Removal:
             out[self.index]["resources"].remove(self.resource)
         return [r for r in out if r["verbs"] and r["resources"]]
 
-    def probe(self, rules: list[Rule]) -> tuple[str, str, str | None]:
-        """A (verb, resource, name) that is denied once this removal is in effect."""
+    def probe(self, rules: list[Rule]) -> tuple[str, str, str | None, str | None]:
+        """(verb, resource, subresource, name) that is denied once this removal is in effect."""
         rule = rules[self.index]
         verb = self.verb or rule["verbs"][0]
         resource = self.resource or rule["resources"][0]
+        base, _, sub = resource.partition("/")
         group = rule["apiGroups"][0]
-        qualified = f"{resource}.{group}" if group else resource
-        if "/" in resource:
-            base, sub = resource.split("/", 1)
-            qualified = f"{base}.{group}/{sub}" if group else resource
+        qualified = f"{base}.{group}" if group else base
         names = rule.get("resourceNames") or [None]
-        return verb, qualified, names[0]
+        return verb, qualified, sub or None, names[0]
 
 
 def removals() -> list[Removal]:
@@ -298,11 +296,19 @@ class Rig:
     def set_rules(self, rules: list[Rule]) -> None:
         self.rbac.patch_cluster_role(self.role_name, {"rules": rules})
 
-    def can(self, verb: str, resource: str, name: str | None) -> bool:
+    def can(self, verb: str, resource: str, subresource: str | None = None,
+            name: str | None = None) -> bool:
+        """`kubectl auth can-i` as the operator's ServiceAccount (cluster-wide unless named)."""
         target = f"{resource}/{name}" if name else resource
         sa = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}-operator"
-        result = self.run("kubectl", "auth", "can-i", verb, target, "--as", sa,
-                          *(["-A"] if not name else []), check=False)
+        args = ["auth", "can-i", verb, target, "--as", sa]
+        if subresource:
+            args.append(f"--subresource={subresource}")
+        if not name:
+            args.append("-A")
+        result = self.run("kubectl", *args, check=False)
+        if result.stdout.strip() not in ("yes", "no"):
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stdout}{result.stderr}")
         return result.stdout.strip() == "yes"
 
     def reset_webhook_configuration(self) -> None:
@@ -503,6 +509,14 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
                 return "resultstore.dev/secret-hash" in annotations
             eventually(f"rollout {kind}", annotated)
 
+        steps.append("new workload")
+        # A workload opted in after the Secret exists is annotated through the workload watch
+        # (no Secret change triggers it).
+        rig.apps.create_namespaced_deployment(ns, workload("Deployment", "w-late", store))
+        eventually("new workload", lambda: "resultstore.dev/secret-hash" in (
+            rig.apps.read_namespaced_deployment("w-late", ns).spec.template.metadata
+            .annotations or {}))
+
         steps.append("update")
         rig.custom.patch_namespaced_custom_object(
             GROUP, VERSION, ns, PLURAL, store, {"spec": {"engine": {"poolSize": 7}}},
@@ -608,14 +622,16 @@ def test_every_grant_is_needed(rig: Rig, removal: Removal) -> None:
     """Without this one grant, the scenario fails."""
     rules = shipped_rules()
     reduced = removal.apply(rules)
-    verb, resource, name = removal.probe(rules)
+    verb, resource, subresource, name = removal.probe(rules)
     tag = uuid.uuid4().hex[:6]
     steps: list[str] = []
     failure: ScenarioFailure | None = None
+    assert rig.can(verb, resource, subresource, name), "the probe must be allowed before"
     rig.reset_webhook_configuration()
     rig.set_rules(reduced)
     try:
-        eventually("RBAC change in effect", lambda: not rig.can(verb, resource, name), 30)
+        eventually("RBAC change in effect",
+                   lambda: not rig.can(verb, resource, subresource, name), 30)
         with rig.operator(tag) as op:
             try:
                 run_scenario(rig, tag, steps)
