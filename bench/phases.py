@@ -19,6 +19,7 @@ from bench.backends import BROKER_DB, BackendEntry
 from bench.runner import CeleryWorker, JobFailed, Runner
 from bench.services import BenchServices
 from bench.settings import BenchSettings
+from bench.stats import median
 
 Raw = dict[str, dict[str, Any]]
 Log = Callable[[str], None]
@@ -71,6 +72,8 @@ def latency(runner: Runner, settings: BenchSettings, entries: list[BackendEntry]
                 "upsert_ms": [], "select_ms": [], "upsert_nosync_ms": []})
             for name in ("upsert_ms", "select_ms", "upsert_nosync_ms"):
                 bucket[name].extend(out[name])
+            log(f"floor rep {rep + 1}/{settings.repeats}: upsert+commit "
+                f"{median(out['upsert_ms']):.3f} ms, pk select {median(out['select_ms']):.3f} ms")
 
 
 def _wait_files(directory: Path, pattern: str, count: int, timeout: float,
@@ -181,7 +184,9 @@ def _count_expired(entry: BackendEntry) -> int:
 
 def cleanup(runner: Runner, settings: BenchSettings, entries: list[BackendEntry],
             raw: Raw, log: Log) -> None:
-    baseline_s = 2.0 if not settings.quick else 1.0
+    # The writer runs alone this long first: its own p99 (machine noise, WAL flush jitter) is
+    # the baseline that the during-cleanup p99 is read against.
+    baseline_s = 5.0 if not settings.quick else 1.0
     for rep in range(settings.cleanup_repeats):
         for entry in _rotated([e for e in entries if e.has_cleanup], rep):
             seed_s = _seed_expired(entry, settings.cleanup_rows)
