@@ -9,8 +9,9 @@ provision (Secret, CronJob, status, Events), inject a labelled pod through the w
 Secret, caBundle patch, store lookup), roll opted-in Deployments/StatefulSets/DaemonSets,
 update the spec, repair a tampered Secret, and delete with the finalizer.
 
-Then, for every rule of the ClusterRole, and every verb and resource of a rule that has
-several, that one grant is removed and the scenario must fail. Rules that cannot be shown
+Then, for every rule of the ClusterRole (and, with RESULTSTORE_RBAC_SWEEP=full, every verb
+and resource of a rule that has several), that one grant is removed and the scenario must
+fail. Rules that cannot be shown
 necessary on this control plane are listed in JUSTIFIED with the reason (docs/install.md
 repeats it); for those the test checks the scenario indeed passes without them, so the list
 stays honest.
@@ -143,11 +144,18 @@ class Removal:
         return verb, qualified, sub or None, names[0]
 
 
-def removals() -> list[Removal]:
+#: ``full`` adds every verb and resource of multi-verb/multi-resource rules to the sweep
+#: (33 cases, about 20 minutes on 2 cores); by default each whole rule is removed (8 cases).
+FULL_SWEEP = os.environ.get("RESULTSTORE_RBAC_SWEEP", "").strip().lower() == "full"
+
+
+def removals(full: bool = FULL_SWEEP) -> list[Removal]:
     out = []
     for i, rule in enumerate(shipped_rules()):
         label = rule_label(rule)
         out.append(Removal(f"rule:{label}", i))
+        if not full:
+            continue
         if len(rule["verbs"]) > 1:
             out += [Removal(f"verb:{label}/{v}", i, verb=v) for v in rule["verbs"]]
         if len(rule["resources"]) > 1:
