@@ -613,6 +613,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     kopf_settings.posting.level = logging.WARNING
+    # The ResultStore CRD is installed before the operator (manifests/chart): no need to
+    # watch CRDs, which would only need a cluster-wide RBAC grant for nothing.
+    kopf_settings.scanning.disabled = True
     kopf_settings.execution.max_workers = settings.workers
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
