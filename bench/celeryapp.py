@@ -35,11 +35,13 @@ def build_app(spec: AppSpec) -> Celery:
         worker_redirect_stdouts=False,
     )
 
-    @app.task(name=NOOP)
+    # shared=False: several apps are built in one process (seeding, measuring); shared tasks
+    # would be attached to every app at finalize and warn about duplicate names.
+    @app.task(name=NOOP, shared=False)
     def noop(i: int) -> int:
         return i
 
-    @app.task(name=CALLBACK)
+    @app.task(name=CALLBACK, shared=False)
     def chord_callback(results: list[Any]) -> dict[str, float]:
         # First statement: "the callback task starting" is what the chord metric measures.
         started = time.time()
