@@ -172,7 +172,7 @@ def register(registry: Any = None, operator_settings: Any = None) -> None:
     """
     import kopf
 
-    from .webhook import new_api_client
+    from .kube import new_api_client
 
     holder: dict[str, RolloutGateway] = {}
 

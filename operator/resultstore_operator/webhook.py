@@ -49,6 +49,7 @@ from .injection import (
     plan_injection,
     requested_store,
 )
+from .kube import new_api_client
 from .webhook_tls import (
     ServingNames,
     TlsBundle,
@@ -440,18 +441,6 @@ def build_event(namespace: str, pod: Mapping[str, Any], plan: InjectionPlan,
 # --------------------------------------------------------------------------------------------
 # Kubernetes I/O
 # --------------------------------------------------------------------------------------------
-
-
-def new_api_client() -> Any:
-    """A kubernetes-client ApiClient: in-cluster credentials, else the kubeconfig."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
 
 
 class KubeGateway:
