@@ -26,15 +26,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from .kubelet import PodRunner, api_fetcher
 from .postgres import PostgresServer
-from .procs import free_port
+from .procs import eventually, free_port
 from .redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,6 @@ STORE = "orders"
 DATABASE = "celery"
 OPERATOR_NS = "resultstore-system"
 OPERATOR_SA = "resultstore-operator"
-T = TypeVar("T")
 
 _T0 = time.monotonic()
 _step = 0
@@ -67,17 +66,6 @@ def step(title: str) -> Iterator[None]:
 def detail(text: str) -> None:
     for line in text.rstrip().splitlines():
         _say(f"     {line}")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float, what: str,
-               interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class Kubectl:

@@ -15,8 +15,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -26,16 +28,30 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+def eventually(
+    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25,
+    error: type[Exception] = TimeoutError,
+) -> T:
+    """Poll until probe() returns something truthy, and return it.
+
+    Servers, controllers and the operator all converge asynchronously; the error names what
+    we were waiting for (and the last value seen, when there was one).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            seen = "" if last in (None, False) else f" (last: {last!r})"
+            raise error(f"timed out after {timeout:.0f}s waiting for {what}{seen}")
+        time.sleep(interval)
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
 ) -> None:
-    """Poll until predicate() is true; the error names what we were waiting for."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    eventually(predicate, timeout, what, interval)
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:

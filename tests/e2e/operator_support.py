@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from kubernetes import client
@@ -31,23 +31,10 @@ from resultstore_devtools.procs import free_port
 from resultstore_operator.crd import build_crd
 from resultstore_operator.spec import GROUP, PLURAL, VERSION
 from tests.helpers.kubelet_dir import KubeletDir
+from tests.helpers.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_BIN = Path(sys.executable).parent / "resultstore-operator"
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float, what: str,
-               interval: float = 0.25) -> T:
-    """Poll `probe` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def ensure_crd(api: client.ApiClient) -> None:

@@ -10,13 +10,12 @@ import base64
 import json
 import ssl
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 from kubernetes import client
@@ -24,21 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
 from resultstore_devtools.pki import loopback_server_pair
-
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float, what: str,
-               interval: float = 0.5) -> T:
-    """Poll until probe() returns something truthy; controllers are asynchronous."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+from tests.helpers.waiting import eventually
 
 
 def meta(obj: Any) -> client.V1ObjectMeta:

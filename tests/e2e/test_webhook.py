@@ -26,11 +26,11 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -59,26 +59,14 @@ from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
 from resultstore_operator.webhook import GROUP, PLURAL, VERSION, WEBHOOK_PATH
 from resultstore_operator.webhook_tls import TlsBundle
 from tests.helpers.kubelet_dir import KubeletDir
+from tests.helpers.waiting import eventually
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 MERGE = "application/merge-patch+json"
 
 OPERATOR = [str(REPO / ".venv" / "bin" / "resultstore-operator"), "--verbose"]
 STORE_READY_TIMEOUT = 120
-
-
-def eventually(probe: Callable[[], T | None], timeout: float, what: str,
-               interval: float = 0.3) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def now_rfc3339() -> str:
