@@ -133,6 +133,7 @@ class PodRunner:
         self._thread: threading.Thread | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.secret_updates = 0
+        self.pod_ip = "127.0.0.1"  # every pod of this stand-in shares the host's loopback
 
     # volumes -------------------------------------------------------------------------------
 
@@ -209,12 +210,34 @@ class PodRunner:
                 env[item["name"]] = self.translate(str(item["value"]))
                 continue
             ref = item.get("valueFrom") or {}
+            if "fieldRef" in ref:
+                value = self.field(ref["fieldRef"]["fieldPath"])
+                if value is not None:
+                    env[item["name"]] = value
+                continue
             for kind, key in (("secret", "secretKeyRef"), ("configmap", "configMapKeyRef")):
                 if key in ref:
                     data = self.fetch(kind, self.namespace, ref[key]["name"]) or {}
                     if ref[key]["key"] in data:
                         env[item["name"]] = data[ref[key]["key"]]
         return env
+
+    def field(self, path: str) -> str | None:
+        """The downward-API fields a kubelet resolves for ``fieldRef`` env entries."""
+        meta, spec = self.pod["metadata"], self.pod["spec"]
+        fields = {
+            "metadata.name": meta.get("name"),
+            "metadata.namespace": meta.get("namespace"),
+            "metadata.uid": meta.get("uid"),
+            "spec.nodeName": spec.get("nodeName"),
+            "spec.serviceAccountName": spec.get("serviceAccountName"),
+            "status.podIP": self.pod_ip,
+            "status.hostIP": self.pod_ip,
+        }
+        match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+        if match:
+            return (meta.get(match.group(1)) or {}).get(match.group(2))
+        return fields.get(path)
 
     def command(self) -> list[str]:
         return [self.translate(part) for part in
@@ -226,7 +249,8 @@ class PodRunner:
                                         name="kubelet-resync")
         self._thread.start()
         env = {**os.environ, **self.environment(), **self.extra_env}
-        workdir = self.translate(self.spec.get("workingDir") or str(self.root))
+        working_dir = self.spec.get("workingDir")
+        workdir = self.translate(working_dir) if working_dir else str(self.root)
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), env=env, cwd=workdir, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,96 @@
+"""`scripts/demo --kubeconfig`: the in-cluster install path, run end to end.
+
+The session's control plane plays the "existing cluster". It has no nodes, so a stand-in node
+(resultstore_devtools.node) runs the pods the demo creates: the operator's own Deployment
+(installed from manifests/ by the demo, running under its ServiceAccount's RBAC) and the
+worker Deployment (admitted and mutated by that operator's webhook). PostgreSQL and Redis are
+the session's, given with --postgres/--broker-url as a user with managed services would.
+
+Two things differ from a cluster with real nodes, both forced by this machine: pods run from
+this virtualenv rather than from the image (no container runtime), and loopback pod IPs can
+not back a Service, so the operator is told to register its webhook by URL
+(--operator-env RESULTSTORE_WEBHOOK_URL=...), which is also how operators outside the
+cluster's pod network are wired.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+from kubernetes import client
+
+from resultstore_devtools.node import StandInNode
+from resultstore_devtools.procs import free_port
+
+OPERATOR_NS = "resultstore-system"
+
+
+def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_server,
+                                          tmp_path: Path) -> None:
+    database = f"demo_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(database)
+    password = uuid.uuid4().hex
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE demo_admin LOGIN CREATEROLE PASSWORD '{password}'")
+        conn.execute(f"GRANT CREATE ON DATABASE {database} TO demo_admin")
+    namespace = f"demo-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api_client)
+    operator_ns_before = {n.metadata.name for n in core.list_namespace().items}
+
+    def kubeconfig_for(ns: str, account: str) -> Path:
+        return kube.service_account_kubeconfig(ns, account, tmp_path / f"{ns}-{account}.conf",
+                                               duration="1h")
+
+    webhook_port, health_port = free_port(), free_port()
+    node = StandInNode(api_client, (OPERATOR_NS, namespace), kubeconfig_for, tmp_path / "node")
+    node.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTSTORE_")}
+        env["RESULTSTORE_DEMO_ADMIN_PASSWORD"] = password
+        proc = subprocess.run(
+            [sys.executable, "-m", "resultstore_devtools.demo",
+             "--kubeconfig", str(kube.kubeconfig), "--namespace", namespace,
+             "--postgres", f"{postgres.host}:{postgres.port}", "--database", database,
+             "--postgres-admin-user", "demo_admin", "--broker-url", redis_server.url,
+             "--image", "celery-resultstore:e2e", "--timeout", "120",
+             "--operator-env", f"RESULTSTORE_HEALTH_ADDRESS=127.0.0.1:{health_port}",
+             "--operator-env", "RESULTSTORE_WEBHOOK_HOST=127.0.0.1",
+             "--operator-env", f"RESULTSTORE_WEBHOOK_PORT={webhook_port}",
+             "--operator-env",
+             f"RESULTSTORE_WEBHOOK_URL=https://127.0.0.1:{webhook_port}/mutate-pods",
+             "--operator-env", "RESULTSTORE_ROTATION_GRACE=5",
+             "--operator-env", "RESULTSTORE_TICK_INTERVAL=1"],
+            env=env, capture_output=True, text=True, timeout=900)
+        output = proc.stdout + proc.stderr
+        print(output)  # shown with -s, or on failure
+        operator_log = "".join(node.logs(ns, pod) for ns, pod, _ in node.ran
+                               if ns == OPERATOR_NS)
+    finally:
+        node.stop()
+    assert proc.returncode == 0, (
+        f"the demo failed against the existing cluster:\n{output[-6000:]}\n"
+        f"--- operator pod log ---\n{operator_log[-4000:]}")
+    images = {(ns, pod.rsplit("-", 2)[0]): image for ns, pod, image in node.ran}
+    assert images.get((OPERATOR_NS, "resultstore-operator")) == "celery-resultstore:e2e", images
+    assert images.get((namespace, "orders-worker")) == "celery-resultstore-worker:0.1.0", images
+    assert "on node resultstore-standin" in output, output[-3000:]
+    assert "CELERY_RESULT_BACKEND=resultstore:///var/run/resultstore/orders" in output
+    assert "tasks during the rotation:" in output and " 0 failed" in output, output[-3000:]
+    assert "login with the previous password: refused" in output, output[-3000:]
+    assert "Demo finished" in output
+
+    # The demo removed what it installed, and nothing else.
+    namespaces = {n.metadata.name for n in core.list_namespace().items
+                  if n.status.phase != "Terminating"}
+    assert namespace not in namespaces, "the demo namespace was left behind"
+    if OPERATOR_NS not in operator_ns_before:
+        assert OPERATOR_NS not in namespaces, "the operator install was left behind"
+    # deletionPolicy Retain: the results outlive the ResultStore.
+    with psycopg.connect(postgres.dsn(database)) as conn:
+        row = conn.execute("SELECT count(*) FROM orders_results.celery_taskmeta").fetchone()
+    assert row is not None and row[0] > 100, f"results not retained: {row}"
