@@ -94,3 +94,19 @@ def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_serv
     with psycopg.connect(postgres.dsn(database)) as conn:
         row = conn.execute("SELECT count(*) FROM orders_results.celery_taskmeta").fetchone()
     assert row is not None and row[0] > 100, f"results not retained: {row}"
+
+
+def test_in_cluster_postgres_and_redis_are_accepted_by_the_api_server(kube, kube_tools,
+                                                                        namespace) -> None:
+    """What --kubeconfig deploys when no --postgres/--broker-url is given (server dry-run)."""
+    import yaml
+
+    from resultstore_devtools.demo_services import build_postgres, build_redis
+
+    objs = build_postgres(namespace, "celery", "superpw", "adminpw") + build_redis(namespace)
+    result = subprocess.run(
+        [str(kube_tools.kubectl), "--kubeconfig", str(kube.kubeconfig), "apply",
+         "--dry-run=server", "-f", "-"],
+        input=yaml.safe_dump_all(objs), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"API server rejected the demo's services:\n{result.stderr}"
+    assert result.stdout.count("(server dry run)") == len(objs), result.stdout
