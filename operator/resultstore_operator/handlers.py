@@ -28,6 +28,7 @@ import kopf
 from resultstore_backend.schema import TableNames
 
 from . import database as dbio
+from . import metrics
 from .builders import conditions as c
 from .builders import reasons as r
 from .builders import rotation as rot
@@ -181,44 +182,52 @@ class Controller:
 
     # --- async entry points (called by Kopf) ------------------------------------------------
 
-    async def reconcile(self, body: Mapping[str, Any], why: str) -> None:
-        """Change handlers: converge now; an invalid spec fails permanently (until edited)."""
+    async def reconcile(self, body: Mapping[str, Any], why: str, handler: str) -> None:
+        """Change handlers: converge now; an invalid spec fails permanently (until edited).
+
+        `handler` is the Kopf handler id, the `handler` label of the reconcile metrics."""
         meta = body.get("metadata") or {}
         state = self.state_for(meta["uid"])
         async with state.lock:
-            error = await self._reconcile_locked(state, meta["namespace"], meta["name"], why)
+            error = await self._reconcile_locked(state, meta["namespace"], meta["name"], why,
+                                                 handler)
         if error is not None:
             raise kopf.PermanentError(f"invalid spec: {error}")
 
     async def _reconcile_locked(self, state: ObjectState, namespace: str, name: str,
-                                why: str) -> SpecError | None:
+                                why: str, handler: str) -> SpecError | None:
         """Run one reconcile; transient failures schedule a retry with backoff (the timer
         performs it), so there is exactly one retry mechanism."""
         started = time.monotonic()
         try:
             await self._in_thread(self.reconcile_sync, namespace, name, why)
-        except SpecError as exc:
-            state.failures = 0
-            return exc
-        except (StoreError, KubeError, dbio.DatabaseError) as exc:
-            state.failures += 1
-            delay = self.settings.backoff(state.failures)
-            state.next_attempt = time.monotonic() + delay
-            log.warning("%s/%s: reconcile failed (%s: %s), retrying in %.0fs", namespace,
-                        name, exc.__class__.__name__, getattr(exc, "reason", "-"), delay)
-            return None
-        except Exception:
-            state.failures += 1
-            delay = self.settings.backoff(state.failures)
-            state.next_attempt = time.monotonic() + delay
-            log.exception("%s/%s: unexpected reconcile error, retrying in %.0fs", namespace,
-                          name, delay)
-            return None
+        except Exception as exc:
+            metrics.record_reconcile(handler, exc, time.monotonic() - started)
+            return self._reconcile_failed(state, namespace, name, exc)
+        metrics.record_reconcile(handler, None, time.monotonic() - started)
         state.failures = 0
         state.invalid_generation = None
         state.last_full = time.monotonic()
         log.debug("%s/%s reconciled (%s) in %.3fs", namespace, name, why,
                   time.monotonic() - started)
+        return None
+
+    def _reconcile_failed(self, state: ObjectState, namespace: str, name: str,
+                          exc: Exception) -> SpecError | None:
+        """Book-keeping after a failed reconcile: an invalid spec is returned (the caller
+        fails permanently); anything else schedules a retry with backoff."""
+        if isinstance(exc, SpecError):
+            state.failures = 0
+            return exc
+        state.failures += 1
+        delay = self.settings.backoff(state.failures)
+        state.next_attempt = time.monotonic() + delay
+        if isinstance(exc, StoreError | KubeError | dbio.DatabaseError):
+            log.warning("%s/%s: reconcile failed (%s: %s), retrying in %.0fs", namespace,
+                        name, exc.__class__.__name__, getattr(exc, "reason", "-"), delay)
+        else:
+            log.error("%s/%s: unexpected reconcile error, retrying in %.0fs", namespace,
+                      name, delay, exc_info=exc)
         return None
 
     async def tick(self, body: Mapping[str, Any]) -> None:
@@ -239,7 +248,8 @@ class Controller:
             due = self._work_due(body, state, mono)
         if due:
             async with state.lock:
-                await self._reconcile_locked(state, meta["namespace"], meta["name"], "timer")
+                await self._reconcile_locked(state, meta["namespace"], meta["name"], "timer",
+                                             "timer")
 
     def _work_due(self, body: Mapping[str, Any], state: ObjectState, mono: float) -> bool:
         if mono - state.last_full >= self.settings.drift_interval:
@@ -265,13 +275,18 @@ class Controller:
         meta = body.get("metadata") or {}
         state = self.state_for(meta["uid"])
         async with state.lock:
+            started = time.monotonic()
             try:
                 await self._in_thread(self.finalize_sync, dict(body))
-            except (StoreError, KubeError, dbio.DatabaseError) as exc:
+            except Exception as exc:
+                metrics.record_reconcile("finalize", exc, time.monotonic() - started)
+                if not isinstance(exc, StoreError | KubeError | dbio.DatabaseError):
+                    raise
                 raise kopf.TemporaryError(
                     f"database cleanup failed ({getattr(exc, 'reason', 'error')}); set the "
                     f"annotation {ANNOTATION_SKIP_DB_CLEANUP}=\"true\" to delete without it",
                     delay=self.settings.backoff(retry + 1)) from None
+            metrics.record_reconcile("finalize", None, time.monotonic() - started)
         self.states.pop(meta["uid"], None)
 
     # --- synchronous work (runs in the thread pool) -----------------------------------------
@@ -443,6 +458,7 @@ class Controller:
             creds = rot.start_rotation(creds, run.now, request)
             run.persist_credentials(creds)
             trigger = "requested" if why == rot.REQUEST_ANNOTATION else "scheduled"
+            metrics.record_rotation_started(trigger)
             run.event("Normal", r.ROTATION_STARTED,
                       f"rotating credentials ({trigger}): next role {creds.next_role}")
 
@@ -543,6 +559,7 @@ class Controller:
                           f"role {previous} {'dropped' if dropped else 'disabled (NOLOGIN)'}")
                 creds = rot.finish_rotation(creds, run.now)
                 run.persist_credentials(creds)
+                metrics.record_rotation_completed()
                 run.cond(r.CREDENTIALS_ROTATING, False, r.ROTATION_COMPLETE,
                          f"rotated to role {creds.active_role}")
                 run.event("Normal", r.ROTATION_COMPLETE,
@@ -645,26 +662,31 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
 
     @kopf.on.resume(*resource, registry=registry, id="resume")
     async def _resume(body: kopf.Body, **_: Any) -> None:
-        await ctl.reconcile(body, "resume")
+        await ctl.reconcile(body, "resume", "resume")
 
     @kopf.on.create(*resource, registry=registry, id="create")
     async def _create(body: kopf.Body, **_: Any) -> None:
-        await ctl.reconcile(body, "create")
+        await ctl.reconcile(body, "create", "create")
 
     @kopf.on.update(*resource, registry=registry, id="spec", field="spec")
     async def _update(body: kopf.Body, **_: Any) -> None:
-        await ctl.reconcile(body, "spec changed")
+        await ctl.reconcile(body, "spec changed", "spec")
 
     @kopf.on.field(*resource, registry=registry, id="rotate",
                    field=("metadata", "annotations", ANNOTATION_ROTATE))
     async def _rotate(body: kopf.Body, new: Any, **_: Any) -> None:
         if new:
-            await ctl.reconcile(body, "rotation requested")
+            await ctl.reconcile(body, "rotation requested", "rotate")
 
     @kopf.timer(*resource, registry=registry, id="tick", interval=settings.tick_interval,
                 sharp=False)
     async def _tick(body: kopf.Body, **_: Any) -> None:
         await ctl.tick(body)
+
+    @kopf.on.event(*resource, registry=registry, id="observe")
+    def _observe(body: kopf.Body, event: kopf.RawEvent, **_: Any) -> None:
+        # Every watch event carries the whole object: the store gauges follow the API.
+        metrics.observe_store(body, event.get("type"))
 
     @kopf.on.delete(*resource, registry=registry, id="finalize")
     async def _delete(body: kopf.Body, retry: int, **_: Any) -> None:

@@ -1,4 +1,4 @@
-"""`resultstore-operator`: Kopf with our handlers, namespaces, liveness endpoint and webhook.
+"""`resultstore-operator`: Kopf with our handlers, namespaces, liveness, metrics and webhook.
 
 Wraps `kopf.run` rather than `kopf run <file>` so that the handler module, the watched
 namespaces and the peering mode come from one place (OperatorSettings, read once here) and
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .settings import OperatorSettings, SettingsError
+from .settings import ENV_PREFIX, OperatorSettings, SettingsError, parse_listen_address
 
 log = logging.getLogger("resultstore.operator")
 
@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Kopf peering name (default: standalone, one replica)")
     parser.add_argument("--liveness", default=None,
                         help="host:port of the /healthz endpoint ('' disables)")
+    parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                             "('' disables; default: RESULTSTORE_METRICS_ADDRESS)")
     parser.add_argument("--no-plugins", action="store_true",
                         help="do not load the webhook/rollout modules")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -57,6 +60,9 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> OperatorSet
         overrides["peering_name"] = args.peering
     if args.liveness is not None:
         overrides["health_address"] = args.liveness
+    if args.metrics is not None:
+        parse_listen_address(f"--metrics (or {ENV_PREFIX}METRICS_ADDRESS)", args.metrics)
+        overrides["metrics_address"] = args.metrics.strip()
     return settings.with_overrides(**overrides) if overrides else settings
 
 
@@ -91,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import kopf
 
-    from . import handlers
+    from . import handlers, metrics
 
     kopf.configure(verbose=args.verbose or settings.log_level == "DEBUG", debug=args.debug,
                    log_format=kopf.LogFormat.PLAIN)
@@ -103,10 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     registry = kopf.OperatorRegistry()
     handlers.register(registry, settings)
+    metrics.register(registry, settings)
     plugins = [] if args.no_plugins else load_plugins(registry, settings)
-    log.info("resultstore-operator starting: namespaces=%s standalone=%s plugins=%s",
-             ",".join(settings.namespaces) or "*", settings.standalone,
-             ",".join(plugins) or "-")
+    log.info("resultstore-operator starting: namespaces=%s standalone=%s plugins=%s "
+             "metrics=%s", ",".join(settings.namespaces) or "*", settings.standalone,
+             ",".join(plugins) or "-", settings.metrics_address or "-")
     kopf.run(
         registry=registry,
         clusterwide=settings.clusterwide,

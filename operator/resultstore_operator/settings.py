@@ -45,6 +45,29 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.
     return value
 
 
+def parse_listen_address(key: str, raw: str) -> tuple[str, int] | None:
+    """`host:port` (IPv6 as `[::]:port`; an empty host means all IPv4 interfaces) -> a
+    (host, port) pair, or None when `raw` is empty (the endpoint is disabled)."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    host, sep, port_text = raw.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise SettingsError(f"{key} must be host:port, got {raw!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise SettingsError(f"{key}: port must be between 1 and 65535, got {port}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise SettingsError(f"{key} must be host:port, got {raw!r}")
+    elif ":" in host:  # an IPv6 address needs brackets, or the port is ambiguous
+        raise SettingsError(f"{key} must be host:port ([addr]:port for IPv6), got {raw!r}")
+    if any(ch.isspace() or ch in "[]/" for ch in host):
+        raise SettingsError(f"{key} must be host:port, got {raw!r}")
+    return host or "0.0.0.0", port
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """Everything the operator needs to know about its environment.
@@ -66,6 +89,10 @@ class OperatorSettings:
     cleanup_image: str = "celery-resultstore:0.1.0"
     cleanup_image_pull_policy: str = "IfNotPresent"
     health_address: str = "0.0.0.0:8080"
+    #: host:port of the Prometheus endpoint; empty disables it (the chart sets it when
+    #: metrics.enabled). Validated at start-up, like every other setting.
+    metrics_address: str = ""
+    metrics_path: str = "/metrics"
     peering_name: str = ""
     workers: int = 16
     db_connect_timeout: int = 5
@@ -86,6 +113,11 @@ class OperatorSettings:
         if not self.health_address:
             return None
         return f"http://{self.health_address}/healthz"
+
+    @property
+    def metrics_listen(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics endpoint, or None when disabled."""
+        return parse_listen_address(ENV_PREFIX + "METRICS_ADDRESS", self.metrics_address)
 
     def backoff(self, failures: int) -> float:
         """Exponential retry delay after `failures` consecutive failures (>= 1)."""
@@ -111,6 +143,11 @@ class OperatorSettings:
             raise SettingsError(
                 f"{p}CLEANUP_IMAGE_PULL_POLICY must be Always, IfNotPresent or Never"
             )
+        metrics_address = env.get(p + "METRICS_ADDRESS", "").strip()
+        parse_listen_address(p + "METRICS_ADDRESS", metrics_address)
+        metrics_path = env.get(p + "METRICS_PATH", "").strip() or cls.metrics_path
+        if not metrics_path.startswith("/") or any(ch.isspace() for ch in metrics_path):
+            raise SettingsError(f"{p}METRICS_PATH must be a path starting with /")
         snapshot = {k: v for k, v in env.items() if k.startswith(p)}
         return cls(
             namespaces=namespaces,
@@ -123,6 +160,8 @@ class OperatorSettings:
             cleanup_image=env.get(p + "CLEANUP_IMAGE", "").strip() or cls.cleanup_image,
             cleanup_image_pull_policy=pull_policy,
             health_address=env.get(p + "HEALTH_ADDRESS", cls.health_address).strip(),
+            metrics_address=metrics_address,
+            metrics_path=metrics_path,
             peering_name=env.get(p + "PEERING", "").strip(),
             workers=_int(env, p + "WORKERS", cls.workers, 1),
             db_connect_timeout=_int(env, p + "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 1),

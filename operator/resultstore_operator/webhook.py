@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import metrics
 from .injection import (
     INJECT_LABEL,
     InjectionPlan,
@@ -562,18 +563,24 @@ class InjectionServer:
         return web.Response(text="ok")
 
     async def handle_mutate(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
         try:
             review = await request.json()
             admission = AdmissionRequest.from_review(review)
         except (ValueError, UnicodeDecodeError) as exc:
+            metrics.record_admission(metrics.ERROR, time.monotonic() - started)
             return web.Response(status=400, text=f"bad AdmissionReview: {exc}")
         try:
             plan = await self.admit(admission)
+            outcome = metrics.MUTATED if plan.patch else metrics.UNCHANGED
         except Exception:  # never refuse: a bug here must not block pod creation
             log.exception("admission of a pod in %s failed; admitted unchanged",
                           admission.namespace)
             plan = InjectionPlan(store=None, warnings=("internal error; admitted unchanged",))
-        return web.json_response(review_response(admission.uid, plan))
+            outcome = metrics.ERROR
+        response = web.json_response(review_response(admission.uid, plan))
+        metrics.record_admission(outcome, time.monotonic() - started)
+        return response
 
     async def admit(self, admission: AdmissionRequest) -> InjectionPlan:
         if (admission.kind != "Pod" or admission.operation != "CREATE"
