@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from .procs import LOOPBACK, chown_tree, demote, find_binary, free_port, service_user
+from .procs import (
+    LOOPBACK,
+    chown_tree,
+    demote,
+    disarm_watchdog,
+    find_binary,
+    free_port,
+    service_user,
+    start_watchdog,
+)
 
 PG_BIN_DIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
 
@@ -35,6 +44,7 @@ class PostgresServer:
     extra_settings: dict[str, str] = field(default_factory=dict)
     _owns_dir: bool = False
     _initialised: bool = False
+    _watchdog: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         if self.base_dir is None:
@@ -123,6 +133,11 @@ class PostgresServer:
             self.initdb()
         if self.running():
             return
+        if self._watchdog is None or self._watchdog.poll() is not None:
+            # pg_ctl daemonises the server: nothing would stop it if this process were killed.
+            self._watchdog = start_watchdog(
+                [self._pg_ctl, "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"],
+                self.base_dir if self._owns_dir else None, self._ids)
         self._run(
             self._pg_ctl, "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60",
             "start",
@@ -149,6 +164,8 @@ class PostgresServer:
 
     def destroy(self) -> None:
         self.stop()
+        disarm_watchdog(self._watchdog)
+        self._watchdog = None
         if self._owns_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 

@@ -130,3 +130,57 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=timeout)
+
+
+# A watchdog that outlives nothing: it sleeps until its parent (the test session, the demo)
+# dies, then runs the service's stop command and removes its directory. It exists because a
+# SIGKILLed pytest never runs fixture finalizers, and pg_ctl daemonises PostgreSQL out of
+# reach of a parent-death signal. argv: uid gid directory-or-"" command...
+_WATCHDOG = r"""
+import ctypes, os, shutil, signal, subprocess, sys
+uid, gid, directory, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+def drop():
+    if uid >= 0:
+        os.setgid(gid)
+        os.setuid(uid)
+def cleanup(*_):
+    subprocess.run(command, preexec_fn=drop, capture_output=True, cwd="/", timeout=60)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, cleanup)
+ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(os.environ["WATCHDOG_PARENT"]):
+    cleanup()  # the parent died before the prctl took effect
+sys.stdout.write("armed\n")
+sys.stdout.flush()
+while True:
+    signal.pause()
+"""
+
+
+def start_watchdog(command: list[str], directory: Path | None = None,
+                   ids: tuple[int, int] | None = None) -> subprocess.Popen[bytes]:
+    """Run ``command`` (as ``ids``) and remove ``directory`` when this process dies.
+
+    The parent-death signal is tied to the thread that starts the watchdog, so call this
+    from the main thread (fixtures and the demo do). Disarm with :func:`disarm_watchdog`.
+    """
+    import sys
+
+    uid, gid = ids if ids is not None else (-1, -1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(uid), str(gid), str(directory or ""), *command],
+        env={**os.environ, "WATCHDOG_PARENT": str(os.getpid())},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"armed":
+        raise RuntimeError("the service watchdog did not start")
+    return proc
+
+
+def disarm_watchdog(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a watchdog without running its cleanup (the owner is stopping the service)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)

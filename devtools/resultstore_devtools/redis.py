@@ -11,6 +11,13 @@ from pathlib import Path
 from .procs import LOOPBACK, find_binary, free_port, kill_group, port_open, wait_for
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class RedisServer:
     port: int = 0
@@ -52,6 +59,8 @@ class RedisServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Killed with us even if we are SIGKILLed (no finalizer runs then).
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         wait_for(lambda: port_open(self.port, self.host), 20, f"redis-server on {self.port}")
 
