@@ -828,10 +828,11 @@ def _container_process(runner: int) -> int | None:
     buildah's helpers (buildah-chroot-runtime, buildah-chroot-exec)."""
     for pid in _descendants(runner):
         try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
             continue
-        if not comm.startswith("buildah"):
+        # The helpers are re-executions of buildah itself (comm "exe"); argv[0] names them.
+        if argv0 and not Path(argv0).name.startswith("buildah"):
             return pid
     return None
 
@@ -984,12 +985,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_p.add_argument("--volume", "-v", action="append", default=[],
                        metavar="HOST:CONTAINER[:ro]")
     run_p.add_argument("--workdir")
-    run_p.add_argument("command", nargs=argparse.REMAINDER)
+    run_p.add_argument("command", nargs="*", help="after --")
     sub.add_parser("verify", help="check the built images (buildah)")
     export_p = sub.add_parser("export", help="write docker-archive (or OCI) files")
     export_p.add_argument("--dir", type=Path, default=ROOT / "dist" / "images")
     export_p.add_argument("--format", choices=("docker", "oci"), default="docker")
-    ns = parser.parse_args(args)
+    # Everything after the first `--` is the command, options included.
+    after = args.index("--") if "--" in args else len(args)
+    ns = parser.parse_args(args[:after])
+    if ns.action == "run":
+        ns.command = [*ns.command, *args[after + 1:]]
     targets = Targets(project_version())
 
     if ns.action == "base":
@@ -1005,7 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(export(image, _archive_path(ns.export, image)))
         return 0
     if ns.action == "run":
-        command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+        command = ns.command
         if not command:
             parser.error("run needs a command after --")
         env = dict(item.split("=", 1) for item in ns.env)
