@@ -89,6 +89,7 @@ CA_BUNDLE_TARGET = "/etc/ssl/certs/ca-certificates.crt"
 CA_BUNDLE_CANDIDATES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 
 RUN_PREFIX = "resultstore-run-"
+PULL_TIMEOUT = 60.0  # seconds; a registry that does not answer must not stall every build
 
 Engine = Literal["auto", "docker", "buildah"]
 Driver = Literal["auto", "overlay", "vfs"]
@@ -662,11 +663,15 @@ def python_image(progress: Progress) -> str:
         return forced
     if image_exists(OFFICIAL_PYTHON_IMAGE):
         return OFFICIAL_PYTHON_IMAGE
-    pulled = subprocess.run(["buildah", *storage(), "pull", "--quiet", OFFICIAL_PYTHON_IMAGE],
-                            capture_output=True, text=True, timeout=300)
-    if pulled.returncode == 0:
-        return OFFICIAL_PYTHON_IMAGE
-    reason = (pulled.stderr.strip().splitlines() or ["unknown error"])[-1]
+    try:
+        pulled = subprocess.run(["buildah", *storage(), "pull", "--quiet",
+                                 OFFICIAL_PYTHON_IMAGE], capture_output=True, text=True,
+                                timeout=PULL_TIMEOUT)
+        if pulled.returncode == 0:
+            return OFFICIAL_PYTHON_IMAGE
+        reason = (pulled.stderr.strip().splitlines() or ["unknown error"])[-1]
+    except subprocess.TimeoutExpired:
+        reason = f"no answer in {PULL_TIMEOUT:.0f}s"
     progress(f"cannot pull {OFFICIAL_PYTHON_IMAGE} ({reason[:160]}); using the local stand-in")
     return ensure_base(progress)
 
