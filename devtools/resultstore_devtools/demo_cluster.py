@@ -342,8 +342,9 @@ class ClusterTarget:
         """Remove what install_operator created (objects that existed before are kept)."""
         for doc in reversed(self.installed):
             meta = doc["metadata"]
+            # Waiting: the cluster is left as it was found, not with a namespace Terminating.
             args = ["delete", f"{doc['kind'].lower()}/{meta['name']}", "--ignore-not-found",
-                    "--wait=false"]
+                    "--wait=true", "--timeout=120s"]
             if meta.get("namespace"):
                 args[1:1] = ["-n", meta["namespace"]]
-            self.kubectl(*args, check=False)
+            self.kubectl(*args, check=False, timeout=180)
