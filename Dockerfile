@@ -8,7 +8,7 @@
 # The default image runs the operator (`resultstore-operator`) and is also the image of the
 # cleanup CronJob (`resultstore cleanup --config-dir DIR`): both entry points are on PATH and
 # there is no ENTRYPOINT, so a pod's `command` or `args` alone picks what runs.
-# The `worker` target holds only the base install (Celery backend, no kopf/kubernetes): build
+# The `worker` target holds the base install and the Redis transport (no kopf/kubernetes): build
 # your worker image FROM it and add your Celery app.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -26,10 +26,11 @@ COPY pyproject.toml README.md ./
 COPY backend/ backend/
 COPY operator/ operator/
 COPY devtools/ devtools/
-RUN pip wheel --wheel-dir /wheels ".[operator]"
+RUN pip wheel --wheel-dir /wheels ".[operator,redis]"
 
 # ---------------------------------------------------------------------------------------------
-# worker: the base install only (what a Celery worker needs), as an unprivileged user.
+# worker: the base install plus the Redis broker transport (what a Celery worker needs, and
+# what manifests/examples use), as an unprivileged user.
 FROM ${PYTHON_IMAGE} AS worker
 ARG RESULTSTORE_VERSION
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -43,7 +44,7 @@ RUN groupadd --system --gid 10001 resultstore \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin resultstore
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels "celery-resultstore==${RESULTSTORE_VERSION}"
+    pip install --no-index --find-links=/wheels "celery-resultstore[redis]==${RESULTSTORE_VERSION}"
 WORKDIR /app
 USER 10001:10001
 CMD ["celery", "--help"]

@@ -352,7 +352,22 @@ class Volume:
         raise ValueError(f"expected HOST:CONTAINER[:ro], got {text!r}")
 
     def flag(self) -> str:
-        return f"{self.host}:{self.container}" + (":ro" if self.read_only else "")
+        return f"{self.host}:{container_path(self.container)}" + (
+            ":ro" if self.read_only else "")
+
+
+# Debian-based images make these absolute symlinks. With chroot isolation buildah resolves a
+# volume target's symlinks against the *host's* root, so /var/run/secrets/... would create
+# directories under the host's /run and the mount would not appear in the container.
+_IMAGE_SYMLINKS = (("/var/run/", "/run/"), ("/var/lock/", "/run/lock/"))
+
+
+def container_path(path: str) -> str:
+    """A mount target with the image's well-known absolute symlinks resolved (pure)."""
+    for link, target in _IMAGE_SYMLINKS:
+        if path == link.rstrip("/") or path.startswith(link):
+            return target + path[len(link):]
+    return path
 
 
 def split_user(user: str) -> tuple[str, str | None]:
@@ -949,6 +964,10 @@ def verify(operator: str, worker: str, scratch: Path | None = None) -> list[Chec
         expect("worker: resultstore backend importable", worker,
                ["python", "-c", "import resultstore_backend; print('imports ok')"], succeeds,
                **ro)
+        # The examples' broker: kombu's Redis transport needs redis and packaging.
+        expect("worker: Redis broker transport importable", worker,
+               ["python", "-c", "import kombu.transport.redis; print('imports ok')"],
+               succeeds, **ro)
         expect("worker: kopf NOT importable", worker, ["python", "-c", "import kopf"],
                lambda r: r.returncode != 0 and "ModuleNotFoundError" in r.stderr)
         expect("operator: root filesystem really read-only", operator,

@@ -120,6 +120,9 @@ class PodRunner:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="resultstore-pod-")))
     resync_period: float = 1.0
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # (namespace, service account, expiration seconds) -> a bound token; enables projected
+    # serviceAccountToken sources (the in-cluster credentials of a pod run in its image).
+    token: Callable[[str, str, int], str] | None = None
 
     def __post_init__(self) -> None:
         self.namespace: str = self.pod["metadata"]["namespace"]
@@ -128,10 +131,11 @@ class PodRunner:
             (c for c in containers if c["name"] == self.container), containers[0]
         ) if self.container else containers[0]
         self._volumes: dict[str, tuple[str, str, KubeletDir]] = {}
+        self._projected: dict[str, tuple[dict[str, Any], KubeletDir]] = {}
         self._last: dict[str, dict[str, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[Any] | None = None
         self.secret_updates = 0
         self.pod_ip = "127.0.0.1"  # every pod of this stand-in shares the host's loopback
 
@@ -148,9 +152,37 @@ class PodRunner:
                 self._volumes[name] = ("secret", volume["secret"]["secretName"], KubeletDir(path))
             elif "configMap" in volume:
                 self._volumes[name] = ("configmap", volume["configMap"]["name"], KubeletDir(path))
+            elif "projected" in volume and self.token is not None:
+                self._projected[name] = (volume["projected"], KubeletDir(path))
             else:  # emptyDir and anything else: a plain scratch directory
                 path.mkdir(parents=True, exist_ok=True)
+                path.chmod(0o777)  # as the kubelet makes an emptyDir: any pod user may write
         self.sync()
+        self._publish_projected()
+
+    def _publish_projected(self) -> None:
+        """serviceAccountToken, configMap and downwardAPI sources, as in kube-api-access."""
+        account = self.pod["spec"].get("serviceAccountName") or "default"
+        for projected, kdir in self._projected.values():
+            payload: dict[str, str] = {}
+            for source in projected.get("sources") or []:
+                if "serviceAccountToken" in source and self.token is not None:
+                    sat = source["serviceAccountToken"]
+                    payload[sat["path"]] = self.token(
+                        self.namespace, account, int(sat.get("expirationSeconds", 3607)))
+                elif "configMap" in source:
+                    data = self.fetch("configmap", self.namespace,
+                                      source["configMap"]["name"]) or {}
+                    for item in source["configMap"].get("items") or [
+                            {"key": k, "path": k} for k in data]:
+                        if item["key"] in data:
+                            payload[item["path"]] = data[item["key"]]
+                elif "downwardAPI" in source:
+                    for item in source["downwardAPI"].get("items") or []:
+                        value = self.field((item.get("fieldRef") or {}).get("fieldPath", ""))
+                        if value is not None:
+                            payload[item["path"]] = value
+            kdir.write(payload)
 
     def sync(self) -> bool:
         """Republish volumes whose source changed; True if any Secret changed."""
@@ -203,17 +235,20 @@ class PodRunner:
         hosts = {m.rstrip("/"): str(h) for m, h in mounts.items()}
         return pattern.sub(lambda match: hosts[match.group(1)], value)
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, translate: bool = True) -> dict[str, str]:
+        """The container's env; paths rewritten to host directories unless ``translate``
+        is off (a container run in its image sees its mounts at their own paths)."""
         env: dict[str, str] = {}
         for item in self.spec.get("env") or []:
             if "value" in item:
-                env[item["name"]] = self.translate(str(item["value"]))
+                value = str(item["value"])
+                env[item["name"]] = self.translate(value) if translate else value
                 continue
             ref = item.get("valueFrom") or {}
             if "fieldRef" in ref:
-                value = self.field(ref["fieldRef"]["fieldPath"])
-                if value is not None:
-                    env[item["name"]] = value
+                field_value = self.field(ref["fieldRef"]["fieldPath"])
+                if field_value is not None:
+                    env[item["name"]] = field_value
                 continue
             for kind, key in (("secret", "secretKeyRef"), ("configmap", "configMapKeyRef")):
                 if key in ref:
@@ -243,15 +278,40 @@ class PodRunner:
         return [self.translate(part) for part in
                 list(self.spec.get("command") or []) + list(self.spec.get("args") or [])]
 
-    def start(self, log: Path | None = None) -> subprocess.Popen[bytes]:
+    def security(self) -> tuple[str | None, bool]:
+        """(``uid[:gid]`` or None for the image's user, read-only root filesystem)."""
+        pod_ctx = self.pod["spec"].get("securityContext") or {}
+        ctx = {**pod_ctx, **(self.spec.get("securityContext") or {})}
+        uid, gid = ctx.get("runAsUser"), ctx.get("runAsGroup")
+        user = None if uid is None else (f"{uid}:{gid}" if gid is not None else str(uid))
+        return user, bool(ctx.get("readOnlyRootFilesystem"))
+
+    def start(self, log: Path | None = None,
+              image: str | None = None) -> subprocess.Popen[Any]:
+        """Start the container: from this host's PATH, or with ``image`` in that image
+        (resultstore_devtools.image: chroot isolation, host network, the pod's volumes
+        mounted at their paths, its user and read-only root filesystem)."""
         self._publish_volumes()
         self._thread = threading.Thread(target=self._resync_loop, daemon=True,
                                         name="kubelet-resync")
         self._thread.start()
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        if image is not None:
+            from .image import Volume, run_in_image
+
+            user, read_only = self.security()
+            mounts = [Volume(self.host_path(m["name"]), m["mountPath"],
+                             bool(m.get("readOnly"))) for m in self.spec.get("volumeMounts") or []]
+            command = list(self.spec.get("command") or []) + list(self.spec.get("args") or [])
+            self.proc = run_in_image(
+                image, command, env={**self.environment(translate=False), **self.extra_env},
+                user=user, volumes=mounts, workdir=self.spec.get("workingDir"),
+                read_only=read_only, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+            return self.proc
         env = {**os.environ, **self.environment(), **self.extra_env}
         working_dir = self.spec.get("workingDir")
         workdir = self.translate(working_dir) if working_dir else str(self.root)
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), env=env, cwd=workdir, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc

@@ -80,7 +80,13 @@ class StandInNode:
     def __init__(self, api_client: Any, namespaces: Collection[str],
                  kubeconfig_for: KubeconfigFor, log_dir: Path,
                  name: str = "resultstore-standin", poll: float = 0.5,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None,
+                 images: Callable[[str], str] | None = None,
+                 api_server: tuple[str, int] | None = None) -> None:
+        """``images`` maps a pod's image name to a local image (resultstore_devtools.image)
+        and switches to running containers in their images; those get the in-cluster
+        credentials a kubelet gives (the projected token volume and KUBERNETES_SERVICE_*
+        pointing at ``api_server``) instead of a kubeconfig."""
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
@@ -91,6 +97,10 @@ class StandInNode:
         self.name = name
         self.poll = poll
         self.extra_env = dict(extra_env or {})
+        self.images = images
+        self.api_server = api_server
+        if images is not None and api_server is None:
+            raise ValueError("running pods in their images needs the API server's address")
         self.runners: dict[str, PodRunner] = {}  # pod uid -> runner
         self.restarts: dict[str, int] = {}
         self.ran: list[tuple[str, str, str]] = []  # (namespace, pod, image) in start order
@@ -203,20 +213,34 @@ class StandInNode:
         account = pod["spec"].get("serviceAccountName") or "default"
         workdir = self.log_dir / f"{meta['namespace']}_{meta['name']}"
         workdir.mkdir(parents=True, exist_ok=True)
-        kubeconfig = self.kubeconfig_for(meta["namespace"], account)
-        env = {
-            # The image's entry points: this virtualenv's bin/ first on PATH.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            # Instead of the in-cluster token mount: the pod's own ServiceAccount.
-            "KUBECONFIG": str(kubeconfig),
-            **self.extra_env,
-        }
+        image = None
+        if self.images is not None and self.api_server is not None:
+            image = self.images(pod["spec"]["containers"][0].get("image", ""))
+            host, port = self.api_server
+            env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": str(port),
+                   **self.extra_env}
+        else:
+            env = {
+                # The image's entry points: this virtualenv's bin/ first on PATH.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                        f"{os.environ.get('PATH', '')}",
+                # Instead of the in-cluster token mount: the pod's own ServiceAccount.
+                "KUBECONFIG": str(self.kubeconfig_for(meta["namespace"], account)),
+                **self.extra_env,
+            }
         runner = PodRunner(pod, self.fetch, resync_period=1.0, extra_env=env,
-                           root=workdir / "root")
-        runner.start(log=workdir / "container.log")
+                           root=workdir / "root", token=self._token)
+        runner.start(log=workdir / "container.log", image=image)
         self.runners[uid] = runner
         self.ran.append((meta["namespace"], meta["name"], runner.spec.get("image", "")))
         self._report(pod, ready=True)
+
+    def _token(self, namespace: str, account: str, expiration: int) -> str:
+        body: Any = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                     "spec": {"audiences": [], "expirationSeconds": max(600, expiration)}}
+        response: Any = self.core.create_namespaced_service_account_token(
+            account, namespace, body, _preload_content=False)
+        return str(json.loads(response.data)["status"]["token"])
 
     def _report(self, pod: dict[str, Any], ready: bool) -> None:
         meta = pod["metadata"]

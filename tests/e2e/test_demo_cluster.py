@@ -1,16 +1,17 @@
 """`scripts/demo --kubeconfig`: the in-cluster install path, run end to end.
 
 The session's control plane plays the "existing cluster". It has no nodes, so a stand-in node
-(resultstore_devtools.node) runs the pods the demo creates: the operator's own Deployment
-(installed from manifests/ by the demo, running under its ServiceAccount's RBAC) and the
-worker Deployment (admitted and mutated by that operator's webhook). PostgreSQL and Redis are
-the session's, given with --postgres/--broker-url as a user with managed services would.
+(resultstore_devtools.node) runs the pods the demo creates, each in its real image (built from
+the Dockerfile by resultstore_devtools.image and run with buildah, chroot isolation, the pod's
+volumes, user and read-only root): the operator's own Deployment, installed from manifests/
+by the demo and running with the in-cluster credentials of its ServiceAccount (projected
+token, KUBERNETES_SERVICE_HOST), and the worker Deployment, admitted and mutated by that
+operator's webhook. PostgreSQL and Redis are the session's, given with --postgres and
+--broker-url as a user with managed services would.
 
-Two things differ from a cluster with real nodes, both forced by this machine: pods run from
-this virtualenv rather than from the image (no container runtime), and loopback pod IPs can
-not back a Service, so the operator is told to register its webhook by URL
-(--operator-env RESULTSTORE_WEBHOOK_URL=...), which is also how operators outside the
-cluster's pod network are wired.
+One thing differs from a cluster with real nodes: loopback pod IPs cannot back a Service, so
+the operator is told to register its webhook by URL (--operator-env
+RESULTSTORE_WEBHOOK_URL=...), which is also how an operator outside the pod network is wired.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 from kubernetes import client
 
+from resultstore_devtools import image
 from resultstore_devtools.node import StandInNode
 from resultstore_devtools.procs import free_port
 
@@ -46,8 +49,14 @@ def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_serv
         return kube.service_account_kubeconfig(ns, account, tmp_path / f"{ns}-{account}.conf",
                                                duration="1h")
 
+    built = image.build()  # seconds when the sources have not changed since the last build
+    local_images = {"celery-resultstore:0.1.0": built.operator,
+                    "celery-resultstore-worker:0.1.0": built.worker}
+    server = urlsplit(kube.server)
     webhook_port, health_port = free_port(), free_port()
-    node = StandInNode(api_client, (OPERATOR_NS, namespace), kubeconfig_for, tmp_path / "node")
+    node = StandInNode(api_client, (OPERATOR_NS, namespace), kubeconfig_for, tmp_path / "node",
+                       images=lambda name: local_images.get(name, name),
+                       api_server=(server.hostname or "127.0.0.1", server.port or 443))
     node.start()
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTSTORE_")}
@@ -57,7 +66,7 @@ def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_serv
              "--kubeconfig", str(kube.kubeconfig), "--namespace", namespace,
              "--postgres", f"{postgres.host}:{postgres.port}", "--database", database,
              "--postgres-admin-user", "demo_admin", "--broker-url", redis_server.url,
-             "--image", "celery-resultstore:e2e", "--timeout", "120",
+             "--timeout", "180",
              "--operator-env", f"RESULTSTORE_HEALTH_ADDRESS=127.0.0.1:{health_port}",
              "--operator-env", "RESULTSTORE_WEBHOOK_HOST=127.0.0.1",
              "--operator-env", f"RESULTSTORE_WEBHOOK_PORT={webhook_port}",
@@ -76,7 +85,7 @@ def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_serv
         f"the demo failed against the existing cluster:\n{output[-6000:]}\n"
         f"--- operator pod log ---\n{operator_log[-4000:]}")
     images = {(ns, pod.rsplit("-", 2)[0]): image for ns, pod, image in node.ran}
-    assert images.get((OPERATOR_NS, "resultstore-operator")) == "celery-resultstore:e2e", images
+    assert images.get((OPERATOR_NS, "resultstore-operator")) == "celery-resultstore:0.1.0", images
     assert images.get((namespace, "orders-worker")) == "celery-resultstore-worker:0.1.0", images
     assert "on node resultstore-standin" in output, output[-3000:]
     assert "CELERY_RESULT_BACKEND=resultstore:///var/run/resultstore/orders" in output

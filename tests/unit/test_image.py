@@ -131,3 +131,17 @@ def test_archive_names() -> None:
     targets = image.Targets("0.1.0")
     reference = targets.archive_reference(targets.operator)
     assert reference == "docker.io/library/celery-resultstore:0.1.0"
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/var/run/secrets/kubernetes.io/serviceaccount", "/run/secrets/kubernetes.io/serviceaccount"),
+    ("/var/run/resultstore/orders", "/run/resultstore/orders"),
+    ("/var/lock/x", "/run/lock/x"),
+    ("/var/runner", "/var/runner"),
+    ("/app", "/app"),
+])
+def test_mount_targets_resolve_the_images_absolute_symlinks(path: str, expected: str) -> None:
+    from resultstore_devtools.image import Volume, container_path
+
+    assert container_path(path) == expected
+    assert Volume(Path("/h"), path, True).flag() == f"/h:{expected}:ro"
