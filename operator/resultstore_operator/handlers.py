@@ -83,6 +83,9 @@ class ObjectState:
     next_attempt: float = 0.0
     last_full: float = 0.0
     invalid_generation: int | None = None
+    # A change handler (create/resume/spec/rotate) has run: until then the timer leaves the
+    # store alone, so a new store is attempted once (by create), not by a racing tick too.
+    handled: bool = False
 
 
 def _now() -> datetime:
@@ -189,6 +192,7 @@ class Controller:
         meta = body.get("metadata") or {}
         state = self.state_for(meta["uid"])
         async with state.lock:
+            state.handled = True
             error = await self._reconcile_locked(state, meta["namespace"], meta["name"], why,
                                                  handler)
         if error is not None:
@@ -236,7 +240,7 @@ class Controller:
         if meta.get("deletionTimestamp"):
             return
         state = self.state_for(meta["uid"])
-        if state.lock.locked():
+        if state.lock.locked() or not state.handled:
             return
         if state.invalid_generation is not None and \
                 state.invalid_generation == meta.get("generation"):

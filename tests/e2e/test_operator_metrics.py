@@ -111,6 +111,10 @@ def test_metrics_follow_reconciles_ready_state_and_invalid_specs(env: OpEnv) -> 
                 for h in ("create", "timer")}
 
     settled = permanent()
+    # attempted exactly once, by create: the timer leaves a store alone until a change
+    # handler has run (it used to race create and make a second attempt)
+    assert settled == {"create": 1.0, "timer": 0.0}, (
+        f"an invalid new store was attempted more than once: {settled}")
     time.sleep(6)  # 12 ticks, longer than the retry backoff ceiling (4 s) of these tests
     assert permanent() == settled, (
         f"an invalid spec kept being retried: permanent errors went {settled} -> "
