@@ -39,16 +39,11 @@ from .demo import (
     step,
 )
 from .demo_services import build_postgres, build_redis, service_host
+from .image import project_version
 from .procs import eventually
 
 CRD = "customresourcedefinition/resultstores.resultstore.dev"
 OPERATOR_DEPLOYMENT = "deployment/resultstore-operator"
-
-
-def project_version() -> str:
-    text = (ROOT / "pyproject.toml").read_text()
-    match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
-    return match.group(1) if match else "0.1.0"
 
 
 def render_install(rendered: str, image: str, extra_env: dict[str, str]) -> list[dict[str, Any]]:
