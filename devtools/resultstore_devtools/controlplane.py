@@ -49,7 +49,7 @@ from typing import Any, Protocol
 from . import binaries as binaries_mod
 from .binaries import Binaries
 from .pki import CertificateAuthority, service_account_key_pem
-from .procs import LOOPBACK, free_port
+from .procs import LOOPBACK, free_port, pid_alive
 
 KUBECONFIG_ENV = "RESULTSTORE_E2E_KUBECONFIG"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -274,23 +274,13 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if pid exists and is not a zombie (containers may lack a reaping init)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X")
-
-
 def _pid_runs(pid: int, executable: str) -> bool:
     """Guard against pid reuse: only signal a pid that still runs our binary."""
     try:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
     except OSError:
         return False
-    return _pid_alive(pid) and argv0 == executable
+    return pid_alive(pid) and argv0 == executable
 
 
 def _terminate(pid: int, executable: str, popen: subprocess.Popen[bytes] | None,
@@ -312,7 +302,7 @@ def _terminate(pid: int, executable: str, popen: subprocess.Popen[bytes] | None,
             if popen is not None:
                 if popen.poll() is not None:
                     return
-            elif not _pid_alive(pid):
+            elif not pid_alive(pid):
                 return
             time.sleep(0.05)
 

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import yaml
 
 from .kubelet import Fetch, KubeletDir, PodRunner, api_fetcher
-from .procs import eventually, free_port
+from .procs import eventually, free_port, http_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE = "orders"
@@ -192,7 +192,6 @@ class Target(Protocol):
     def start_services(self) -> tuple[Database, Broker]: ...
     def install_operator(self) -> None: ...
     def operator_logs(self) -> str: ...
-    def tune_store(self, store: dict[str, Any]) -> None: ...
     def run_worker(self, deployment: dict[str, Any], broker: Broker) -> dict[str, Any]: ...
     def worker_ready(self, client: Callable[[], Any]) -> None: ...
     def worker_secret_updates(self) -> str: ...
@@ -350,16 +349,9 @@ class LocalTarget:
             self.stack.callback(stop_operator)
 
             def healthy() -> bool:
-                import urllib.request
-
                 if operator.poll() is not None:
                     raise RuntimeError("operator exited:\n" + self.operator_logs())
-                try:
-                    with urllib.request.urlopen(
-                            f"http://127.0.0.1:{health_port}/healthz", timeout=1) as rsp:
-                        return bool(rsp.status == 200)
-                except OSError:
-                    return False
+                return http_ok(f"http://127.0.0.1:{health_port}/healthz")
 
             eventually(healthy, 60, "the operator's health endpoint")
 
@@ -376,9 +368,6 @@ class LocalTarget:
 
     def operator_logs(self) -> str:
         return self.op_log.read_text(errors="replace")[-4000:]
-
-    def tune_store(self, store: dict[str, Any]) -> None:
-        return None
 
     def api_client(self) -> Any:
         from kubernetes import config as kconfig
@@ -452,9 +441,6 @@ def run(args: argparse.Namespace) -> None:
             kubectl("apply", "-f", "-", stdin=yaml.safe_dump(
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
             docs = point_examples(examples(), db, broker)
-            for doc in docs:
-                if doc["kind"] == "ResultStore":
-                    target.tune_store(doc)
             # Store first, worker after it is Ready: the webhook injects only Ready stores.
             workers = [d for d in docs if d["kind"] == "Deployment"]
             first = [d for d in docs if d["kind"] != "Deployment"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import secrets
 import shutil
@@ -177,8 +178,6 @@ class ClusterTarget:
     # services -----------------------------------------------------------------------------
 
     def start_services(self) -> tuple[Database, Broker]:
-        import os
-
         args, kubectl, ns = self.args, self.kubectl, self.namespace
         title = ("PostgreSQL and Redis in the cluster (official images)"
                  if not (args.postgres and args.broker_url)
@@ -280,9 +279,6 @@ class ClusterTarget:
     def operator_logs(self) -> str:
         return self.kubectl("-n", OPERATOR_NS, "logs", OPERATOR_DEPLOYMENT, "--tail=60",
                             check=False)
-
-    def tune_store(self, store: dict[str, Any]) -> None:
-        return None
 
     def api_client(self) -> Any:
         from kubernetes import config as kconfig

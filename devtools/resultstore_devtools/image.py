@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .procs import pid_alive
+
 ROOT = Path(__file__).resolve().parents[2]
 
 OFFICIAL_PYTHON_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
@@ -799,16 +801,6 @@ def run_in_image(
     )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prune_orphans(storage_flags_: Sequence[str]) -> None:
     """Remove run containers whose supervisor is gone (killed before it could clean up)."""
     listed = subprocess.run(["buildah", *storage_flags_, "containers", "--json"],
@@ -818,7 +810,7 @@ def prune_orphans(storage_flags_: Sequence[str]) -> None:
     for row in json.loads(listed.stdout) or []:
         name = str(row.get("containername", ""))
         match = re.match(rf"^{RUN_PREFIX}(\d+)-", name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             subprocess.run(["buildah", *storage_flags_, "rm", name], capture_output=True,
                            timeout=120)
 

@@ -103,6 +103,7 @@ class StandInNode:
             raise ValueError("running pods in their images needs the API server's address")
         self.runners: dict[str, PodRunner] = {}  # pod uid -> runner
         self.restarts: dict[str, int] = {}
+        self.restart_at: dict[str, float] = {}  # pod uid -> monotonic time of the next start
         self.ran: list[tuple[str, str, str]] = []  # (namespace, pod, image) in start order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,7 +196,8 @@ class StandInNode:
             return
         runner = self.runners.get(uid)
         if runner is None:
-            self._run(pod)
+            if time.monotonic() >= self.restart_at.get(uid, 0.0):
+                self._run(pod)
             return
         if runner.proc is not None and runner.proc.poll() is not None:
             code = runner.proc.returncode
@@ -204,8 +206,8 @@ class StandInNode:
             self.runners.pop(uid)
             self.restarts[uid] = self.restarts.get(uid, 0) + 1
             self._report(pod, ready=False)
-            time.sleep(min(10.0, 0.5 * 2 ** self.restarts[uid]))
-            self._run(pod)
+            # Back off like CrashLoopBackOff, without holding up the other pods' sync.
+            self.restart_at[uid] = time.monotonic() + min(10.0, 0.5 * 2 ** self.restarts[uid])
 
     def _run(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]

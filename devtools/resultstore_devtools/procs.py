@@ -62,6 +62,27 @@ def port_open(port: int, host: str = LOOPBACK) -> bool:
         return False
 
 
+def pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie (containers may lack a reaping init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X")
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """True if ``url`` answers 200 now; for polling health endpoints with eventually()."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def service_user() -> tuple[int, int] | None:
     """Return (uid, gid) to drop to when running as root.
 

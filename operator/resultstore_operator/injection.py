@@ -18,6 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# One definition of the Secret's name and mount path, shared with the Secret/CronJob builders.
+from .builders.names import config_dir as mount_path
+from .builders.names import secret_name
+
 # Public names (DESIGN.md "Pod injection").
 INJECT_LABEL = "resultstore.dev/inject"
 CONTAINERS_ANNOTATION = "resultstore.dev/containers"
@@ -25,10 +29,8 @@ MODE_ANNOTATION = "resultstore.dev/mode"
 OVERRIDE_ENV_ANNOTATION = "resultstore.dev/override-env"
 STATUS_ANNOTATION = "resultstore.dev/injected"
 
-MOUNT_ROOT = "/var/run/resultstore"
 ENV_NAME = "CELERY_RESULT_BACKEND"
 STOCK_KEY = "result_backend"
-SECRET_SUFFIX = "-resultstore"
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -96,15 +98,6 @@ def requested_store(pod: Mapping[str, Any]) -> RequestedStore | None:
     name = str(raw).strip()
     return RequestedStore(name, bool(name) and len(name) <= 253
                           and bool(_DNS_SUBDOMAIN.match(name)))
-
-
-def secret_name(store: str) -> str:
-    """The Secret the operator writes for a ResultStore (DESIGN.md)."""
-    return f"{store}{SECRET_SUFFIX}"
-
-
-def mount_path(store: str) -> str:
-    return f"{MOUNT_ROOT}/{store}"
 
 
 def backend_url(store: str) -> str:

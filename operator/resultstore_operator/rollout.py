@@ -25,7 +25,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .injection import INJECT_LABEL, SECRET_SUFFIX, STOCK_KEY
+from .builders.names import SECRET_SUFFIX, secret_name
+from .injection import INJECT_LABEL, STOCK_KEY
 
 log = logging.getLogger("resultstore.rollout")
 
@@ -154,7 +155,7 @@ def sync_workload(gateway: RolloutGateway, kind: str, workload: Mapping[str, Any
     metadata = workload.get("metadata") or {}
     namespace = str(metadata.get("namespace") or "")
     patch = rollout_patch(workload, secret_hash(
-        gateway.secret_data(namespace, f"{store}{SECRET_SUFFIX}")))
+        gateway.secret_data(namespace, secret_name(store))))
     if patch is None:
         return False
     gateway.patch(kind, namespace, str(metadata.get("name")), patch)

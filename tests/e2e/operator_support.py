@@ -27,7 +27,7 @@ import psycopg
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from resultstore_devtools.procs import free_port
+from resultstore_devtools.procs import free_port, http_ok
 from resultstore_operator.crd import build_crd
 from resultstore_operator.spec import GROUP, PLURAL, VERSION
 from tests.helpers.kubelet_dir import KubeletDir
@@ -101,17 +101,10 @@ class OperatorProcess:
         return self
 
     def _healthy(self) -> bool:
-        import urllib.request
-
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.tail()}")
-        try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as rsp:
-                return bool(rsp.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM lets Kopf exit cleanly; SIGKILL simulates a crash."""

@@ -19,8 +19,13 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED_BY = "resultstore-operator"
 
 
+# DESIGN.md: the Secret `<store>-resultstore`, mounted at /var/run/resultstore/<store>.
+SECRET_SUFFIX = "-resultstore"
+MOUNT_ROOT = "/var/run/resultstore"
+
+
 def secret_name(store: str) -> str:
-    return f"{store}-resultstore"
+    return f"{store}{SECRET_SUFFIX}"
 
 
 def cronjob_name(store: str) -> str:
@@ -29,7 +34,7 @@ def cronjob_name(store: str) -> str:
 
 def config_dir(store: str) -> str:
     """Where the Secret is mounted in pods (the backend URL resultstore:///<this>)."""
-    return f"/var/run/resultstore/{store}"
+    return f"{MOUNT_ROOT}/{store}"
 
 
 def role_base(database: str, schema: str) -> str:
