@@ -9,13 +9,18 @@ sides agree on task names without sharing configuration.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
+from uuid import UUID
 
 import redis
-from celery import Celery
+from celery import Celery, Task
+from celery.result import allow_join_result
 
 
 def _r() -> redis.Redis:
@@ -60,6 +65,150 @@ def define_tasks(app: Celery) -> SimpleNamespace:
                            whoami=whoami)
 
 
+# ----------------------------------------------------------------------------- differential
+# Tasks of tests/integration/test_differential.py (the same canvas on every result backend).
+
+
+class Point(NamedTuple):
+    x: int
+    y: int
+
+
+class CustomError(Exception):
+    """A user-defined exception with several arguments (reconstructed by the caller)."""
+
+
+def _record(tag: str, entry: dict[str, Any]) -> None:
+    _r().rpush(f"diff:{tag}", json.dumps(entry, sort_keys=True))
+
+
+class _MarksStored(Task):
+    """Signals in Redis once the result is stored (after_return runs after the store)."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        _r().incr(f"diff:stored:{args[0]}")
+
+
+def define_differential_tasks(app: Celery) -> SimpleNamespace:
+    @app.task(shared=False, name="rs.d.echo")
+    def echo(value: Any) -> Any:
+        return value
+
+    @app.task(shared=False, name="rs.d.shapes")
+    def shapes() -> Any:
+        return {
+            "tuple": (1, 2, (3, 4)),
+            "namedtuple": Point(5, 6),
+            "list_of_tuples": [(7, 8)],
+            "int_keys": {1: "one", 2: "two"},
+            "nested": {"a": {"b": [None, True, 1.5, "s"]}},
+            "datetime": datetime(2026, 12, 1, 12, 30, 15, 123456, tzinfo=UTC),
+            "naive_datetime": datetime(2026, 12, 1, 12, 30, 15),
+            "date": date(2026, 12, 1),
+            "decimal": Decimal("1.10"),
+            "uuid": UUID("12345678-1234-5678-1234-567812345678"),
+            "bytes": b"raw\x00bytes",
+            "big_int": 2 ** 70,
+        }
+
+    @app.task(shared=False, name="rs.d.point")
+    def point() -> Any:
+        return Point(1, 2)
+
+    @app.task(shared=False, name="rs.d.a_tuple")
+    def a_tuple() -> Any:
+        return (1, "two", (3,))
+
+    @app.task(shared=False, name="rs.d.a_datetime")
+    def a_datetime() -> Any:
+        return datetime(2026, 12, 1, 23, 59, 59, 999999, tzinfo=UTC)
+
+    @app.task(shared=False, name="rs.d.a_set")
+    def a_set() -> Any:
+        return {1, 2, 3}
+
+    @app.task(shared=False, name="rs.d.an_object")
+    def an_object() -> Any:
+        return object()
+
+    @app.task(shared=False, name="rs.d.unicode")
+    def unicode() -> Any:
+        return {"héllo": "wörld ✓ 日本語 🎉", "emoji🎉": ["ÄÖÜ", "\u0000nul", "∑"]}
+
+    @app.task(shared=False, name="rs.d.big")
+    def big(size: int) -> str:
+        block = "0123456789abcdef"
+        return (block * (size // len(block) + 1))[:size]
+
+    @app.task(shared=False, name="rs.d.fail_after")
+    def fail_after(message: str, seconds: float) -> None:
+        time.sleep(seconds)
+        raise ValueError(message)
+
+    @app.task(shared=False, name="rs.d.raise_custom")
+    def raise_custom(*args: Any) -> None:
+        raise CustomError(*args)
+
+    @app.task(shared=False, name="rs.d.raise_multi")
+    def raise_multi() -> None:
+        raise KeyError("missing", 2, [3, "four"])
+
+    @app.task(shared=False, name="rs.d.retry_then", bind=True, max_retries=5)
+    def retry_then(self: Any, tag: str, times: int) -> dict[str, int]:
+        n = int(_r().incr(f"diff:runs:{tag}"))
+        if n <= times:
+            raise self.retry(countdown=0)
+        return {"runs": n, "retries": self.request.retries}
+
+    @app.task(shared=False, name="rs.d.retry_exhaust", bind=True, max_retries=2)
+    def retry_exhaust(self: Any, tag: str, with_exc: bool) -> None:
+        _r().incr(f"diff:runs:{tag}")
+        if with_exc:
+            raise self.retry(exc=ValueError("gave up", 3), countdown=0)
+        raise self.retry(countdown=0)
+
+    @app.task(shared=False, name="rs.d.stored", base=_MarksStored)
+    def stored(tag: str, value: Any) -> Any:
+        return value
+
+    @app.task(shared=False, name="rs.d.stored_fail", base=_MarksStored)
+    def stored_fail(tag: str, message: str) -> None:
+        raise ValueError(message)
+
+    @app.task(shared=False, name="rs.d.mark")
+    def mark(tag: str) -> str:
+        _r().incr(f"diff:mark:{tag}")
+        return tag
+
+    @app.task(shared=False, name="rs.d.join_inside")
+    def join_inside(x: int) -> int:
+        with allow_join_result():
+            return int(app.tasks["rs.add"].delay(x, x).get(timeout=30))
+
+    @app.task(shared=False, name="rs.d.errback_new")
+    def errback_new(request: Any, exc: BaseException, traceback: Any, tag: str) -> None:
+        _record(tag, {"style": "new", "request_id": request.id, "exc_type": type(exc).__name__,
+                      "exc_args": [repr(a) for a in exc.args],
+                      "traceback": isinstance(traceback, str) or traceback is not None})
+
+    @app.task(shared=False, name="rs.d.errback_old")
+    def errback_old(task_id: str, tag: str) -> None:
+        _record(tag, {"style": "old", "task_id": task_id})
+
+    @app.task(shared=False, name="rs.d.errback_immutable")
+    def errback_immutable(tag: str) -> None:
+        _record(tag, {"style": "immutable"})
+
+    return SimpleNamespace(
+        echo=echo, shapes=shapes, point=point, a_tuple=a_tuple, a_datetime=a_datetime,
+        a_set=a_set, an_object=an_object, unicode=unicode, big=big, fail_after=fail_after,
+        raise_custom=raise_custom, raise_multi=raise_multi, retry_then=retry_then,
+        retry_exhaust=retry_exhaust, stored=stored, stored_fail=stored_fail, mark=mark,
+        join_inside=join_inside, errback_new=errback_new, errback_old=errback_old,
+        errback_immutable=errback_immutable)
+
+
 app = Celery("rs_tests", broker=os.environ.get("RS_BROKER", "memory://"),
              backend=os.environ.get("RS_BACKEND"))
 app.conf.update(
@@ -70,3 +219,4 @@ app.conf.update(
     resultstore_reload_interval=float(os.environ.get("RS_RELOAD", "1.0")),
 )
 tasks = define_tasks(app)
+differential_tasks = define_differential_tasks(app)
