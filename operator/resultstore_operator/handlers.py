@@ -32,9 +32,16 @@ from . import metrics
 from .builders import conditions as c
 from .builders import reasons as r
 from .builders import rotation as rot
-from .builders.cronjob import cronjob_manifest
+from .builders.cronjob import CleanupPolicy, check_cleanup_job, cronjob_manifest
 from .builders.names import cronjob_name, role_base, role_names, secret_name
-from .builders.ownership import owner_reference
+from .builders.ownership import (
+    ADMIN_CREDENTIALS_LABEL,
+    admin_secret_opted_in,
+    certificates_only,
+    foreign_owner,
+    owner_reference,
+    same_object,
+)
 from .builders.scram import generate_password, scram_verifier
 from .builders.secret import (
     candidate_password,
@@ -44,7 +51,7 @@ from .builders.secret import (
     secret_values,
     trusted_password,
 )
-from .kube import Kube, KubeError, new_api_client
+from .kube import Kube, KubeError, NotOwnedError, new_api_client
 from .settings import OperatorSettings
 from .spec import (
     ANNOTATION_ROTATE,
@@ -99,6 +106,8 @@ def _admin_hint(reason: str) -> str:
         r.DATABASE_UNREACHABLE: "check spec.database.host/port and the network",
         r.ADMIN_CANNOT_CREATE_ROLE: "grant CREATEROLE to the admin role",
         r.INSUFFICIENT_PRIVILEGE: "grant the admin role CREATE on the database",
+        r.ADMIN_SECRET_NOT_OPTED_IN: f"label the Secret {ADMIN_CREDENTIALS_LABEL}=true if it "
+                                     f"is meant for the operator",
     }.get(reason, "")
 
 
@@ -304,6 +313,9 @@ class Controller:
         run.patch["cronJobName"] = cronjob_name(name)
         try:
             spec = parse_spec(obj.get("spec") or {})
+            # Policy before anything is touched: a refused cleanup pod means no CronJob,
+            # no schema, no role (CleanupJobRefused is a SpecError: permanent until edited).
+            check_cleanup_job(spec.cleanup_job, self.cleanup_policy)
         except SpecError as exc:
             self._report_invalid(run, exc)
             self.state_for(run.uid).invalid_generation = run.generation
@@ -311,6 +323,7 @@ class Controller:
         creds = rot.CredentialState.from_status(run.status)
         try:
             self._ensure_cronjob(run, spec)
+            self._check_secret_owned(run)
             creds = self._converge_database(run, spec, creds)
         except (StoreError, KubeError, dbio.DatabaseError) as exc:
             self._report_failure(run, exc)
@@ -320,10 +333,11 @@ class Controller:
 
     def _report_invalid(self, run: _Run, exc: SpecError) -> None:
         message = str(exc)
-        if run.failure_changed(r.INVALID_SPEC, message, r.SCHEMA_READY):
-            run.event("Warning", r.INVALID_SPEC, message)
+        reason = str(getattr(exc, "reason", r.INVALID_SPEC))
+        if run.failure_changed(reason, message, r.SCHEMA_READY):
+            run.event("Warning", reason, message)
         for type_ in r.COMPONENT_CONDITIONS:
-            run.cond(type_, False, r.INVALID_SPEC, message)
+            run.cond(type_, False, reason, message)
         run.finish(None)
 
     def _report_failure(self, run: _Run, exc: Exception) -> None:
@@ -331,6 +345,8 @@ class Controller:
             reason, message = exc.reason, exc.message
             affects = exc.affects if isinstance(exc, StoreError) else (
                 r.SCHEMA_READY, r.CREDENTIALS_READY)
+        elif isinstance(exc, NotOwnedError):  # replaced by a foreign Secret mid-reconcile
+            reason, message, affects = r.SECRET_NOT_OWNED, str(exc), (r.CREDENTIALS_READY,)
         else:
             reason, message, affects = r.KUBERNETES_ERROR, str(exc), (r.CREDENTIALS_READY,)
         hint = _admin_hint(reason)
@@ -344,12 +360,35 @@ class Controller:
 
     # --- pieces of a reconcile ------------------------------------------------------------------
 
+    @property
+    def cleanup_policy(self) -> CleanupPolicy:
+        s = self.settings
+        return CleanupPolicy(s.cleanup_image, s.cleanup_image_pull_policy,
+                             s.cleanup_image_allowlist, s.cleanup_allow_service_account)
+
+    def _check_secret_owned(self, run: _Run) -> None:
+        """A Secret of our name that this store does not control stops the reconcile before
+        the database is touched (no password is set for a Secret we may not write)."""
+        live = self.kube.read_secret(run.namespace, secret_name(run.name))
+        problem = foreign_owner(live, run.uid) if live is not None else None
+        if problem is None:
+            return
+        schema = c.get_condition(run.status.get("conditions"), r.SCHEMA_READY)
+        affects = ((r.CREDENTIALS_READY,) if schema and schema.get("status") == "True"
+                   else (r.SCHEMA_READY, r.CREDENTIALS_READY))
+        raise StoreError(r.SECRET_NOT_OWNED, problem, affects)
+
     def _ensure_cronjob(self, run: _Run, spec: ResultStoreSpec) -> None:
         desired = cronjob_manifest(run.name, run.namespace, run.owner, spec,
                                    self.settings.cleanup_image,
                                    self.settings.cleanup_image_pull_policy)
         try:
             action, _live = self.kube.apply_cronjob(desired)
+        except NotOwnedError as exc:
+            run.cond(r.CLEANUP_SCHEDULED, False, r.CRONJOB_NOT_OWNED, str(exc))
+            if run.failure_changed(r.CRONJOB_NOT_OWNED, str(exc), r.CLEANUP_SCHEDULED):
+                run.event("Warning", r.CRONJOB_NOT_OWNED, str(exc))
+            return
         except KubeError as exc:
             run.cond(r.CLEANUP_SCHEDULED, False, r.CRONJOB_FAILED, str(exc))
             if run.failure_changed(r.CRONJOB_FAILED, str(exc), r.CLEANUP_SCHEDULED):
@@ -374,12 +413,26 @@ class Controller:
                  f"cleanup runs on schedule {spec.retention.schedule!r}")
 
     def _read_admin(self, run: _Run, spec: ResultStoreSpec) -> dbio.Credentials:
+        """The admin credentials, from a Secret that opted in; its data is not even fetched
+        before the label is seen on its metadata (PartialObjectMetadata)."""
         ref = spec.database.admin_secret
-        secret = self.kube.read_secret(run.namespace, ref.name)
-        if secret is None:
-            raise StoreError(r.ADMIN_SECRET_MISSING,
+        missing = StoreError(r.ADMIN_SECRET_MISSING,
                              f"admin Secret {ref.name!r} not found in namespace "
                              f"{run.namespace!r}")
+        not_opted_in = StoreError(
+            r.ADMIN_SECRET_NOT_OPTED_IN,
+            f"Secret {ref.name!r} is not labelled {ADMIN_CREDENTIALS_LABEL}=\"true\"; the "
+            f"operator reads no Secret that has not opted in as admin credentials")
+        head = self.kube.read_secret_metadata(run.namespace, ref.name)
+        if head is None:
+            raise missing
+        if not admin_secret_opted_in(head):
+            raise not_opted_in
+        secret = self.kube.read_secret(run.namespace, ref.name)
+        if secret is None:
+            raise missing
+        if not admin_secret_opted_in(secret) or not same_object(head, secret):
+            raise not_opted_in  # relabelled or replaced in between: its data is dropped
         values = decode_data(secret.get("data"))
         username = values.get(ref.username_key, "")
         password = values.get(ref.password_key, "")
@@ -398,7 +451,14 @@ class Controller:
         if not values.get(ref.key):
             raise StoreError(r.CA_SECRET_MISSING,
                              f"CA Secret {ref.name!r} with key {ref.key!r} not found")
-        return values[ref.key]
+        # Only certificates pass: the CA is copied into the binding Secret, so a key naming
+        # some other value (a private key, a password) must not travel that way.
+        pem = certificates_only(values[ref.key])
+        if pem is None:
+            raise StoreError(r.CA_SECRET_INVALID,
+                             f"key {ref.key!r} of Secret {ref.name!r} holds no PEM "
+                             f"certificate; its content is not used")
+        return pem
 
     def _target(self, spec: ResultStoreSpec, ca: str | None) -> dbio.Target:
         db = spec.database

@@ -16,12 +16,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .builders.conditions import timestamp
+from .builders.ownership import foreign_owner, is_owned_by
 from .spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "resultstore-operator"
 REQUEST_TIMEOUT = 30.0
+#: Ask the API server for an object's metadata only (no `data` leaves the server).
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class KubeError(Exception):
@@ -32,6 +35,22 @@ class KubeError(Exception):
         super().__init__(message)
         self.status = status
         self.transient = transient
+
+
+class NotOwnedError(KubeError):
+    """An object of the name we manage exists but is not ours: it is left as it was.
+
+    Not transient in the retry sense (waiting does not help), but the operator re-checks on
+    its timer so that deleting the foreign object lets it create its own.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=None, transient=False)
+
+
+def _owner_uid(desired: Mapping[str, Any]) -> str:
+    refs = (desired.get("metadata") or {}).get("ownerReferences") or []
+    return str(refs[0].get("uid") or "") if refs else ""
 
 
 def new_api_client() -> Any:
@@ -96,6 +115,22 @@ class Kube:
         return self._read(self.core.read_namespaced_secret, f"read Secret {name}", name,
                           namespace)
 
+    def read_secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret's metadata only (PartialObjectMetadata): its data is never transferred.
+
+        Used to check the admin Secret's opt-in label before the data is read at all.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self._json(self.core.read_namespaced_secret(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+                _headers={"Accept": METADATA_ONLY}))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _api_error(exc, f"read metadata of Secret {name}") from None
+
     def read_cronjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._read(self.batch.read_namespaced_cron_job, f"read CronJob {name}", name,
                           namespace)
@@ -120,20 +155,31 @@ class Kube:
         A replace (not a patch) so that keys someone added are removed too. The live
         object's resourceVersion makes a concurrent edit fail with 409 (retried later)
         instead of being silently overwritten. Labels/annotations others added are kept.
+        A live Secret that is not controlled by the owner in `desired` (same uid) is never
+        replaced or deleted: NotOwnedError, and the object stays exactly as it was.
         """
         from kubernetes.client.exceptions import ApiException
 
         meta = desired["metadata"]
         body = json.loads(json.dumps(desired))
+        if live is not None and not is_owned_by(live, _owner_uid(desired)):
+            raise NotOwnedError(foreign_owner({"kind": "Secret", **live}, _owner_uid(desired))
+                                or f"Secret {meta['name']} is not ours")
         try:
             if live is None:
                 self.core.create_namespaced_secret(meta["namespace"], body,
                                                    _request_timeout=REQUEST_TIMEOUT)
                 return "created"
             if live.get("type") != desired["type"]:
-                # The type of a Secret is immutable: recreate it.
-                self.core.delete_namespaced_secret(meta["name"], meta["namespace"],
-                                                   _request_timeout=REQUEST_TIMEOUT)
+                # The type of a Secret is immutable: recreate it. The preconditions make
+                # the delete hit exactly the (owned) object inspected above, not one that
+                # replaced it meanwhile.
+                live_meta = live.get("metadata") or {}
+                self.core.delete_namespaced_secret(
+                    meta["name"], meta["namespace"], body={"preconditions": {
+                        "uid": live_meta.get("uid"),
+                        "resourceVersion": live_meta.get("resourceVersion")}},
+                    _request_timeout=REQUEST_TIMEOUT)
                 self.core.create_namespaced_secret(meta["namespace"], body,
                                                    _request_timeout=REQUEST_TIMEOUT)
                 return "replaced"
@@ -153,12 +199,17 @@ class Kube:
         """Server-side apply; returns ('created'|'updated'|None, live object).
 
         Forced apply takes back any field someone else changed (kubectl edit), and an
-        unchanged apply is a no-op on the server (the resourceVersion does not move).
+        unchanged apply is a no-op on the server (the resourceVersion does not move). A live
+        CronJob not controlled by the owner in `desired` is never applied over (forced apply
+        would take it over): NotOwnedError, and it stays exactly as it was.
         """
         from kubernetes.client.exceptions import ApiException
 
         meta = desired["metadata"]
         before = self.read_cronjob(meta["namespace"], meta["name"])
+        if before is not None and not is_owned_by(before, _owner_uid(desired)):
+            raise NotOwnedError(foreign_owner(before, _owner_uid(desired))
+                                or f"CronJob {meta['name']} is not ours")
         try:
             response = self.batch.patch_namespaced_cron_job(
                 meta["name"], meta["namespace"], json.loads(json.dumps(desired)),

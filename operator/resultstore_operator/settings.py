@@ -45,6 +45,47 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.
     return value
 
 
+def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{key} must be true or false, got {raw!r}")
+
+
+def parse_image_allowlist(key: str, raw: str) -> tuple[str, ...]:
+    """Comma- or whitespace-separated image references; `<repository>:*` allows any tag.
+
+    A bare `*`, or a wildcard anywhere but a trailing `:*`, is refused: a prefix pattern
+    like `registry/team*` would also admit `registry/team-evil/...`.
+    """
+    entries = tuple(dict.fromkeys(e for e in raw.replace(",", " ").split() if e))
+    for entry in entries:
+        stem = entry[:-2] if entry.endswith(":*") else entry
+        if "*" in stem or not stem or stem.endswith((":", "@", "/")):
+            raise SettingsError(
+                f"{key}: {entry!r} is not an image reference or <repository>:* pattern")
+    return entries
+
+
+def image_allowed(image: str, default: str, allowlist: tuple[str, ...]) -> bool:
+    """Whether `image` is the default image or matches an allow-list entry (pure)."""
+    if image == default or image in allowlist:
+        return True
+    for entry in allowlist:
+        if entry.endswith(":*"):
+            repo = entry[:-2]
+            rest = image[len(repo):] if image.startswith(repo) else ""
+            if rest[:1] == ":" and "/" not in rest and "@" not in rest and len(rest) > 1:
+                return True
+            if rest.startswith("@sha256:") and len(rest) > len("@sha256:"):
+                return True
+    return False
+
+
 def parse_listen_address(key: str, raw: str) -> tuple[str, int] | None:
     """`host:port` (IPv6 as `[::]:port`; an empty host means all IPv4 interfaces) -> a
     (host, port) pair, or None when `raw` is empty (the endpoint is disabled)."""
@@ -86,8 +127,19 @@ class OperatorSettings:
     rotation_grace: float = 90.0
     retry_backoff_base: float = 2.0
     retry_backoff_max: float = 300.0
+    #: The cleanup CronJobs' default image: the operator's own (the chart and manifests set
+    #: it from the operator's image), so a store needs no image to be trusted.
     cleanup_image: str = "celery-resultstore:0.1.0"
     cleanup_image_pull_policy: str = "IfNotPresent"
+    #: Images a ResultStore may name in spec.cleanupJob.image besides the default: exact
+    #: references, or `<repository>:*` for any tag / digest of one repository. Empty (the
+    #: default) means only the default image: creating a ResultStore must not become
+    #: "run any image in this namespace".
+    cleanup_image_allowlist: tuple[str, ...] = ()
+    #: Whether spec.cleanupJob.serviceAccountName is honoured. Off by default: the cleanup
+    #: pod needs no API access (its token is not even mounted), and naming a ServiceAccount
+    #: would let a store's author run with that account's permissions.
+    cleanup_allow_service_account: bool = False
     health_address: str = "0.0.0.0:8080"
     #: host:port of the Prometheus endpoint; empty disables it (the chart sets it when
     #: metrics.enabled). Validated at start-up, like every other setting.
@@ -159,6 +211,10 @@ class OperatorSettings:
             retry_backoff_max=_float(env, p + "RETRY_BACKOFF_MAX", cls.retry_backoff_max, 0.1),
             cleanup_image=env.get(p + "CLEANUP_IMAGE", "").strip() or cls.cleanup_image,
             cleanup_image_pull_policy=pull_policy,
+            cleanup_image_allowlist=parse_image_allowlist(
+                p + "CLEANUP_IMAGE_ALLOWLIST", env.get(p + "CLEANUP_IMAGE_ALLOWLIST", "")),
+            cleanup_allow_service_account=_flag(
+                env, p + "CLEANUP_ALLOW_SERVICE_ACCOUNT", cls.cleanup_allow_service_account),
             health_address=env.get(p + "HEALTH_ADDRESS", cls.health_address).strip(),
             metrics_address=metrics_address,
             metrics_path=metrics_path,

@@ -3,15 +3,26 @@
 The job reads the same Secret as the workers, so it always uses the current login role and
 needs no credentials of its own; `concurrencyPolicy: Forbid` keeps two batched deletions
 from competing for the same rows when a run outlasts the schedule.
+
+Why the pod spec is restricted (`cleanup_job_problems`): whoever may create a ResultStore
+would otherwise run any image, as any ServiceAccount of the namespace, with its token
+mounted. The job needs neither the API nor a custom image, so the ServiceAccount token is
+never mounted, the image is the operator's own unless the operator's settings allow-list
+another, a ServiceAccount is honoured only when the settings allow it, and tolerations are
+checked against the Toleration schema (they reach the pod template verbatim).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..spec import ResultStoreSpec
+from ..settings import image_allowed
+from ..spec import CleanupJobSpec, ResultStoreSpec, SpecError
 from .names import config_dir, cronjob_name, labels, secret_name
+from .reasons import CLEANUP_JOB_REFUSED
 
 CONTAINER_NAME = "cleanup"
 VOLUME_NAME = "resultstore-binding"
@@ -19,6 +30,121 @@ NON_ROOT_UID = 65532
 STARTING_DEADLINE_SECONDS = 300
 BACKOFF_LIMIT = 2
 ACTIVE_DEADLINE_SECONDS = 3600
+
+
+TOLERATION_KEYS = frozenset({"key", "operator", "value", "effect", "tolerationSeconds"})
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+RESOURCE_KEYS = frozenset({"limits", "requests"})
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_QUALIFIED_NAME = re.compile(
+    rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_NAME})?$")
+_QUANTITY = re.compile(
+    r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i?|[mkuMGTPEn])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class CleanupJobRefused(SpecError):
+    """spec.cleanupJob asks for something the operator's settings do not allow.
+
+    A SpecError (permanent until the spec changes) with its own condition reason, so that
+    `kubectl get rstore` says *policy*, not *typo*.
+    """
+
+    reason = CLEANUP_JOB_REFUSED
+
+
+@dataclass(frozen=True)
+class CleanupPolicy:
+    """What the operator's settings allow in a cleanup pod (from OperatorSettings)."""
+
+    default_image: str
+    default_pull_policy: str = "IfNotPresent"
+    image_allowlist: tuple[str, ...] = ()
+    allow_service_account: bool = False
+
+
+def toleration_problems(tolerations: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Structural check of core/v1 Tolerations (what the API server would validate, and a
+    closed set of fields so nothing unexpected reaches the pod template)."""
+    problems: list[str] = []
+    for i, tol in enumerate(tolerations):
+        where = f"spec.cleanupJob.tolerations[{i}]"
+        unknown = sorted(set(tol) - TOLERATION_KEYS)
+        if unknown:
+            problems.append(f"{where}: unknown field(s) {', '.join(unknown)}")
+            continue
+        key, op = tol.get("key", ""), tol.get("operator", "Equal")
+        value, effect = tol.get("value", ""), tol.get("effect", "")
+        if not all(isinstance(v, str) for v in (key, op, value, effect)):
+            problems.append(f"{where}: key, operator, value and effect must be strings")
+            continue
+        if op not in TOLERATION_OPERATORS:
+            problems.append(f"{where}.operator must be Exists or Equal")
+        if key and not _QUALIFIED_NAME.fullmatch(key):
+            problems.append(f"{where}.key is not a valid taint key")
+        if not key and op != "Exists":
+            problems.append(f"{where}: an empty key needs operator Exists")
+        if op == "Exists" and value:
+            problems.append(f"{where}.value must be empty with operator Exists")
+        if value and not _LABEL_VALUE.fullmatch(value):
+            problems.append(f"{where}.value is not a valid taint value")
+        if effect and effect not in TAINT_EFFECTS:
+            problems.append(f"{where}.effect must be one of {', '.join(TAINT_EFFECTS)}")
+        if "tolerationSeconds" in tol:
+            seconds = tol["tolerationSeconds"]
+            if isinstance(seconds, bool) or not isinstance(seconds, int):
+                problems.append(f"{where}.tolerationSeconds must be an integer")
+            elif effect != "NoExecute":
+                problems.append(f"{where}.tolerationSeconds needs effect NoExecute")
+    return problems
+
+
+def resources_problems(resources: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    unknown = sorted(set(resources) - RESOURCE_KEYS)
+    if unknown:
+        problems.append(f"spec.cleanupJob.resources: unknown field(s) {', '.join(unknown)}")
+    for section in sorted(RESOURCE_KEYS & set(resources)):
+        values = resources[section]
+        if not isinstance(values, Mapping) or not all(
+                isinstance(k, str) and _QUALIFIED_NAME.fullmatch(k)
+                and isinstance(v, str | int) and not isinstance(v, bool)
+                and _QUANTITY.fullmatch(str(v)) for k, v in values.items()):
+            problems.append(f"spec.cleanupJob.resources.{section} must map resource names "
+                            f"to quantities")
+    return problems
+
+
+def cleanup_job_problems(job: CleanupJobSpec, policy: CleanupPolicy) -> list[str]:
+    """Everything in spec.cleanupJob the policy refuses; empty means the job may be built."""
+    problems: list[str] = []
+    if job.image and not image_allowed(job.image, policy.default_image,
+                                       policy.image_allowlist):
+        problems.append(
+            f"spec.cleanupJob.image {job.image!r} is not allowed: the operator runs cleanup "
+            f"jobs with its own image {policy.default_image!r} or an image of its "
+            f"RESULTSTORE_CLEANUP_IMAGE_ALLOWLIST")
+    if job.service_account_name:
+        if not policy.allow_service_account:
+            problems.append(
+                "spec.cleanupJob.serviceAccountName is not allowed by the operator's "
+                "settings (RESULTSTORE_CLEANUP_ALLOW_SERVICE_ACCOUNT); the cleanup job needs "
+                "no API access")
+        elif not _DNS_LABEL.fullmatch(job.service_account_name) and not re.fullmatch(
+                r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", job.service_account_name):
+            problems.append("spec.cleanupJob.serviceAccountName is not a valid name")
+    problems += toleration_problems(job.tolerations)
+    problems += resources_problems(job.resources)
+    return problems
+
+
+def check_cleanup_job(job: CleanupJobSpec, policy: CleanupPolicy) -> None:
+    """Raise CleanupJobRefused naming every refused field (never builds half a job)."""
+    problems = cleanup_job_problems(job, policy)
+    if problems:
+        raise CleanupJobRefused("; ".join(problems))
 
 
 def cleanup_command(store: str, batch_size: int) -> list[str]:
@@ -52,6 +178,8 @@ def cronjob_manifest(store: str, namespace: str, owner: Mapping[str, Any],
         container["resources"] = dict(job.resources)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # The job talks to PostgreSQL only: no ServiceAccount token in the pod, ever.
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": NON_ROOT_UID,
