@@ -17,6 +17,20 @@ registry keyed by the configuration source, rather than on the backend:
 Connections are DBAPI connections in autocommit mode, handed out by the pool,
 so a single-statement operation is one network round trip (no BEGIN/COMMIT),
 and multi-statement ones open an explicit transaction.
+
+The hot path does not go through the pool's checkout/checkin for every
+operation: that costs tens of microseconds (queue lock, events, reset on
+return), a tenth of a loopback store. A connection an operation returns is
+kept checked out in a small per-engine LIFO list and handed to the next
+operation of any thread of this process. Everything the pool guaranteed
+still holds: the list only holds connections the pool handed out (so
+``pool_size + max_overflow`` still bounds them); when a thread is waiting
+for the pool, returned connections go back to the pool instead (no one
+starves behind an idle cached connection); an idle connection is pinged
+before use; one older than ``pool_recycle`` goes back through the pool
+(which recycles it); a connection error drops the whole list with the pool;
+a reload closes the old engine's list; after fork the child never touches
+the parent's list.
 """
 
 from __future__ import annotations
@@ -29,13 +43,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from .config import (
     BackendSource,
@@ -226,11 +240,56 @@ def build_engine(config: StoreConfig, *, idle_ping_after: float = DEFAULT_IDLE_P
 
 
 @dataclass
+class _Cached:
+    """A connection kept checked out between operations (see the module docstring)."""
+
+    fairy: PoolProxiedConnection
+    dbapi: Any
+    checked_out: float  # monotonic time the pool handed it out (pool_recycle)
+    last_used: float  # monotonic time an operation last returned it (idle ping)
+
+
+@dataclass
 class _EngineSlot:
     engine: Engine
     config: StoreConfig
     inflight: int = 0
     retired: bool = False
+    #: keep returned connections checked out (QueuePool engines only)
+    cache: bool = False
+    #: ping a cached connection idle for longer than this (None: never)
+    ping_after: float | None = None
+    recycle: float | None = None
+    idle: list[_Cached] = field(default_factory=list)
+    #: operations currently waiting in the pool's checkout
+    waiting: int = 0
+
+
+def _slot_for(engine: Engine, config: StoreConfig, idle_ping_after: float) -> _EngineSlot:
+    options = config.engine_options
+    pre_ping = bool(options.get("pool_pre_ping", True))
+    recycle = options.get("pool_recycle", -1)
+    return _EngineSlot(
+        engine=engine, config=config,
+        cache=isinstance(engine.pool, QueuePool),
+        ping_after=idle_ping_after if pre_ping and idle_ping_after >= 0 else None,
+        recycle=float(recycle) if isinstance(recycle, (int, float)) and recycle >= 0 else None,
+    )
+
+
+def _release(cached: _Cached, *, invalidate: bool = False) -> None:
+    """Give a cached connection back to its pool (closing it first if it is broken)."""
+    try:
+        if invalidate:
+            cached.fairy.invalidate()
+        cached.fairy.close()
+    except Exception:  # a dead socket must not break the operation that found it
+        logger.debug("closing a cached result store connection failed", exc_info=True)
+
+
+#: connections cached by the parent at fork time: referenced forever in the child so that
+#: garbage collection never resets or closes them (they are the parent's sessions)
+_INHERITED: list[Any] = []
 
 
 class EngineHolder:
@@ -268,6 +327,8 @@ class EngineHolder:
         self._lock = threading.Lock()
         for slot in [self._slot, *self._retiring]:
             if slot is not None:
+                _INHERITED.append(slot.idle)
+                slot.idle = []
                 slot.engine.dispose(close=False)
         if self._slot is not None:
             self._initial = self._slot.config
@@ -288,7 +349,7 @@ class EngineHolder:
 
     def _new_slot(self, config: StoreConfig) -> _EngineSlot:
         engine = build_engine(config, idle_ping_after=self.idle_ping_after)
-        slot = _EngineSlot(engine=engine, config=config)
+        slot = _slot_for(engine, config, self.idle_ping_after)
         if self.create_tables:
             key = config.url.render_as_string(hide_password=True) + repr(config.names)
             if key not in self._migrated_urls:
@@ -342,6 +403,9 @@ class EngineHolder:
         keep = []
         for slot in self._retiring:
             if slot.inflight == 0:
+                idle, slot.idle = slot.idle, []
+                for cached in idle:
+                    _release(cached)
                 slot.engine.dispose()
             else:
                 keep.append(slot)
@@ -370,37 +434,84 @@ class EngineHolder:
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
-        """A pooled DBAPI connection (autocommit) for the duration of the block.
+        """A DBAPI connection (autocommit) for the duration of the block.
 
-        Connection-level failures invalidate the connection and the pool, so
-        the next attempt reconnects instead of reusing dead sockets.
+        Taken from the slot's cache of checked-out connections when one is there,
+        else from the pool. Connection-level failures invalidate the connection, the
+        cache and the pool, so the next attempt reconnects instead of reusing dead
+        sockets.
         """
         slot = self._current_slot()
+        cached: _Cached | None = None
         with self._lock:
             slot.inflight += 1
+            if slot.idle:
+                cached = slot.idle.pop()
+            else:
+                slot.waiting += 1
         try:
+            if cached is not None:
+                cached = self._verified(slot, cached)
+                if cached is None:
+                    with self._lock:
+                        slot.waiting += 1
+            if cached is None:
+                cached = self._checkout(slot)
             try:
-                fairy = slot.engine.raw_connection()
-            except _CONNECT_ERRORS as exc:
-                # the pool does not wrap driver errors raised while connecting
-                self.invalidate(slot)
-                raise classify_connect_error(exc, slot.config) from exc
-            try:
-                yield fairy.driver_connection
+                yield cached.dbapi
             except BaseException as exc:
-                if is_connection_error(exc):
-                    try:
-                        fairy.invalidate(exc if isinstance(exc, Exception) else None)
-                    finally:
-                        self.invalidate(slot)
+                broken = is_connection_error(exc)
+                if broken:
+                    self.invalidate(slot)
+                # an interrupted operation may have left the connection mid-protocol or
+                # mid-transaction: the pool's reset (or invalidation) deals with it
+                _release(cached, invalidate=broken)
+                cached = None
                 raise
-            finally:
-                fairy.close()
         finally:
+            release: _Cached | None = None
             with self._lock:
                 slot.inflight -= 1
+                if cached is not None:
+                    if slot.cache and not slot.retired and slot.waiting == 0:
+                        cached.last_used = time.monotonic()
+                        slot.idle.append(cached)
+                    else:
+                        release = cached
                 if slot.retired and slot.inflight == 0:
                     self._reap_locked()
+            if release is not None:
+                _release(release)
+
+    def _checkout(self, slot: _EngineSlot) -> _Cached:
+        """A connection from the pool (the caller counted itself in ``slot.waiting``)."""
+        try:
+            fairy = slot.engine.raw_connection()
+        except _CONNECT_ERRORS as exc:
+            # the pool does not wrap driver errors raised while connecting
+            self.invalidate(slot)
+            raise classify_connect_error(exc, slot.config) from exc
+        finally:
+            with self._lock:
+                slot.waiting -= 1
+        now = time.monotonic()
+        return _Cached(fairy, fairy.driver_connection, now, now)
+
+    def _verified(self, slot: _EngineSlot, cached: _Cached) -> _Cached | None:
+        """The cached connection if still usable; None after returning it to the pool."""
+        if slot.ping_after is None and slot.recycle is None:
+            return cached
+        now = time.monotonic()
+        if slot.recycle is not None and now - cached.checked_out >= slot.recycle:
+            _release(cached)  # the pool's checkout recycles it
+            return None
+        if slot.ping_after is not None and now - cached.last_used >= slot.ping_after:
+            try:
+                _ping(cached.dbapi)
+            except Exception:
+                _release(cached, invalidate=True)
+                return None
+        return cached
 
     def run(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(dbapi_connection)`` on a pooled connection."""
@@ -412,6 +523,10 @@ class EngineHolder:
         slot = slot or self._slot
         if slot is None:
             return
+        with self._lock:
+            idle, slot.idle = slot.idle, []
+        for cached in idle:
+            _release(cached, invalidate=True)
         now = time.monotonic()
         if now - self._last_invalidate < 0.1:
             return
@@ -423,6 +538,9 @@ class EngineHolder:
         with self._lock:
             for slot in [self._slot, *self._retiring]:
                 if slot is not None:
+                    idle, slot.idle = slot.idle, []
+                    for cached in idle:
+                        _release(cached)
                     slot.engine.dispose()
             if self._slot is not None:
                 self._initial = self._slot.config
