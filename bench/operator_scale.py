@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         namespace = "bench-" + secrets.token_hex(3)
         core.create_namespace({"metadata": {"name": namespace}})
-        core.create_namespaced_secret(namespace, {"metadata": {"name": "admin"}, "stringData": {
+        core.create_namespaced_secret(namespace, {"metadata": {"name": "admin", "labels": {
+            "resultstore.dev/admin-credentials": "true"}}, "stringData": {
             "username": "bench_admin", "password": admin_pw}})
         time.sleep(2)  # the CRD becomes served
 

@@ -28,6 +28,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from resultstore_devtools.procs import free_port, http_ok
+from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.crd import build_crd
 from resultstore_operator.spec import GROUP, PLURAL, VERSION
 from tests.helpers.kubelet_dir import KubeletDir
@@ -182,8 +183,11 @@ class Cluster:
         self.batch: Any = client.BatchV1Api(api)
         self.custom: Any = client.CustomObjectsApi(api)
 
-    def admin_secret(self, namespace: str, admin: Admin, name: str = "pg-admin") -> None:
-        body = {"metadata": {"name": name},
+    def admin_secret(self, namespace: str, admin: Admin, name: str = "pg-admin",
+                     opt_in: bool = True) -> None:
+        """The admin Secret; `opt_in` sets the label without which the operator reads none."""
+        labels = {ADMIN_CREDENTIALS_LABEL: "true"} if opt_in else {}
+        body = {"metadata": {"name": name, "labels": labels},
                 "stringData": {"username": admin.username, "password": admin.password}}
         try:
             self.core.create_namespaced_secret(namespace, body)

@@ -48,6 +48,7 @@ from resultstore_devtools import binaries
 from resultstore_devtools.controlplane import ControlPlane
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_devtools.procs import free_port
+from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.spec import GROUP, PLURAL, VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -441,7 +442,8 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
         eventually("default ServiceAccount",
                    lambda: rig.core.read_namespaced_service_account("default", ns), 30)
         user, password = rig.create_admin()
-        rig.core.create_namespaced_secret(ns, {"metadata": {"name": "pg-admin"}, "stringData": {
+        rig.core.create_namespaced_secret(ns, {"metadata": {"name": "pg-admin", "labels": {
+            ADMIN_CREDENTIALS_LABEL: "true"}}, "stringData": {
             "username": user, "password": password}})
         creators = {"Deployment": rig.apps.create_namespaced_deployment,
                     "StatefulSet": rig.apps.create_namespaced_stateful_set,
@@ -533,14 +535,18 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
                    .get("pool_size") == 7)
 
         steps.append("repair")
-        # Someone replaces the Secret with an Opaque one: its type is immutable, so the
-        # operator must delete and re-create it.
+        # Someone replaces the Secret with an Opaque one that keeps its ownerReference (still
+        # the store's own): its type is immutable, so the operator must delete (with uid
+        # preconditions) and re-create it. A replacement without the reference would be a
+        # foreign object, left alone (test_operator_k8s_ownership.py).
+        owners = read_secret().metadata.owner_references
         for _ in range(5):
             rig.core.delete_namespaced_secret(secret, ns)
             try:
                 rig.core.create_namespaced_secret(ns, {
-                    "metadata": {"name": secret}, "type": "Opaque",
-                    "stringData": {"uri": "postgresql://tampered"}})
+                    "metadata": {"name": secret, "ownerReferences": [
+                        rig.api.sanitize_for_serialization(o) for o in owners]},
+                    "type": "Opaque", "stringData": {"uri": "postgresql://tampered"}})
                 break
             except ApiException as exc:
                 if exc.status != 409:

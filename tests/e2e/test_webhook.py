@@ -41,6 +41,7 @@ from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_devtools.procs import free_port, port_open
 from resultstore_devtools.redis import RedisServer
+from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.crd import build_crd
 from resultstore_operator.injection import (
     CONTAINERS_ANNOTATION,
@@ -288,7 +289,8 @@ def ensure_admin_secret(wenv: WebhookEnv, namespace: str) -> None:
     """The admin credentials a ResultStore refers to (the session PostgreSQL's superuser)."""
     try:
         wenv.core.create_namespaced_secret(namespace, {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": ADMIN_SECRET},
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": ADMIN_SECRET, "labels": {ADMIN_CREDENTIALS_LABEL: "true"}},
             "stringData": {"username": wenv.postgres.superuser,
                            "password": wenv.postgres.password}})
     except ApiException as exc:

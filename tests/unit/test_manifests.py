@@ -243,6 +243,8 @@ def test_examples_fit_together() -> None:
     ref = store["spec"]["database"]["adminSecretRef"]
     assert ref["name"] == admin["metadata"]["name"]
     assert {"username", "password"} <= set(admin["stringData"])
+    # The operator reads no admin Secret that has not opted in (issue 14).
+    assert admin["metadata"]["labels"]["resultstore.dev/admin-credentials"] == "true"
     worker = find(objects, "Deployment")
     template = worker["spec"]["template"]
     assert template["metadata"]["labels"]["resultstore.dev/inject"] == store["metadata"]["name"]
@@ -300,3 +302,29 @@ def test_kubectl_supports_kustomize() -> None:
     assert result.returncode == 0, result.stderr
     info = yaml.safe_load(result.stdout)
     assert info.get("kustomizeVersion"), info
+
+
+def test_network_policy_manifest_restricts_the_webhook_port() -> None:
+    """manifests/networkpolicy.yaml (opt-in, issue 14): selects the operator pod and admits
+    only the webhook port, from an ipBlock the user replaces; not applied by default."""
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    assert "networkpolicy.yaml" not in kustomization["resources"]
+    [policy] = load_documents(MANIFESTS / "networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy"
+    deployment = find(manifest_objects(), "Deployment")
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector and all(pod_labels.get(k) == v for k, v in selector.items())
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": ports["webhook"]}]
+    assert [list(peer) for peer in rule["from"]] == [["ipBlock"]]
+
+
+def test_manifests_pass_the_cleanup_policy_settings() -> None:
+    settings = OperatorSettings.from_env(env_values(container(find(manifest_objects(),
+                                                                  "Deployment"))))
+    assert settings.cleanup_image_allowlist == ()
+    assert settings.cleanup_allow_service_account is False
