@@ -140,6 +140,8 @@ class CelerySettings:
     group_table: str = "celery_tasksetmeta"
     extended: bool = False
     expires: int | None = 86400
+    #: the store NOTIFYs waiters when it stores a state (PostgreSQL LISTEN/NOTIFY)
+    notifications: bool = True
 
     def table_names(self) -> TableNames:
         return TableNames(self.schema, self.task_table, self.group_table)
@@ -151,6 +153,7 @@ class CelerySettings:
             "group_table": self.group_table,
             "result_extended": self.extended,
             "result_expires": self.expires,
+            "notifications": self.notifications,
         }
 
 
@@ -228,6 +231,8 @@ class StoreConfig:
     expires: int | None = None
     source_dir: Path | None = None
     version: str | None = None
+    #: None when the source does not say (then the app setting or the default applies)
+    notifications: bool | None = None
 
     def __repr__(self) -> str:
         return (
@@ -304,6 +309,7 @@ def parse_backend_url(url: str | None) -> BackendSource:
     task_table = _pop_str(query, "task_table") or "celery_taskmeta"
     group_table = _pop_str(query, "group_table") or "celery_tasksetmeta"
     where = parsed.render_as_string(hide_password=True)
+    notifications = _notify_param(_pop_str(query, "notify"), where)
     if backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername=PG_DRIVER, query=query)
     elif backend == "sqlite":
@@ -318,7 +324,28 @@ def parse_backend_url(url: str | None) -> BackendSource:
         names = TableNames(schema or None, task_table, group_table)
     except (InvalidIdentifier, ValueError) as exc:
         raise ConfigError(str(exc), path=where) from None
-    return StoreConfig(url=parsed, names=names)
+    return StoreConfig(url=parsed, names=names, notifications=notifications)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _notify_param(value: str | None, where: str) -> bool | None:
+    """The ``?notify=`` URL parameter: None when absent."""
+    if value is None:
+        return None
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ConfigError("expected true or false", path=where, key="notify")
+
+
+def _notifications_from_json(data: Mapping[str, Any], file: Path) -> bool:
+    if "notifications" not in data:
+        return True
+    return bool(_check(data, "notifications", (bool,), file, "a boolean"))
 
 
 def _pop_str(query: dict[str, Any], key: str) -> str | None:
@@ -550,5 +577,6 @@ def _read_binding_files(base: Path, shown: Path, version: str | None) -> StoreCo
     return StoreConfig(
         url=url, names=names, engine_options=options, extended=extended, expires=expires,
         source_dir=shown, version=version,
+        notifications=_notifications_from_json(celery, shown / KEY_CELERY),
     )
 

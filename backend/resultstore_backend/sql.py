@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .notify import PAYLOAD_TAG, channel_prefix
 from .schema import TableNames
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -32,8 +33,14 @@ META_COLUMNS = (
 class Statements:
     dialect: str
     ph: str
+    #: the store's part of its notification channel names (notify.py)
+    channel_prefix: str
     upsert_task: str
+    #: PostgreSQL: the same upsert, plus ``pg_notify(channel, payload)`` of the row it
+    #: really changed, in the same statement; the channel is the last parameter
+    notify_upsert_task: str
     select_task: str
+    select_many: str  # every state; same placeholder convention as select_many_ready
     select_many_ready: str  # PostgreSQL: one array parameter; SQLite: "{in}" placeholder
     task_exists: str
     delete_task: str
@@ -77,15 +84,15 @@ def statements(dialect: str, names: TableNames) -> Statements:
             f"INSERT INTO {group} AS g (id, taskset_id, result, date_done) "
             f"VALUES (nextval('{group_seq}'), {ph}, {ph}, {ph})"
         )
-        many = f"SELECT task_id, {meta_cols} FROM {task} WHERE task_id = ANY({ph}) " \
-               f"AND status IN ({_READY_SQL})"
+        many_any = f"SELECT task_id, {meta_cols} FROM {task} WHERE task_id = ANY({ph})"
+        many = f"{many_any} AND status IN ({_READY_SQL})"
     else:
         insert_task = f"INSERT INTO {task} AS t ({cols}) VALUES ({values})"
         insert_group = (
             f"INSERT INTO {group} AS g (taskset_id, result, date_done) VALUES ({ph}, {ph}, {ph})"
         )
-        many = f"SELECT task_id, {meta_cols} FROM {task} WHERE task_id IN ({{in}}) " \
-               f"AND status IN ({_READY_SQL})"
+        many_any = f"SELECT task_id, {meta_cols} FROM {task} WHERE task_id IN ({{in}})"
+        many = f"{many_any} AND status IN ({_READY_SQL})"
     # A ready state is never replaced by a non-ready one, and nothing replaces
     # SUCCESS (a redelivered task must not overwrite its first result).
     upsert_task = (
@@ -93,6 +100,13 @@ def statements(dialect: str, names: TableNames) -> Statements:
         f"WHERE t.status IS NULL OR (t.status <> 'SUCCESS' AND "
         f"(excluded.status IN ({_READY_SQL}) OR t.status NOT IN ({_READY_SQL})))"
     )
+    # RETURNING yields a row only when the insert or the update really happened (not
+    # when the WHERE above kept the old row), so only real changes notify. The
+    # notification is sent at commit: with autocommit, when this statement ends.
+    notify_upsert_task = (
+        f"WITH u AS ({upsert_task} RETURNING t.task_id, t.status) "
+        f"SELECT pg_notify({ph}, '{PAYLOAD_TAG}|' || u.status || '|' || u.task_id) FROM u"
+    ) if pg else ""
     # The callback is claimed by the one statement that records the last
     # distinct part; the row lock serialises concurrent part returns.
     complete = "c.fired_at IS NULL AND c.size IS NOT NULL AND c.done + n.k >= c.size + c.extra"
@@ -112,8 +126,11 @@ def statements(dialect: str, names: TableNames) -> Statements:
     return Statements(
         dialect=dialect,
         ph=ph,
+        channel_prefix=channel_prefix(names),
         upsert_task=upsert_task,
+        notify_upsert_task=notify_upsert_task,
         select_task=f"SELECT {meta_cols} FROM {task} WHERE task_id = {ph}",
+        select_many=many_any,
         select_many_ready=many,
         task_exists=f"SELECT 1 FROM {task} WHERE task_id = {ph}",
         delete_task=f"DELETE FROM {task} WHERE task_id = {ph}",
