@@ -147,14 +147,18 @@ class CelerySettings:
         return TableNames(self.schema, self.task_table, self.group_table)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "schema": self.schema,
             "task_table": self.task_table,
             "group_table": self.group_table,
             "result_extended": self.extended,
             "result_expires": self.expires,
-            "notifications": self.notifications,
         }
+        if not self.notifications:
+            # written only when off: the Secrets of existing stores (and the pod
+            # rollouts keyed on their hash) do not change for the default
+            out["notifications"] = False
+        return out
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def test_notifications_setting_in_url_and_celery_json(tmp_path: Path) -> None:
     assert isinstance(on, StoreConfig) and on.notifications is True
     with pytest.raises(ConfigError, match="notify"):
         parse_backend_url("postgresql://u:secret@h/db?notify=maybe")
-    assert CelerySettings(schema="s").to_json()["notifications"] is True
+    assert "notifications" not in CelerySettings(schema="s").to_json()  # default: unchanged
     assert CelerySettings(schema="s", notifications=False).to_json()["notifications"] is False
 
     d = tmp_path / "b"
