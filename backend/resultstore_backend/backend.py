@@ -26,30 +26,24 @@ through a restricted (de)serialiser that allows only the types JSON can carry.
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, date, datetime, timedelta, timezone
-from datetime import time as dtime
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
 
 from celery import maybe_signature, states
 from celery.backends.base import BaseBackend, _create_chord_error_with_cause
-from celery.exceptions import ChordError, ImproperlyConfigured
+from celery.exceptions import BackendGetMetaError, ChordError, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
-from celery.utils.time import maybe_timedelta
-from kombu.exceptions import EncodeError
+from celery.utils.serialization import raise_with_context
+from celery.utils.time import get_exponential_backoff_interval, maybe_timedelta
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 
 from . import cleanup as cleanup_mod
-from .config import ConfigError, DirectorySource, StoreConfig, parse_backend_url
+from .config import ConfigError, DirectorySource, StoreConfig, parse_backend_url, redact
 from .engine import (
     DEFAULT_IDLE_PING_AFTER,
     DEFAULT_RELOAD_INTERVAL,
@@ -58,6 +52,15 @@ from .engine import (
     is_connection_error,
     is_transient_error,
 )
+from .pickles import (
+    PICKLE_CONTENT_TYPE,
+    UnsafePickleError,
+    dump_full,
+    dump_restricted,
+    load_full,
+    load_restricted,
+)
+from .pickles import is_pickle as _is_pickle
 from .schema import TableNames
 from .sql import Statements, statements
 
@@ -65,83 +68,71 @@ __all__ = ["ResultStoreBackend"]
 
 logger = logging.getLogger(__name__)
 
-PICKLE_CONTENT_TYPE = "application/x-python-serialize"
-PICKLE_PROTOCOL = 4
 _SQLITE_TS = "%Y-%m-%d %H:%M:%S.%f"
 
 READY_STATES = frozenset(states.READY_STATES)
 
-# ----------------------------------------------------------------------------- pickles
+# ----------------------------------------------------------------------------- retries
 
-_SAFE_TYPES: frozenset[type] = frozenset({
-    set, frozenset, complex, bytearray, datetime, date, dtime, timedelta, timezone, UUID,
-    Decimal, OrderedDict,
-})
-_SAFE_GLOBALS = frozenset({
-    ("builtins", n) for n in (
-        "set", "frozenset", "complex", "bytearray", "int", "float", "str", "bytes", "dict",
-        "list", "tuple", "bool")
-} | {
-    ("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")
-} | {("uuid", "UUID"), ("uuid", "SafeUUID"), ("decimal", "Decimal"),
-     ("collections", "OrderedDict")})
+#: Seconds an operation keeps retrying transient errors, from its first failure: rides
+#: out a 60 s PostgreSQL outage (restart, failover) with room for reconnecting.
+DEFAULT_RETRY_BUDGET = 90.0
+DEFAULT_RETRY_BASE_MS = 50
+DEFAULT_RETRY_CAP_MS = 2000
 
 
-class _JsonSafePickler(pickle.Pickler):
-    """Pickles only what a JSON result could hold (plus the types kombu's JSON adds).
+def _retry_budget(value: Any) -> float:
+    """The ``resultstore_retry_budget`` app setting (seconds; None: the default)."""
+    if value is None:
+        return DEFAULT_RETRY_BUDGET
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise ImproperlyConfigured(
+            "resultstore_retry_budget: expected a number of seconds") from None
+    if budget != budget or budget < 0:
+        raise ImproperlyConfigured("resultstore_retry_budget: must be 0 or more seconds")
+    return budget
 
-    Subclasses of builtin containers/scalars (IntEnum, namedtuple, defaultdict)
-    are stored as their base type, as JSON would; anything else is refused with
-    the EncodeError Celery expects from a serializer.
+
+def _op_name(func: Any) -> str:
+    return str(getattr(func, "__name__", None) or type(func).__name__)
+
+
+def _describe_error(exc: BaseException, password: str | None) -> str:
+    """One line about ``exc`` for logs: its type and first message line, redacted."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = redact(text[:300], password)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- rows
+
+#: Values every serializer round-trips to themselves: stored without the round trip.
+_EXACT_SCALARS = frozenset({type(None), bool, int, float, str})
+
+
+class CorruptRowError(BackendGetMetaError):
+    """A stored row whose column cannot be decoded.
+
+    Names the task (or group) id, the schema-qualified table and the column, never the
+    content; not retried (reading it again gives the same bytes).
     """
 
-    def reducer_override(self, obj: Any) -> Any:
-        cls = type(obj)
-        if cls in _SAFE_TYPES:
-            return NotImplemented
-        if isinstance(obj, type):
-            # classes referenced by the reductions above (set, int, dict, UUID, ...)
-            if (obj.__module__, obj.__qualname__) in _SAFE_GLOBALS:
-                return NotImplemented
-            raise EncodeError(f"cannot store the class {obj.__module__}.{obj.__qualname__} "
-                              "with the json result_serializer")
-        if isinstance(obj, bool):
-            return bool, (bool(obj),)
-        if isinstance(obj, int):
-            return int, (int(obj),)
-        if isinstance(obj, float):
-            return float, (float(obj),)
-        if isinstance(obj, str):
-            return str, (str(obj),)
-        if isinstance(obj, bytes):
-            return bytes, (bytes(obj),)
-        if isinstance(obj, tuple):
-            return tuple, (tuple(obj),)
-        if isinstance(obj, list):
-            return list, (), None, iter(obj)
-        if isinstance(obj, dict):
-            return dict, (), None, None, iter(obj.items())
-        if isinstance(obj, UUID):
-            return UUID, (str(obj),)
-        raise EncodeError(
-            f"result of type {cls.__module__}.{cls.__qualname__} cannot be stored with "
-            "the json result_serializer (accept pickle content to store arbitrary objects)"
-        )
+    def __init__(self, message: str, *, task_id: str, table: str, column: str) -> None:
+        super().__init__(message, task_id=task_id)
+        self.table = table
+        self.column = column
 
-
-class _JsonSafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle {module}.{name}: the app does not accept pickle content"
-        )
-
-
-def _is_pickle(payload: bytes) -> bool:
-    # protocol 2+ pickles start with PROTO <n>; msgpack maps start with 0x80..0x8f too,
-    # but never with 0x80 followed by a small protocol number as a whole payload.
-    return len(payload) > 2 and payload[0] == 0x80 and 2 <= payload[1] <= 5
+def _corrupt_error(kind: str, ident: str, table: str, column: str, cause: BaseException
+                   ) -> CorruptRowError:
+    # our own refusals name what was refused; anything else only by its type, since
+    # decoder messages may quote bytes of the content
+    reason = str(cause) if isinstance(cause, UnsafePickleError) else type(cause).__name__
+    return CorruptRowError(
+        f"the stored row of {kind} {ident} in table {table} cannot be decoded: column "
+        f"{column!r} is corrupt or was not written by a Celery result backend ({reason})",
+        task_id=ident, table=table, column=column)
 
 
 # ----------------------------------------------------------------------------- time
@@ -183,18 +174,21 @@ class ResultStoreBackend(BaseBackend):
                  url: str | None = None, **kwargs: Any) -> None:
         super().__init__(expires_type=maybe_timedelta, url=url, **kwargs)
         conf = self.app.conf
-        # Like the stock backend, retry by default; but with a budget that
-        # outlasts a PostgreSQL restart (~10 s), not three quick attempts.
+        # Like the stock backend, retry transient errors by default; but for as long
+        # as a PostgreSQL outage may last (a time budget, resultstore_retry_budget),
+        # not for a number of quick attempts. Celery's own settings still apply when
+        # the app sets them (max_retries then caps the attempts within the budget).
         if not conf.value_set_for("result_backend_always_retry") or getattr(
                 self, "always_retry", None) is None:
             self.always_retry = True
         if not conf.value_set_for("result_backend_max_retries") or getattr(
                 self, "max_retries", None) is None:
-            self.max_retries: float = 15
+            self.max_retries: float = float("inf")
         if not conf.value_set_for("result_backend_base_sleep_between_retries_ms"):
-            self.base_sleep_between_retries_ms = 50
+            self.base_sleep_between_retries_ms = DEFAULT_RETRY_BASE_MS
         if not conf.value_set_for("result_backend_max_sleep_between_retries_ms"):
-            self.max_sleep_between_retries_ms = 2000
+            self.max_sleep_between_retries_ms = DEFAULT_RETRY_CAP_MS
+        self.retry_budget = _retry_budget(conf.get("resultstore_retry_budget"))
 
         self.url = url or dburi or conf.get("result_backend") or None
         try:
@@ -232,6 +226,9 @@ class ResultStoreBackend(BaseBackend):
         self.pending_horizon = int(conf.get("resultstore_pending_horizon",
                                             cleanup_mod.DEFAULT_PENDING_HORIZON))
         self._full_pickle = PICKLE_CONTENT_TYPE in self.accept
+        # A key-value backend returns what the serializer's round trip gives (tuples
+        # as lists with json): store exactly that, so every backend reads back alike.
+        self._roundtrip = self.content_type != PICKLE_CONTENT_TYPE
 
     @staticmethod
     def _apply_app_tables(source: StoreConfig, conf: Any) -> StoreConfig:
@@ -281,11 +278,11 @@ class ResultStoreBackend(BaseBackend):
         return datetime.now(UTC)
 
     def _dump_result(self, value: Any) -> bytes:
+        if self._roundtrip and type(value) not in _EXACT_SCALARS:
+            value = self.decode(self.encode(value))
         if self._full_pickle:
-            return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
-        buf = io.BytesIO()
-        _JsonSafePickler(buf, protocol=PICKLE_PROTOCOL).dump(value)
-        return buf.getvalue()
+            return dump_full(value)
+        return dump_restricted(value)
 
     def _load_result(self, payload: Any) -> Any:
         if payload is None:
@@ -293,10 +290,58 @@ class ResultStoreBackend(BaseBackend):
         payload = bytes(payload)
         if _is_pickle(payload):
             if self._full_pickle:
-                return pickle.loads(payload)
-            return _JsonSafeUnpickler(io.BytesIO(payload)).load()
+                return load_full(payload)
+            return load_restricted(payload)
         # written by a client that stores serializer-encoded bytes (Celery >= 5.7)
         return self.decode(payload)
+
+    def _describe(self, exc: BaseException) -> str:
+        return _describe_error(exc, self._holder.config.password)
+
+    def _ensure_retryable(self, func: Any, *args: Any, fallback_exc: Any = None,
+                          fallback_msg: str | None = None, max_retries: float | None = None,
+                          **kwargs: Any) -> Any:
+        """Run ``func``, retrying transient errors until the retry budget is spent.
+
+        Celery's loop counts attempts; with capped exponential backoff that is a
+        duration nobody can read off the settings (15 attempts were ~11 s, less
+        than a PostgreSQL restart may take). Here the limit is ``retry_budget``
+        seconds from the first failure, with Celery's backoff (base/cap, full
+        jitter) between attempts, and Celery's ``max_retries`` as a second cap
+        when the app sets it. The last attempt is made at the deadline.
+        """
+        limit = self.max_retries if max_retries is None else max_retries
+        retries = 0
+        deadline: float | None = None
+        while True:
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                if not (self.always_retry and self.exception_safe_to_retry(exc)):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_budget
+                if retries >= limit or now >= deadline:
+                    logger.error("result store operation %s failed after %d retries "
+                                 "(%.1f s retry budget): %s", _op_name(func), retries,
+                                 self.retry_budget, self._describe(exc))
+                    if fallback_exc:
+                        raise_with_context(fallback_exc(fallback_msg))
+                    raise
+                retries += 1
+                try:
+                    self.on_backend_retryable_error(exc)
+                except Exception:
+                    logger.exception("on_backend_retryable_error hook failed; retrying")
+                nap = get_exponential_backoff_interval(
+                    self.base_sleep_between_retries_ms, retries,
+                    self.max_sleep_between_retries_ms, True) / 1000
+                nap = min(nap, max(0.0, deadline - now))
+                logger.warning("result store operation %s failed (%s); retry %d in %.2f s, "
+                               "%.1f s of the retry budget left", _op_name(func),
+                               self._describe(exc), retries, nap, deadline - now)
+                self._sleep(nap)
 
     def _decode_opt(self, payload: Any) -> Any:
         return None if payload is None else self.decode(bytes(payload))
@@ -346,6 +391,32 @@ class ResultStoreBackend(BaseBackend):
         return result
 
     def _raw_meta(self, task_id: str, row: Any) -> dict[str, Any]:
+        try:
+            return self._decode_row(task_id, row)
+        except Exception as exc:
+            raise self._corrupt_row(task_id, row, exc) from None
+
+    def _table_label(self, table: str) -> str:
+        names = self._holder.config.names
+        return f"{names.schema}.{table}" if names.schema else table
+
+    def _corrupt_row(self, task_id: str, row: Any, exc: BaseException) -> CorruptRowError:
+        """The error for an undecodable task row: which task, table and column, not content."""
+        column = "row"
+        cause: BaseException = exc
+        for name, index, decode in (("result", 1, self._load_result),
+                                    ("children", 4, self._decode_opt),
+                                    ("args", 6, self._decode_opt),
+                                    ("kwargs", 7, self._decode_opt)):
+            try:
+                decode(row[index])
+            except Exception as failed:
+                column, cause = name, failed
+                break
+        return _corrupt_error("task", task_id, self._table_label(
+            self._holder.config.names.task_table), column, cause)
+
+    def _decode_row(self, task_id: str, row: Any) -> dict[str, Any]:
         (status, result, date_done, traceback, children, name, args, kwargs, worker, retries,
          queue, stamps) = row
         meta: dict[str, Any] = {
@@ -476,7 +547,11 @@ class ResultStoreBackend(BaseBackend):
             row = conn.execute(sql, (bytes_to_str(group_id),)).fetchone()
         if row is None:
             return None
-        value = self._load_result(row[0])
+        try:
+            value = self._load_result(row[0])
+        except Exception as exc:
+            raise _corrupt_error("group", bytes_to_str(group_id), self._table_label(
+                self._holder.config.names.group_table), "result", exc) from None
         return {
             "taskset_id": bytes_to_str(group_id),
             "result": None if value is None else result_from_tuple(value, self.app),
