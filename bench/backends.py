@@ -98,6 +98,34 @@ def resultstore_available() -> tuple[bool, str]:
     return True, ""
 
 
+#: the resultstore backend with its LISTEN/NOTIFY push waits turned off (URL parameter):
+#: measured beside the default (on) where notifications could cost something
+NOTIFY_OFF_KEY = "resultstore_off"
+
+
+def notify_setting_available() -> bool:
+    """Whether this backend version has the notifications on/off setting."""
+    try:
+        config = importlib.import_module("resultstore_backend.config")
+    except Exception:  # noqa: BLE001 - not landed: no variant
+        return False
+    fields = getattr(config.StoreConfig, "__dataclass_fields__", {})
+    return "notifications" in fields
+
+
+def notify_off_entry(entry: BackendEntry) -> BackendEntry | None:
+    """The notifications-off twin of the resultstore entry (same database and schema)."""
+    if entry.key != "resultstore" or not entry.available or not notify_setting_available():
+        return None
+    url = entry.app.result_backend
+    url += ("&" if "?" in url else "?") + "notify=false"
+    return BackendEntry(
+        key=NOTIFY_OFF_KEY, label="resultstore (notify=false)",
+        app=AppSpec(entry.app.backend, url, entry.app.broker_url, "bench-rs-off"),
+        sql=entry.sql, redis_db_url=None, available=True,
+    )
+
+
 def build_entries(services: BenchServices, wanted: tuple[str, ...]) -> list[BackendEntry]:
     broker = services.redis.db_url(BROKER_DB)
     entries: list[BackendEntry] = []

@@ -216,7 +216,11 @@ def writer_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
         backend.store_result(f"{prefix}-{count}", PAYLOAD, states.SUCCESS)
         latencies.append((time.perf_counter_ns() - t0) / 1e6)
         count += 1
-    return {"count": count, "elapsed": time.perf_counter() - start, "latencies_ms": latencies}
+    elapsed = time.perf_counter() - start
+    if params.get("final_id") and int(params.get("child", 0)) == 0:
+        # the result a waiting client (waiter_workload) waits for, stored last
+        backend.store_result(params["final_id"], PAYLOAD, states.SUCCESS)
+    return {"count": count, "elapsed": elapsed, "latencies_ms": latencies}
 
 
 def paced_writer_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
@@ -301,40 +305,101 @@ def _last_date_done(params: dict[str, Any], ids: list[str]) -> float:
     return max(stamps)
 
 
-def chord_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
-    """Client side of the chord and live-group tests; a real worker must be consuming."""
+def live_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """Client side of the live-worker rows; a real worker (params["pool"]) must be consuming.
+
+    What a Celery user does: ``delay().get()`` of a no-op task, a group dispatched and
+    joined, a chord dispatched and its callback's result waited for, all with the
+    backend's default waiting (no interval tuning), so the number is what the store, the
+    wake-up and the read cost on top of the same broker and worker.
+    """
     noop = app.tasks[NOOP]
     callback = app.tasks[CALLBACK]
     timeout = float(params["timeout"])
-    # Warm-up: worker ready, connections open, chord machinery exercised once.
+    # Warm-up: worker ready, connections (and listeners) open, chord machinery used once.
     warm = group(noop.s(i) for i in range(10)).apply_async()
     warm.get(timeout=120)
     chord(noop.s(i) for i in range(5))(callback.s()).get(timeout=120)
+    for i in range(3):
+        noop.delay(i).get(timeout=120)
+
+    def round_trip(i: int) -> object:
+        value = noop.delay(i).get(timeout=timeout)
+        if value != i:
+            raise AssertionError(f"round trip {i} returned {value!r}")
+        return value
+
+    rt_ms: list[float] = []
+    started = time.perf_counter()
+    for i in range(int(params["rt_calls"])):
+        ns0 = time.perf_counter_ns()
+        round_trip(i)
+        rt_ms.append((time.perf_counter_ns() - ns0) / 1e6)
+        if len(rt_ms) >= int(params["rt_min"]) and \
+                time.perf_counter() - started > float(params["rt_budget_s"]):
+            break
+
+    size = int(params["group_size"])
+    live_s: list[float] = []
+    for _ in range(int(params["live_repeats"])):
+        t0 = time.perf_counter()
+        result = group(noop.s(i) for i in range(size)).apply_async()
+        values = result.get(timeout=timeout)  # join_native where the backend has it
+        live_s.append(time.perf_counter() - t0)
+        if values != list(range(size)):
+            raise AssertionError("live group returned wrong values")
+
+    parts = int(params["live_chord_parts"])
+    live_chord_s: list[float] = []
+    for _ in range(int(params["live_repeats"])):
+        t0 = time.perf_counter()
+        out = chord(noop.s(i) for i in range(parts))(callback.s()).get(timeout=timeout)
+        live_chord_s.append(time.perf_counter() - t0)
+        if int(out["n"]) != parts:
+            raise AssertionError(f"chord callback saw {out['n']} results, expected {parts}")
 
     chord_ms: list[float] = []
     chord_total_s: list[float] = []
-    parts = int(params["parts"])
-    for _ in range(int(params["chord_repeats"])):
-        ids = [str(uuid.uuid4()) for _ in range(parts)]
+    big = int(params.get("chord_parts") or 0)
+    for _ in range(int(params.get("chord_repeats") or 0) if big else 0):
+        ids = [str(uuid.uuid4()) for _ in range(big)]
         header = [noop.s(i).set(task_id=task_id) for i, task_id in enumerate(ids)]
         t0 = time.time()
         res = chord(header)(callback.s())
         out = res.get(timeout=timeout, interval=0.05)
         chord_total_s.append(time.time() - t0)
-        if int(out["n"]) != parts:
-            raise AssertionError(f"chord callback saw {out['n']} results, expected {parts}")
+        if int(out["n"]) != big:
+            raise AssertionError(f"chord callback saw {out['n']} results, expected {big}")
         last = _last_date_done(params, ids)
         chord_ms.append((out["started"] - last) * 1000.0)
+    return {"rt_ms": rt_ms, "live_join_s": live_s, "live_chord_s": live_chord_s,
+            "chord_ms": chord_ms, "chord_total_s": chord_total_s}
 
-    live_s: list[float] = []
-    for _ in range(int(params["live_repeats"])):
-        t0 = time.perf_counter()
-        result = group(noop.s(i) for i in range(int(params["group_size"]))).apply_async()
-        values = result.get(timeout=timeout)
-        live_s.append(time.perf_counter() - t0)
-        if values != list(range(int(params["group_size"]))):
-            raise AssertionError("live group returned wrong values")
-    return {"chord_ms": chord_ms, "chord_total_s": chord_total_s, "live_join_s": live_s}
+
+def waiter_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
+    """One client waiting for one task while writers fill the same store at full speed.
+
+    Measures this process's own CPU time (all threads: user + system, getrusage) from the
+    start of ``AsyncResult.get`` until it returns: a waiter that is woken by every other
+    task's notification pays for them here.
+    """
+    import resource
+
+    backend = app.backend
+    warm_id = f"bench-waitwarm-{uuid.uuid4().hex}"
+    backend.store_result(warm_id, PAYLOAD, states.SUCCESS)
+    app.AsyncResult(warm_id).get(timeout=60)
+    _clear_caches(app)
+    Path(params["ready_file"]).touch()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    value = app.AsyncResult(params["task_id"]).get(timeout=float(params["timeout"]))
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if not isinstance(value, dict) or value.get("value") != PAYLOAD["value"]:
+        raise AssertionError(f"waiter got {value!r}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"cpu_s": cpu, "wall_s": wall}
 
 
 def floor_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +451,8 @@ WORKLOADS: dict[str, Workload] = {
     "paced_writer": paced_writer_workload,
     "cleanup": cleanup_workload,
     "prepare": prepare_workload,
-    "chord": chord_workload,
+    "live": live_workload,
+    "waiter": waiter_workload,
 }
 
 

@@ -7,6 +7,7 @@ from other work on the machine spreads over all backends instead of hitting one.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from bench.runner import CeleryWorker, JobFailed, Runner
 from bench.services import BenchServices
 from bench.settings import BenchSettings
 from bench.stats import median
+from resultstore_devtools.procs import kill_group
 
 Raw = dict[str, dict[str, Any]]
 Log = Callable[[str], None]
@@ -87,48 +89,97 @@ def _wait_files(directory: Path, pattern: str, count: int, timeout: float,
         time.sleep(0.02)
 
 
+def _run_writers(runner: Runner, settings: BenchSettings, entry: BackendEntry,
+                 final_id: str | None = None) -> dict[str, Any]:
+    """8 (settings.writers) forked pool children storing as fast as they can, in step."""
+    barrier = runner.new_dir(f"barrier-{entry.key}")
+    params: dict[str, Any] = {"seconds": settings.writer_seconds, "warmup": settings.warmup,
+                              "barrier_dir": str(barrier), "final_id": final_id}
+    handle = runner.start_job(entry, "writer", "worker", params, children=settings.writers)
+    _wait_files(barrier, "ready-*", settings.writers, 300, handle.proc.poll)
+    (barrier / "go").touch()
+    results = handle.wait(timeout=settings.writer_seconds + 300)
+    total = sum(r["count"] for r in results)
+    elapsed = max(r["elapsed"] for r in results)
+    return {"total": total, "throughput": total / elapsed,
+            "latencies_ms": [x for r in results for x in r["latencies_ms"]]}
+
+
 def writers(runner: Runner, settings: BenchSettings, entries: list[BackendEntry],
             raw: Raw, log: Log) -> None:
+    """Throughput of concurrent writers; the resultstore also with notifications off."""
     for rep in range(settings.writer_repeats):
         for entry in _rotated(entries, rep):
-            barrier = runner.new_dir(f"barrier-{entry.key}")
-            params = {"seconds": settings.writer_seconds, "warmup": settings.warmup,
-                      "barrier_dir": str(barrier)}
-            handle = runner.start_job(entry, "writer", "worker", params,
-                                      children=settings.writers)
-            _wait_files(barrier, "ready-*", settings.writers, 300, handle.proc.poll)
-            (barrier / "go").touch()
-            results = handle.wait(timeout=settings.writer_seconds + 300)
-            total = sum(r["count"] for r in results)
-            elapsed = max(r["elapsed"] for r in results)
-            bucket = raw[entry.key].setdefault("writers", {"throughput": [],
-                                                           "latencies_ms": []})
-            bucket["throughput"].append(total / elapsed)
-            for r in results:
-                bucket["latencies_ms"].extend(r["latencies_ms"])
+            out = _run_writers(runner, settings, entry)
+            bucket = raw.setdefault(entry.key, {}).setdefault(
+                "writers", {"throughput": [], "latencies_ms": []})
+            bucket["throughput"].append(out["throughput"])
+            bucket["latencies_ms"].extend(out["latencies_ms"])
             log(f"writers {entry.key} rep {rep + 1}/{settings.writer_repeats}: "
-                f"{total / elapsed:.0f} stores/s")
+                f"{out['throughput']:.0f} stores/s")
 
 
-def chords(runner: Runner, settings: BenchSettings, services: BenchServices,
-           entries: list[BackendEntry], raw: Raw, log: Log) -> None:
+def waiter(runner: Runner, settings: BenchSettings, entries: list[BackendEntry],
+           raw: Raw, log: Log) -> None:
+    """CPU time of one client waiting for one task while the writers run at full speed."""
+    for rep in range(settings.writer_repeats):
+        for entry in _rotated(entries, rep):
+            flags = runner.new_dir(f"waiter-{entry.key}")
+            task_id = f"bench-waited-{uuid.uuid4().hex}"
+            client = runner.start_job(entry, "waiter", "client", {
+                "task_id": task_id, "ready_file": str(flags / "ready"),
+                "timeout": settings.writer_seconds + 600})
+            try:
+                _wait_files(flags, "ready", 1, 300, client.proc.poll)
+                out = _run_writers(runner, settings, entry, final_id=task_id)
+            except BaseException:
+                kill_group(client.proc)
+                raise
+            result = client.wait(timeout=600)
+            bucket = raw.setdefault(entry.key, {}).setdefault(
+                "waiter", {"cpu_s": [], "wall_s": [], "stores": []})
+            bucket["cpu_s"].append(result["cpu_s"])
+            bucket["wall_s"].append(result["wall_s"])
+            bucket["stores"].append(out["total"])
+            log(f"waiter {entry.key} rep {rep + 1}/{settings.writer_repeats}: "
+                f"{result['cpu_s']:.3f} CPU s over {result['wall_s']:.1f} s while "
+                f"{out['total']} results were stored")
+
+
+def live(runner: Runner, settings: BenchSettings, services: BenchServices,
+         entries: list[BackendEntry], raw: Raw, log: Log) -> None:
+    """The rows with a real worker: round trips, groups and chords, per worker pool."""
     broker = redis.Redis.from_url(services.redis.db_url(BROKER_DB))
-    for entry in entries:
-        broker.flushdb()
-        params: dict[str, Any] = {
-            "parts": settings.chord_parts, "chord_repeats": settings.chord_repeats,
-            "live_repeats": settings.live_group_repeats, "group_size": settings.group_size,
-            "timeout": 900, "sql": entry.sql.to_json() if entry.sql else None,
-            "redis_db_url": entry.redis_db_url,
-        }
-        worker = CeleryWorker(entry, settings.worker_concurrency,
-                              runner.run_dir / f"worker-{entry.key}.log")
-        with worker:
-            out = runner.job(entry, "chord", "client", params, timeout=3600)
-        raw[entry.key]["chord"] = out
-        log(f"chord {entry.key}: callback after last header "
-            f"{', '.join(f'{v:.1f}' for v in out['chord_ms'])} ms; live join "
-            f"{', '.join(f'{v:.2f}' for v in out['live_join_s'])} s")
+    for pool in settings.live_pools:
+        for entry in entries:
+            broker.flushdb()
+            big_chord = pool == "prefork"  # the header -> callback row runs once
+            params: dict[str, Any] = {
+                "pool": pool, "rt_calls": settings.rt_calls, "rt_min": settings.rt_min,
+                "rt_budget_s": settings.rt_budget_s, "live_repeats": settings.live_group_repeats,
+                "group_size": settings.live_group_size,
+                "live_chord_parts": settings.live_chord_parts,
+                "chord_parts": settings.chord_parts if big_chord else 0,
+                "chord_repeats": settings.chord_repeats if big_chord else 0,
+                "timeout": 900, "sql": entry.sql.to_json() if entry.sql else None,
+                "redis_db_url": entry.redis_db_url,
+            }
+            worker = CeleryWorker(entry, settings.worker_concurrency,
+                                  runner.run_dir / f"worker-{entry.key}-{pool}.log", pool=pool)
+            t0 = time.perf_counter()
+            with worker:
+                out = runner.job(entry, "live", "client", params, timeout=3600)
+            raw.setdefault(entry.key, {}).setdefault("live", {})[pool] = out
+            if big_chord:
+                raw[entry.key]["chord"] = {"chord_ms": out["chord_ms"],
+                                           "chord_total_s": out["chord_total_s"]}
+            log(f"live {entry.key}/{pool}: round trip p50 {median(out['rt_ms']):.1f} ms "
+                f"(n={len(out['rt_ms'])}), group {settings.live_group_size} "
+                f"{median(out['live_join_s']) * 1000:.0f} ms, chord "
+                f"{settings.live_chord_parts} {median(out['live_chord_s']) * 1000:.0f} ms"
+                + (f", callback after last header "
+                   f"{', '.join(f'{v:.1f}' for v in out['chord_ms'])} ms" if big_chord else "")
+                + f" ({time.perf_counter() - t0:.0f}s)")
     broker.flushdb()
 
 

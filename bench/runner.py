@@ -105,11 +105,12 @@ class Runner:
 
 @dataclass
 class CeleryWorker:
-    """A real `celery worker -P prefork` consuming the bench queue for one backend."""
+    """A real `celery worker -P <pool>` consuming the bench queue for one backend."""
 
     entry: BackendEntry
     concurrency: int
     log_path: Path
+    pool: str = "prefork"
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -117,7 +118,7 @@ class CeleryWorker:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "bench.celeryapp", "worker",
-                 "-P", "prefork", "-c", str(self.concurrency), "-Q", self.entry.app.queue,
+                 "-P", self.pool, "-c", str(self.concurrency), "-Q", self.entry.app.queue,
                  "-n", f"bench-{self.entry.key}@localhost", "--without-gossip",
                  "--without-mingle", "--without-heartbeat", "-l", "WARNING"],
                 cwd=REPO_ROOT, env=_env(extra), stdout=log, stderr=subprocess.STDOUT,

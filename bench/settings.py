@@ -32,7 +32,13 @@ class BenchSettings:
     writer_repeats: int
     chord_parts: int
     chord_repeats: int
-    live_group_repeats: int
+    live_group_repeats: int  # repeats of the live group and live chord rows, per worker pool
+    live_group_size: int  # tasks in the live group (dispatch -> join done)
+    live_chord_parts: int  # header tasks of the live chord (dispatch -> callback result)
+    rt_calls: int  # delay -> get round trips per worker pool (upper bound; see rt_budget_s)
+    rt_budget_s: float  # stop the round trips after this long (polling backends)
+    rt_min: int  # round trips that always run
+    live_pools: tuple[str, ...]  # worker pools the live rows run with
     cleanup_rows: int  # expired rows generated before the cleanup run
     cleanup_writer_rate: float  # stores/s of the paced writer running during cleanup
     cleanup_repeats: int
@@ -45,7 +51,9 @@ class BenchSettings:
         base = cls(
             quick=False, repeats=5, n_store=1000, n_get=500, op_budget_s=4.0, min_ops=50,
             warmup=50, group_size=1000, writers=8, writer_seconds=5.0, writer_repeats=3,
-            chord_parts=1000, chord_repeats=3, live_group_repeats=3, cleanup_rows=1_000_000,
+            chord_parts=1000, chord_repeats=3, live_group_repeats=5, live_group_size=100,
+            live_chord_parts=100, rt_calls=100, rt_budget_s=30.0, rt_min=20,
+            live_pools=("prefork", "threads"), cleanup_rows=1_000_000,
             cleanup_writer_rate=200.0, cleanup_repeats=1, worker_concurrency=2,
             backends=ALL_BACKENDS, results_dir=BENCH_DIR / "results",
         )
@@ -56,7 +64,8 @@ class BenchSettings:
         base = cls.full().replace(
             quick=True, repeats=1, n_store=100, n_get=50, op_budget_s=1.0, min_ops=20,
             warmup=10, group_size=100, writer_seconds=1.0, writer_repeats=1, chord_parts=50,
-            chord_repeats=1, live_group_repeats=1, cleanup_rows=20_000,
+            chord_repeats=1, live_group_repeats=1, rt_calls=10, rt_budget_s=5.0, rt_min=5,
+            cleanup_rows=20_000,
         )
         return base.replace(**overrides)
 
@@ -69,6 +78,7 @@ class BenchSettings:
         data = asdict(self)
         data["results_dir"] = str(self.results_dir)
         data["backends"] = list(self.backends)
+        data["live_pools"] = list(self.live_pools)
         return data
 
 

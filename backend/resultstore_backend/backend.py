@@ -425,7 +425,8 @@ class ResultStoreBackend(BaseBackend):
             "result": self._load_result(result),
             "traceback": traceback,
             "date_done": _read_ts(date_done),
-            "children": self._decode_opt(children),
+            # a stored task with no children has [] (as Redis and stock db+ return it)
+            "children": self._decode_opt(children) or [],
         }
         if self._extended:
             meta.update({
