@@ -1,0 +1,528 @@
+"""The canvas scenarios of the differential test, as plain data plus small functions.
+
+Each scenario takes a :class:`Ctx` (a client app, its tasks and a tag private to this run)
+and returns an *observation*: plain data of what a Celery user sees - return values,
+raised exception types and args, states, ``children``/``parent`` shapes, the type of
+``date_done`` and the extended fields. Ids are replaced by their shape and uuids inside
+strings by ``<id>``, so observations of different runs (and backends) compare equal when,
+and only when, the caller saw the same Celery. Values keep their exact types (a tuple is
+not a list, a namedtuple is not a tuple): observations are compared as ``pprint`` text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+import redis
+from celery import Celery, chain, chord, group
+from celery.result import AsyncResult, GroupResult, ResultSet
+from celery.utils import uuid
+
+TIMEOUT = 60.0
+BIG = 10 * 1024 * 1024
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TAG = re.compile(r"tag-[0-9a-f]{16}")
+
+
+def new_tag() -> str:
+    """A tag private to one run of one scenario (replaced by ``<tag>`` in observations)."""
+    return "tag-" + secrets.token_hex(8)
+
+
+@dataclass
+class Ctx:
+    """What a scenario runs with: one backend's client app, its tasks and a private tag."""
+
+    app: Celery
+    t: SimpleNamespace
+    tag: str
+    queue: str
+    worker_name: str
+    redis: redis.Redis  # the broker's Redis, where tasks record side effects
+
+
+# ----------------------------------------------------------------------------- normalising
+
+
+def norm(value: Any) -> Any:
+    """Plain data of a value as the caller sees it, ids replaced by shapes."""
+    if isinstance(value, (AsyncResult, ResultSet)):
+        return shape(value)
+    if isinstance(value, BaseException):
+        cls = type(value)
+        return {"exc": f"{cls.__module__}.{cls.__qualname__}", "args": norm(value.args)}
+    if isinstance(value, str):
+        return _TAG.sub("<tag>", _UUID.sub("<id>", value))
+    if isinstance(value, dict):
+        return {norm(k): norm(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [norm(v) for v in value]
+    if isinstance(value, tuple):
+        items = [norm(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
+def shape(result: Any) -> Any:
+    """The structure of a result (which ids are groups of which), without the ids."""
+    if result is None:
+        return None
+    if isinstance(result, GroupResult):
+        return {"group": [shape(r) for r in result.results]}
+    if isinstance(result, ResultSet):
+        return {"set": [shape(r) for r in result.results]}
+    if isinstance(result, AsyncResult):
+        return "task"
+    return {"unexpected": type(result).__name__}
+
+
+def outcome(call: Callable[[], Any]) -> dict[str, Any]:
+    """What a call returned or raised."""
+    try:
+        return {"value": norm(call())}
+    except Exception as exc:  # the observation is the exception itself
+        return {"raised": norm(exc)}
+
+
+def date_kind(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return {"type": "datetime", "aware": value.tzinfo is not None,
+                "utc": value.utcoffset() is not None and not value.utcoffset()}
+    return {"type": type(value).__name__}
+
+
+def parents(result: AsyncResult) -> list[Any]:
+    chain_of: list[Any] = []
+    node = result.parent
+    while node is not None and len(chain_of) < 20:
+        chain_of.append(shape(node))
+        node = getattr(node, "parent", None)
+    return chain_of
+
+
+def describe(ctx: Ctx, result: AsyncResult) -> dict[str, Any]:
+    """Everything AsyncResult shows about a finished (or never run) task."""
+    children = result.children
+    return {
+        "state": result.state, "ready": result.ready(), "successful": result.successful(),
+        "failed": result.failed(), "result": norm(result.result),
+        "traceback": None if result.traceback is None else ("Traceback" in result.traceback),
+        "date_done": date_kind(result.date_done),
+        "children": None if children is None else [shape(c) for c in children],
+        "parent": parents(result),
+        "name": result.name, "args": norm(result.args), "kwargs": norm(result.kwargs),
+        "queue": "<queue>" if result.queue == ctx.queue else result.queue,
+        "worker": None if result.worker is None else result.worker == ctx.worker_name,
+        "retries": result.retries,
+    }
+
+
+def describe_group(ctx: Ctx, result: GroupResult) -> dict[str, Any]:
+    return {
+        "shape": shape(result), "ready": result.ready(), "successful": result.successful(),
+        "failed": result.failed(), "completed_count": result.completed_count(),
+        "parent": None if result.parent is None else shape(result.parent),
+        "results": [describe(ctx, r) if not isinstance(r, GroupResult)
+                    else describe_group(ctx, r) for r in result.results],
+    }
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """Poll ``check`` until it returns a true value; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def records(ctx: Ctx, count: int, key: str | None = None) -> list[Any]:
+    """The ``count`` entries errback tasks pushed under the tag (sorted, for determinism)."""
+    name = f"diff:{key or ctx.tag}"
+    eventually(lambda: ctx.redis.llen(name) >= count, f"{count} record(s) under {name}")
+    entries = [json.loads(e) for e in ctx.redis.lrange(name, 0, -1)]
+    return sorted(entries, key=lambda e: json.dumps(e, sort_keys=True))
+
+
+def counter(ctx: Ctx, key: str) -> int:
+    return int(ctx.redis.get(f"diff:{key}:{ctx.tag}") or 0)
+
+
+def fresh(ctx: Ctx, task_id: str) -> AsyncResult:
+    """A result object without the client's cached meta (what another process sees)."""
+    ctx.app.backend._cache.pop(task_id, None)
+    return AsyncResult(task_id, app=ctx.app)
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def single_success(ctx: Ctx) -> Any:
+    r = ctx.t.add.delay(2, 3)
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)), "result": describe(ctx, r),
+            "fresh": describe(ctx, fresh(ctx, r.id))}
+
+
+def single_failure(ctx: Ctx) -> Any:
+    r = ctx.t.fail.delay("boom")
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)),
+            "get_no_propagate": outcome(lambda: r.get(timeout=TIMEOUT, propagate=False)),
+            "result": describe(ctx, r)}
+
+
+def unknown_id(ctx: Ctx) -> Any:
+    r = AsyncResult(uuid(), app=ctx.app)
+    return {"result": describe(ctx, r), "info": norm(r.info)}
+
+
+def on_message_callback(ctx: Ctx) -> Any:
+    """``get(on_message=...)`` sees the final state. The task sleeps because Celery itself
+    (Redis too) reads a result that is already stored before it installs ``on_message``."""
+    seen: list[str] = []
+    r = ctx.t.sleep_then.delay(42, 1.0)
+    value = outcome(lambda: r.get(timeout=TIMEOUT, on_message=lambda m: seen.append(
+        m["status"])))
+    return {"get": value, "last_message": seen[-1] if seen else None}
+
+
+def chain_simple(ctx: Ctx) -> Any:
+    t = ctx.t
+    c = chain(t.add.s(1, 1), t.add.s(10), t.add.s(100)).apply_async()
+    value = outcome(lambda: c.get(timeout=TIMEOUT))
+    first = c.parent.parent
+    return {"get": value, "result": describe(ctx, c), "middle": describe(ctx, c.parent),
+            "first": describe(ctx, first),
+            "first_child_is_middle": [ch.id for ch in first.children or []] == [c.parent.id]}
+
+
+def chain_failing_middle(ctx: Ctx) -> Any:
+    t = ctx.t
+    c = chain(t.add.s(1, 1), t.fail.si("middle"), t.add.s(100)).apply_async()
+    value = outcome(lambda: c.get(timeout=TIMEOUT))
+    c.parent.get(timeout=TIMEOUT, propagate=False)
+    return {"get": value, "result": describe(ctx, c), "middle": describe(ctx, c.parent),
+            "first": describe(ctx, c.parent.parent)}
+
+
+def group_simple(ctx: Ctx) -> Any:
+    g = group(ctx.t.add.s(i, i) for i in range(6)).apply_async()
+    return {"get": outcome(lambda: g.get(timeout=TIMEOUT)),
+            "join": outcome(lambda: g.join(timeout=TIMEOUT)),
+            "join_native": outcome(lambda: g.join_native(timeout=TIMEOUT)),
+            "iterate": outcome(lambda: sorted(v for _, v in g.iter_native(timeout=TIMEOUT))),
+            "group": describe_group(ctx, g)}
+
+
+def group_with_failure(ctx: Ctx) -> Any:
+    t = ctx.t
+    g = group(t.add.s(1, 1), t.fail.s("in group"), t.add.s(2, 2)).apply_async()
+    return {"get": outcome(lambda: g.get(timeout=TIMEOUT)),
+            "get_no_propagate": outcome(lambda: g.get(timeout=TIMEOUT, propagate=False)),
+            "join_no_propagate": outcome(lambda: g.join(timeout=TIMEOUT, propagate=False)),
+            "group": describe_group(ctx, g)}
+
+
+def _chord_obs(ctx: Ctx, c: AsyncResult) -> dict[str, Any]:
+    value = outcome(lambda: c.get(timeout=TIMEOUT))
+    return {"get": value, "get_no_propagate": outcome(
+        lambda: c.get(timeout=TIMEOUT, propagate=False)), "result": describe(ctx, c)}
+
+
+def chord_header_task(ctx: Ctx) -> Any:
+    t = ctx.t
+    return _chord_obs(ctx, chord(t.add.s(2, 2), t.tsum.s()).apply_async())
+
+
+def chord_header_group(ctx: Ctx) -> Any:
+    t = ctx.t
+    return _chord_obs(ctx, chord(group(t.add.s(i, 1) for i in range(5)))(t.tsum.s()))
+
+
+def chord_header_chain(ctx: Ctx) -> Any:
+    t = ctx.t
+    return _chord_obs(ctx, chord([chain(t.add.s(1, 1), t.add.s(10)), t.add.s(3, 3)])(
+        t.tsum.s()))
+
+
+def chord_header_one_chain(ctx: Ctx) -> Any:
+    t = ctx.t
+    return _chord_obs(ctx, chord([chain(t.add.s(1, 1), t.add.s(10))], t.echo.s()).apply_async())
+
+
+def chord_fails_at_start(ctx: Ctx) -> Any:
+    """The first header part fails at once; the others finish later."""
+    t = ctx.t
+    c = chord([t.fail.s("first"), t.sleep_then.s(1, 0.3), t.sleep_then.s(2, 0.3)])(t.tsum.s())
+    return _chord_obs(ctx, c)
+
+
+def chord_fails_at_end(ctx: Ctx) -> Any:
+    """The last header part to finish is the one that fails."""
+    t = ctx.t
+    c = chord([t.add.s(1, 1), t.add.s(2, 2), t.fail_after.s("last", 0.3)])(t.tsum.s())
+    return _chord_obs(ctx, c)
+
+
+def chord_nested(ctx: Ctx) -> Any:
+    t = ctx.t
+    inner = chord([t.add.s(1, 1), t.add.s(2, 2)], t.tsum.s())
+    return _chord_obs(ctx, chord([inner, t.add.s(3, 3)])(t.echo.s()))
+
+
+def chord_body_chord(ctx: Ctx) -> Any:
+    t = ctx.t
+    body = chord([t.add.s(1, 1), t.add.s(2, 2)], t.tsum.s())
+    c = chain(chord([t.add.s(5, 5), t.add.s(6, 6)], t.tsum.s()), body).apply_async()
+    return _chord_obs(ctx, c)
+
+
+def chord_of_groups(ctx: Ctx) -> Any:
+    t = ctx.t
+    header = [group(t.add.s(1, 1), t.add.s(2, 2)), group(t.add.s(3, 3), t.add.s(4, 4))]
+    return _chord_obs(ctx, chord(header)(t.echo.s()))
+
+
+def chord_body_chain(ctx: Ctx) -> Any:
+    t = ctx.t
+    c = chord([t.add.s(1, 1), t.add.s(2, 2)])(chain(t.tsum.s(), t.add.s(100), t.add.s(1000)))
+    obs = _chord_obs(ctx, c)
+    obs["body_parent"] = describe(ctx, c.parent) if isinstance(c.parent, AsyncResult) \
+        and not isinstance(c.parent, GroupResult) else shape(c.parent)
+    return obs
+
+
+def chord_failing_body(ctx: Ctx) -> Any:
+    t = ctx.t
+    return _chord_obs(ctx, chord([t.add.s(1, 1), t.add.s(2, 2)])(t.fail.si("body")))
+
+
+def chord_error_errbacks(ctx: Ctx) -> Any:
+    """A failing header: the body's new-style errback sees what the chord reports."""
+    t = ctx.t
+    body = t.tsum.s().on_error(t.errback_new.s(ctx.tag))
+    c = chord([t.add.s(1, 1), t.fail.s("header")])(body)
+    obs = _chord_obs(ctx, c)
+    entries = records(ctx, 1)
+    for e in entries:
+        e["request_id"] = e["request_id"] == c.id
+    obs["errbacks"] = norm(entries)
+    return obs
+
+
+def link_success(ctx: Ctx) -> Any:
+    t = ctx.t
+    r = t.add.apply_async((1, 1), link=t.add.s(10))
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    children = r.children or []
+    child_values = [outcome(partial(c.get, timeout=TIMEOUT)) for c in children]
+    return {"get": value, "result": describe(ctx, r), "children_get": child_values,
+            "children": [describe(ctx, c) for c in children]}
+
+
+def link_error_styles(ctx: Ctx) -> Any:
+    """Old-style (task_id), new-style (request, exc, traceback) and immutable errbacks."""
+    t = ctx.t
+    errbacks = [t.errback_new.s(ctx.tag), t.errback_old.s(ctx.tag),
+                t.errback_immutable.si(ctx.tag)]
+    r = t.fail.apply_async(("linked",), link_error=errbacks)
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    entries = records(ctx, 3)
+    for e in entries:
+        for key in ("request_id", "task_id"):
+            if key in e:
+                e[key] = e[key] == r.id
+    children = r.children
+    return {"get": value, "result": describe(ctx, r), "errbacks": norm(entries),
+            "children_get": [outcome(partial(c.get, timeout=TIMEOUT))
+                             for c in children or []]}
+
+
+def link_error_on_chain(ctx: Ctx) -> Any:
+    t = ctx.t
+    c = chain(t.add.s(1, 1), t.fail.si("chained")).on_error(t.errback_old.s(ctx.tag))
+    r = c.apply_async()
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    entries = records(ctx, 1)
+    for e in entries:
+        e["task_id"] = e["task_id"] == r.id
+    return {"get": value, "result": describe(ctx, r), "errbacks": norm(entries)}
+
+
+def retry_then_succeed(ctx: Ctx) -> Any:
+    r = ctx.t.retry_then.delay(ctx.tag, 2)
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)), "result": describe(ctx, r),
+            "runs": counter(ctx, "runs")}
+
+
+def retry_exhausted_with_exc(ctx: Ctx) -> Any:
+    r = ctx.t.retry_exhaust.delay(ctx.tag, True)
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)), "result": describe(ctx, r),
+            "runs": counter(ctx, "runs")}
+
+
+def retry_exhausted_plain(ctx: Ctx) -> Any:
+    r = ctx.t.retry_exhaust.delay(ctx.tag, False)
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)), "result": describe(ctx, r),
+            "runs": counter(ctx, "runs")}
+
+
+def ignore_result(ctx: Ctx) -> Any:
+    r = ctx.t.mark.apply_async((ctx.tag,), ignore_result=True)
+    eventually(lambda: counter(ctx, "mark") >= 1, "the ignore_result task to run")
+    # a later task on the same worker has been stored: the ignored one had its chance
+    ctx.t.add.delay(0, 0).get(timeout=TIMEOUT)
+    return {"result": describe(ctx, r), "fresh": describe(ctx, fresh(ctx, r.id))}
+
+
+def revoked_before_execution(ctx: Ctx) -> Any:
+    task_id = uuid()
+    replies = ctx.app.control.revoke(task_id, reply=True, timeout=10,
+                                     destination=[ctx.worker_name])
+    assert replies, f"worker {ctx.worker_name} did not acknowledge the revoke"
+    r = ctx.t.mark.apply_async((ctx.tag,), task_id=task_id)
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    # Celery 5.7's worker stores REVOKED twice: at the revoke (no request) and when the
+    # message arrives (with the request's extended fields); the second store wins.
+    later = eventually(lambda: (m := fresh(ctx, task_id)).name is not None and m,
+                       "the REVOKED result stored with the request")
+    return {"get": value, "get_no_propagate": outcome(
+        lambda: r.get(timeout=TIMEOUT, propagate=False)), "result": describe(ctx, later),
+        "ran": counter(ctx, "mark")}
+
+
+def group_save_restore_forget(ctx: Ctx) -> Any:
+    g = group(ctx.t.add.s(i, 10) for i in range(4)).apply_async()
+    value = outcome(lambda: g.get(timeout=TIMEOUT))
+    g.save()
+    restored = ctx.app.GroupResult.restore(g.id)
+    obs: dict[str, Any] = {"get": value, "restored_same_ids": None if restored is None else
+                           [r.id for r in restored.results] == [r.id for r in g.results]}
+    if restored is not None:
+        obs["restored"] = describe_group(ctx, restored)
+        obs["restored_get"] = outcome(lambda: restored.get(timeout=TIMEOUT))
+    g.forget()
+    obs["after_forget_children"] = [fresh(ctx, r.id).state for r in g.results]
+    again = ctx.app.GroupResult.restore(g.id)
+    obs["after_forget_restore"] = None if again is None else shape(again)
+    g.delete()
+    obs["after_delete_restore"] = outcome(lambda: ctx.app.GroupResult.restore(g.id))
+    obs["unknown_restore"] = outcome(lambda: ctx.app.GroupResult.restore(uuid()))
+    return obs
+
+
+def group_of_groups_saved(ctx: Ctx) -> Any:
+    t = ctx.t
+    g = group(group(t.add.s(1, 1), t.add.s(2, 2)), t.add.s(3, 3)).apply_async()
+    value = outcome(lambda: g.get(timeout=TIMEOUT))
+    g.save()
+    restored = ctx.app.GroupResult.restore(g.id)
+    obs = {"get": value, "shape": shape(g),
+           "restored": None if restored is None else shape(restored),
+           "restored_get": None if restored is None else outcome(
+               lambda: restored.get(timeout=TIMEOUT))}
+    g.delete()
+    return obs
+
+
+def large_result(ctx: Ctx) -> Any:
+    r = ctx.t.big.delay(BIG)
+    value = r.get(timeout=TIMEOUT)
+    return {"type": type(value).__name__, "len": len(value),
+            "sha256": hashlib.sha256(value.encode()).hexdigest(), "state": r.state}
+
+
+def non_ascii_result(ctx: Ctx) -> Any:
+    r = ctx.t.unicode.delay()
+    echoed = ctx.t.echo.delay("ünïcödé ✓ 日本語 🎉")
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)),
+            "echo": outcome(lambda: echoed.get(timeout=TIMEOUT)), "args": echoed.args}
+
+
+def _run_and_get(sig: Any) -> Any:
+    return sig.delay().get(timeout=TIMEOUT)
+
+
+def json_shapes(ctx: Ctx) -> Any:
+    t = ctx.t
+    return {name: outcome(partial(_run_and_get, sig))
+            for name, sig in (("dict", t.shapes), ("namedtuple", t.point),
+                              ("tuple", t.a_tuple), ("datetime", t.a_datetime))}
+
+
+def json_unencodable(ctx: Ctx) -> Any:
+    obs = {}
+    for name, sig in (("set", ctx.t.a_set), ("object", ctx.t.an_object)):
+        r = sig.delay()
+        got = outcome(partial(r.get, timeout=TIMEOUT))
+        if "raised" in got:  # the encoder's wording is not part of the contract
+            got["raised"]["args"] = len(got["raised"]["args"])
+        obs[name] = {"get": got, "state": r.state}
+    return obs
+
+
+def exceptions_with_args(ctx: Ctx) -> Any:
+    t = ctx.t
+    custom = t.raise_custom.delay("several", 2, {"k": ["v", 3]}, None)
+    multi = t.raise_multi.delay()
+    return {"custom": outcome(lambda: custom.get(timeout=TIMEOUT)),
+            "custom_result": describe(ctx, custom),
+            "multi": outcome(lambda: multi.get(timeout=TIMEOUT)),
+            "multi_result": describe(ctx, multi)}
+
+
+def join_inside_task(ctx: Ctx) -> Any:
+    """A task waiting for another inside ``allow_join_result`` (one at a time: the flag is
+    process-global, so concurrent joins in a threads pool race in Celery itself)."""
+    r = ctx.t.join_inside.delay(21)
+    return {"get": outcome(lambda: r.get(timeout=TIMEOUT)), "result": describe(ctx, r)}
+
+
+def success_kept_on_rerun(ctx: Ctx) -> Any:
+    """The same task id runs again (redelivery, a manual re-send): what does it read?"""
+    t = ctx.t
+    task_id = uuid()
+    first = t.stored.apply_async((ctx.tag, "first"), task_id=task_id)
+    got_first = outcome(lambda: first.get(timeout=TIMEOUT))
+    t.stored.apply_async((ctx.tag, "second"), task_id=task_id)
+    eventually(lambda: counter(ctx, "stored") >= 2, "the second run's store")
+    return {"first": got_first, "after_rerun": describe(ctx, fresh(ctx, task_id))}
+
+
+def failure_replaced_on_rerun(ctx: Ctx) -> Any:
+    t = ctx.t
+    task_id = uuid()
+    first = t.stored_fail.apply_async((ctx.tag, "first"), task_id=task_id)
+    got_first = outcome(lambda: first.get(timeout=TIMEOUT))
+    t.stored.apply_async((ctx.tag, "second"), task_id=task_id)
+    eventually(lambda: counter(ctx, "stored") >= 2, "the second run's store")
+    return {"first": got_first, "after_rerun": describe(ctx, fresh(ctx, task_id))}
+
+
+SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
+    single_success, single_failure, unknown_id, on_message_callback,
+    chain_simple, chain_failing_middle, group_simple, group_with_failure,
+    chord_header_task, chord_header_group, chord_header_chain, chord_header_one_chain,
+    chord_fails_at_start, chord_fails_at_end, chord_nested, chord_body_chord,
+    chord_of_groups, chord_body_chain, chord_failing_body, chord_error_errbacks,
+    link_success, link_error_styles, link_error_on_chain,
+    retry_then_succeed, retry_exhausted_with_exc, retry_exhausted_plain,
+    ignore_result, revoked_before_execution,
+    group_save_restore_forget, group_of_groups_saved,
+    large_result, non_ascii_result, json_shapes, json_unencodable, exceptions_with_args,
+    join_inside_task, success_kept_on_rerun, failure_replaced_on_rerun,
+)}
