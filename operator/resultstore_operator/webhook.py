@@ -9,8 +9,10 @@ Kopf's managed mode fixes a 30 s timeout, no namespaceSelector and a fresh CA pe
 Layers, as everywhere in the operator:
 
 * pure: :func:`build_webhook_configuration` (reused by manifests/ and the chart),
-  :class:`AdmissionRequest` parsing, :func:`review_response`, :func:`store_lookup_from_object`,
-  :func:`build_event`, and the patch itself in :mod:`resultstore_operator.injection`;
+  :class:`AdmissionRequest` parsing (with :func:`review_problem`, what a review must look like
+  to be one the API server sent), :func:`review_response`, :func:`store_lookup_from_object`,
+  :func:`event_reason_for`, :func:`build_event`, and the patch itself in
+  :mod:`resultstore_operator.injection`;
 * I/O: :class:`KubeGateway` (read a ResultStore, post an Event, apply the configuration,
   keep the TLS Secret), :class:`InjectionServer` (the HTTPS endpoint) and
   :class:`WebhookRuntime` (start-up, resync, shutdown);
@@ -19,6 +21,19 @@ Layers, as everywhere in the operator:
 
 The webhook never refuses a pod: every failure path answers ``allowed: true`` without a patch,
 with an admission warning and (when the user must act) an Event.
+
+Events and forged reviews (issue 14). The endpoint is reachable by whatever can open a TCP
+connection to it (the NetworkPolicy option narrows that to the API server; the optional
+client-CA setting proves it cryptographically). An admission *warning* goes back only to
+the caller, so answering a forged review costs nothing; an *Event* is written into a
+namespace and would let a caller spam any namespace about objects it names. So an Event is
+posted only when (a) the review has the exact shape the API server sends (AdmissionReview
+v1, a Pod CREATE in the request's namespace, with userInfo; :func:`review_problem`), (b) it
+is no dry run, (c) the ResultStore it names exists (looked up in the API, so a caller cannot
+conjure Events about stores that are not there), and (d) it concerns that store, not an
+object the caller named: the Event's involvedObject is the ResultStore. Repeats are
+aggregated in one Event per (namespace, store, reason) whose ``count`` grows (at most one
+API write per key and window), in a bounded in-memory cache: 301 reviews give one Event.
 """
 
 from __future__ import annotations
@@ -30,11 +45,13 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import ssl
 import tempfile
 import time
 import urllib.parse
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +171,11 @@ class WebhookSettings:
     excluded_namespaces: tuple[str, ...] = ()
     resync_interval: float = 300.0
     event_dedup_seconds: float = 60.0
+    #: Distinct (namespace, store, reason) Event aggregates kept in memory (oldest dropped).
+    event_cache_size: int = 1024
+    #: PEM CA file; when set, callers must present a client certificate it signed (mutual
+    #: TLS: configure the API server's AdmissionConfiguration kubeConfigFile to send one).
+    client_ca_file: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], operator_namespace: str) -> WebhookSettings:
@@ -197,6 +219,9 @@ class WebhookSettings:
             resync_interval=_number(env, p + "RESYNC_INTERVAL", cls.resync_interval, 1, 86400),
             event_dedup_seconds=_number(
                 env, p + "EVENT_DEDUP_SECONDS", cls.event_dedup_seconds, 0, 86400),
+            event_cache_size=int(_number(env, p + "EVENT_CACHE_SIZE", cls.event_cache_size,
+                                         1, 1_000_000)),
+            client_ca_file=text("CLIENT_CA_FILE"),
         )
 
     @property
@@ -323,9 +348,50 @@ def build_webhook_configuration(
     }
 
 
+_REVIEW_UID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                         r"[0-9a-fA-F]{12}$")
+POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
+POD_RESOURCE = {"group": "", "version": "v1", "resource": "pods"}
+
+
+def review_problem(review: Mapping[str, Any]) -> str | None:
+    """Why `review` is not a pod admission the API server would send us; None when it is.
+
+    Shape only (the API server always sends all of it): AdmissionReview admission.k8s.io/v1,
+    a UUID request uid, kind Pod / resource pods (v1), operation CREATE, a namespace that the
+    object does not contradict, and the requesting user. A review failing this is answered
+    (allowed, unchanged) but never mutated and never produces an Event.
+    """
+    if review.get("apiVersion") != "admission.k8s.io/v1" or \
+            review.get("kind") != "AdmissionReview":
+        return "not an admission.k8s.io/v1 AdmissionReview"
+    request = review.get("request") or {}
+    if not _REVIEW_UID.fullmatch(str(request.get("uid") or "")):
+        return "request.uid is not a UUID"
+    if request.get("kind") != POD_KIND or request.get("resource") != POD_RESOURCE:
+        return "not a v1 Pod request"
+    if request.get("subResource"):
+        return "a subresource request"
+    if request.get("operation") != "CREATE":
+        return "not a CREATE"
+    namespace = request.get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        return "request.namespace missing"
+    obj_ns = ((request.get("object") or {}).get("metadata") or {}).get("namespace")
+    if obj_ns not in (None, "", namespace):
+        return "the pod's namespace differs from the request's"
+    user = request.get("userInfo")
+    if not isinstance(user, Mapping) or not user.get("username"):
+        return "request.userInfo missing"
+    return None
+
+
 @dataclass(frozen=True)
 class AdmissionRequest:
-    """The parts of an AdmissionReview v1 request the webhook uses."""
+    """The parts of an AdmissionReview v1 request the webhook uses.
+
+    ``problem`` is :func:`review_problem`'s verdict: set, the review is answered unchanged.
+    """
 
     uid: str
     namespace: str
@@ -333,6 +399,7 @@ class AdmissionRequest:
     kind: str
     pod: Mapping[str, Any]
     dry_run: bool = False
+    problem: str | None = None
 
     @classmethod
     def from_review(cls, review: Any) -> AdmissionRequest:
@@ -344,14 +411,15 @@ class AdmissionRequest:
         pod = request.get("object") or {}
         if not isinstance(pod, Mapping):
             raise ValueError("request.object must be an object")
-        namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        kind = request.get("kind") or {}
         return cls(
             uid=str(request["uid"]),
-            namespace=str(namespace or ""),
+            namespace=str(request.get("namespace") or ""),
             operation=str(request.get("operation") or ""),
-            kind=str((request.get("kind") or {}).get("kind") or ""),
+            kind=str(kind.get("kind") or "") if isinstance(kind, Mapping) else "",
             pod=pod,
             dry_run=bool(request.get("dryRun")),
+            problem=review_problem(review),
         )
 
 
@@ -392,41 +460,52 @@ def store_lookup_from_object(obj: Mapping[str, Any] | None) -> StoreLookup:
 
 
 def _event_name(base: str) -> str:
-    base = base.strip("-.")[:200] or "pod"
+    base = base.strip("-.")[:200] or "resultstore"
     return f"{base}.{uuid.uuid4().hex[:12]}"
 
 
-def involved_object(namespace: str, pod: Mapping[str, Any]) -> dict[str, Any]:
-    """What an Event about an admitted pod refers to.
-
-    A pod created by a controller has no name yet at admission (only ``generateName``) and no
-    uid; its controlling owner (ReplicaSet, Job, ...) does, and ``kubectl describe`` of that
-    owner shows the Event. A bare pod is referred to by its name.
-    """
+def pod_description(pod: Mapping[str, Any]) -> str:
+    """How a message names the admitted pod: its controller (a pod a controller creates has
+    no name yet at admission) or its own name. Text only, bounded: it came with the review."""
     metadata = pod.get("metadata") or {}
     for ref in metadata.get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("name"):
-            return {"apiVersion": ref.get("apiVersion"), "kind": ref.get("kind"),
-                    "name": ref.get("name"), "uid": ref.get("uid"), "namespace": namespace}
-    name = metadata.get("name") or metadata.get("generateName") or ""
-    return {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": namespace}
+        if isinstance(ref, Mapping) and ref.get("controller") and ref.get("name"):
+            return f"a pod of {str(ref.get('kind'))[:63]} {str(ref.get('name'))[:253]}"
+    return f"pod {_pod_display(pod)[:253]}"
 
 
-def build_event(namespace: str, pod: Mapping[str, Any], plan: InjectionPlan,
+#: Event reasons only for a store that exists (the lookup found it): a missing store or an
+#: unanswered lookup gives the admission warning alone, never an Event.
+EVENT_STATES = frozenset({StoreState.READY, StoreState.NOT_READY})
+
+
+def event_reason_for(admission: AdmissionRequest, plan: InjectionPlan,
+                     lookup: StoreLookup) -> str | None:
+    """The reason of the Event this admission deserves, or None for no Event (pure)."""
+    if admission.problem is not None or admission.dry_run or not plan.event_reason:
+        return None
+    if plan.store is None or lookup.state not in EVENT_STATES:
+        return None
+    return plan.event_reason
+
+
+def build_event(namespace: str, store: str, reason: str, message: str, count: int = 1,
                 now: dt.datetime | None = None) -> dict[str, Any]:
-    """A Warning Event saying why a labelled pod was admitted without injection."""
+    """A Warning Event on the ResultStore saying why labelled pods went uninjected.
+
+    The ResultStore (which exists: see :func:`event_reason_for`) is the involved object, not
+    an object named in the review, and ``count`` aggregates repeats.
+    """
     now = now or dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    micro = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    involved = involved_object(namespace, pod)
-    message = "; ".join(plan.warnings)[:1000]
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": _event_name(str(involved["name"])), "namespace": namespace},
-        "involvedObject": involved,
-        "reason": plan.event_reason or "InjectionSkipped",
-        "message": message,
+        "metadata": {"name": _event_name(store), "namespace": namespace},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore",
+                           "name": store, "namespace": namespace},
+        "reason": reason,
+        "message": message[:1000],
         "type": "Warning",
         "source": {"component": COMPONENT},
         "reportingComponent": COMPONENT,
@@ -434,9 +513,105 @@ def build_event(namespace: str, pod: Mapping[str, Any], plan: InjectionPlan,
         "action": "Inject",
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
-        "eventTime": micro,
-        "count": 1,
+        "count": count,
     }
+
+
+EventKey = tuple[str, str, str]  # (namespace, store, reason)
+CreateFn = Callable[[Mapping[str, Any]], Awaitable[None]]
+#: (namespace, event name, count, lastTimestamp, message) -> None
+UpdateFn = Callable[[str, str, int, str, str], Awaitable[None]]
+
+
+@dataclass
+class _Aggregate:
+    namespace: str
+    store: str
+    reason: str
+    message: str
+    count: int = 0
+    posted: int = 0
+    name: str | None = None
+    last_post: float = float("-inf")
+    task: asyncio.Task[None] | None = None
+
+
+class EventAggregator:
+    """One Event per (namespace, store, reason), its ``count`` following the occurrences.
+
+    At most one API write per key and ``window`` seconds (the first occurrence is posted at
+    once, later ones are folded into a count update), and at most ``max_keys`` keys in
+    memory (least recently seen dropped): a flood of reviews costs a bounded number of API
+    writes and bytes, whatever its size.
+    """
+
+    def __init__(self, create: CreateFn, update: UpdateFn | None, window: float,
+                 max_keys: int = 1024) -> None:
+        self._create = create
+        self._update = update
+        self.window = window
+        self.max_keys = max_keys
+        self._entries: OrderedDict[EventKey, _Aggregate] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def count(self, key: EventKey) -> int:
+        entry = self._entries.get(key)
+        return entry.count if entry else 0
+
+    def record(self, namespace: str, store: str, reason: str, message: str) -> None:
+        key = (namespace, store, reason)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Aggregate(namespace, store, reason, message)
+            while len(self._entries) > self.max_keys:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        entry.count += 1
+        entry.message = message
+        if entry.task is None:
+            entry.task = asyncio.get_running_loop().create_task(self._flush(entry))
+
+    async def _flush(self, entry: _Aggregate) -> None:
+        """Bring the API's Event up to the entry's count; one writer per key at a time."""
+        try:
+            while entry.posted != entry.count:
+                wait = entry.last_post + self.window - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                count = entry.count
+                try:
+                    if entry.name is None:
+                        body = build_event(entry.namespace, entry.store, entry.reason,
+                                           entry.message, count)
+                        await self._create(body)
+                        entry.name = body["metadata"]["name"]
+                    elif self._update is not None:
+                        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                        await self._update(entry.namespace, entry.name, count, stamp,
+                                           entry.message[:1000])
+                except Exception as exc:
+                    # Best effort: the next occurrence tries again (a fresh Event if the
+                    # old one expired or could not be updated).
+                    log.warning("could not post Event %s in %s: %s", entry.reason,
+                                entry.namespace, type(exc).__name__)
+                    entry.name = None
+                    entry.last_post = time.monotonic()
+                    entry.posted = entry.count
+                    return
+                entry.posted = count
+                entry.last_post = time.monotonic()
+        finally:
+            entry.task = None
+
+    async def stop(self) -> None:
+        tasks = [e.task for e in self._entries.values() if e.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,6 +645,13 @@ class KubeGateway:
 
     def create_event(self, body: Mapping[str, Any]) -> None:
         self._core.create_namespaced_event(body["metadata"]["namespace"], dict(body))
+
+    def update_event(self, namespace: str, name: str, count: int, last: str,
+                     message: str) -> None:
+        """Fold repeats into the aggregate Event (merge patch of count/lastTimestamp)."""
+        self._core.patch_namespaced_event(
+            name, namespace, {"count": count, "lastTimestamp": last, "message": message},
+            _content_type="application/merge-patch+json")
 
     def ensure_tls(self, namespace: str, name: str, names: ServingNames) -> TlsBundle:
         return ensure_tls_secret(self._core, namespace, name, names)
@@ -544,14 +726,22 @@ EmitFn = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 @dataclass
 class InjectionServer:
-    """The admission endpoint. Stateless apart from an Event de-duplication window."""
+    """The admission endpoint. Stateless apart from the Event aggregates (bounded).
+
+    ``emit`` creates an Event, ``update`` (optional) raises an existing one's count.
+    """
 
     settings: WebhookSettings
     lookup: LookupFn
     emit: EmitFn
+    update: UpdateFn | None = None
     _runner: web.AppRunner | None = None
-    _recent_events: dict[tuple[str, str, str], float] = field(default_factory=dict)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    events: EventAggregator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventAggregator(self.emit, self.update,
+                                      self.settings.event_dedup_seconds,
+                                      self.settings.event_cache_size)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -583,6 +773,10 @@ class InjectionServer:
         return response
 
     async def admit(self, admission: AdmissionRequest) -> InjectionPlan:
+        if admission.problem is not None:
+            # Not what the API server sends: answered, never mutated, no lookup, no Event.
+            log.debug("review %s ignored: %s", admission.uid[:40], admission.problem)
+            return InjectionPlan(store=None)
         if (admission.kind != "Pod" or admission.operation != "CREATE"
                 or admission.namespace in self.settings.excluded):
             return InjectionPlan(store=None)
@@ -606,34 +800,12 @@ class InjectionServer:
         elif plan.warnings:
             log.info("pod %s/%s admitted without injection: %s", admission.namespace, pod_name,
                      "; ".join(plan.warnings))
-        if plan.event_reason and not admission.dry_run:
-            self._schedule_event(admission.namespace, admission.pod, plan)
+        reason = event_reason_for(admission, plan, lookup)
+        if reason is not None and plan.store is not None:
+            message = (f"{pod_description(admission.pod)} admitted without injection: "
+                       + "; ".join(plan.warnings))
+            self.events.record(admission.namespace, plan.store, reason, message)
         return plan
-
-    def _schedule_event(self, namespace: str, pod: Mapping[str, Any],
-                        plan: InjectionPlan) -> None:
-        """Post the Event after answering, at most once per owner and reason per window."""
-        involved = involved_object(namespace, pod)
-        key = (namespace, f"{involved['kind']}/{involved['name']}", plan.event_reason or "")
-        now = time.monotonic()
-        last = self._recent_events.get(key)
-        if last is not None and now - last < self.settings.event_dedup_seconds:
-            return
-        self._recent_events[key] = now
-        if len(self._recent_events) > 10000:  # bounded memory under pathological churn
-            cutoff = now - self.settings.event_dedup_seconds
-            self._recent_events = {k: v for k, v in self._recent_events.items() if v >= cutoff}
-        body = build_event(namespace, pod, plan)
-
-        async def post() -> None:
-            try:
-                await self.emit(body)
-            except Exception as exc:
-                log.warning("could not post Event in %s: %s", namespace, type(exc).__name__)
-
-        task = asyncio.get_running_loop().create_task(post())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def start(self, ssl_context: ssl.SSLContext) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None)
@@ -648,8 +820,7 @@ class InjectionServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        for task in list(self._tasks):
-            task.cancel()
+        await self.events.stop()
 
 
 def _pod_display(pod: Mapping[str, Any]) -> str:
@@ -657,10 +828,17 @@ def _pod_display(pod: Mapping[str, Any]) -> str:
     return str(metadata.get("name") or (metadata.get("generateName") or "") + "*")
 
 
-def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def server_ssl_context(cert_file: str, key_file: str,
+                       client_ca_file: str | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ with our serving pair; with `client_ca_file`, mutual TLS: only a caller
+    holding a certificate from that CA (the API server, configured through its
+    AdmissionConfiguration kubeConfigFile) completes the handshake."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
+    if client_ca_file:
+        context.load_verify_locations(cafile=client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -679,7 +857,7 @@ class WebhookRuntime:
     def __init__(self, settings: WebhookSettings, gateway: KubeGateway) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.server = InjectionServer(settings, self._lookup, self._emit)
+        self.server = InjectionServer(settings, self._lookup, self._emit, self._update)
         self.serving = False
         self._context: ssl.SSLContext | None = None
         self._bundle: TlsBundle | None = None
@@ -694,6 +872,11 @@ class WebhookRuntime:
 
     async def _emit(self, body: Mapping[str, Any]) -> None:
         await asyncio.to_thread(self.gateway.create_event, body)
+
+    async def _update(self, namespace: str, name: str, count: int, last: str,
+                      message: str) -> None:
+        await asyncio.to_thread(self.gateway.update_event, namespace, name, count, last,
+                                message)
 
     def _external_mtime(self) -> tuple[float, ...]:
         files = [f for f in (self.settings.cert_file, self.settings.key_file,
@@ -723,7 +906,7 @@ class WebhookRuntime:
                 directory = self._tmpdir.name
             paths = write_bundle_files(bundle, directory)
         if self._context is None:
-            self._context = server_ssl_context(*paths)
+            self._context = server_ssl_context(*paths, self.settings.client_ca_file)
         else:
             self._context.load_cert_chain(*paths)  # new handshakes use the new pair
         self._bundle = bundle

@@ -508,6 +508,19 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
 
         eventually("webhook", injected_pod, interval=1.0)
 
+        steps.append("webhook events")
+        # Pods the webhook cannot inject (unknown mode) give one Warning Event on the store
+        # whose count follows the repeats (create, then patch: not one Event per pod).
+        for i in range(2):
+            rig.core.create_namespaced_pod(ns, {
+                "metadata": {"name": f"bad-mode-{i}", "labels": {"resultstore.dev/inject": store},
+                             "annotations": {"resultstore.dev/mode": "bogus"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+        eventually("webhook events", lambda: [
+            e for e in rig.core.list_namespaced_event(ns).items
+            if e.reason == "InvalidInjectionMode" and e.involved_object.name == store
+            and (e.count or 0) >= 2])
+
         steps.append("rollout")
         readers = {"Deployment": rig.apps.read_namespaced_deployment,
                    "StatefulSet": rig.apps.read_namespaced_stateful_set,

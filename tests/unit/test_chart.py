@@ -237,3 +237,88 @@ def test_chart_and_app_versions_follow_the_project() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
     assert chart["kubeVersion"] == ">=1.28.0-0"
+
+
+# --- issue 14: NetworkPolicy option and cleanup-pod policy ---------------------------------
+
+
+
+def test_no_network_policy_by_default() -> None:
+    assert not [o for o in render() if o["kind"] == "NetworkPolicy"]
+
+
+def test_network_policy_admits_only_the_api_server_to_the_webhook_port() -> None:
+    chart = render(values=["networkPolicy.enabled=true",
+                           "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.10/32"])
+    policy = find(chart, "NetworkPolicy")
+    deployment = find(chart, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector and all(pod_labels.get(k) == v for k, v in selector.items()), \
+        "the policy does not select the operator pod"
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    webhook_port = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert policy["spec"]["ingress"] == [{
+        "from": [{"ipBlock": {"cidr": "10.0.0.10/32"}}],
+        "ports": [{"protocol": "TCP", "port": webhook_port["webhook"]}]}]
+
+
+def test_network_policy_metrics_and_extra_rules() -> None:
+    chart = render(values=[
+        "networkPolicy.enabled=true", "metrics.enabled=true",
+        "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.10/32",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+        "networkPolicy.extraIngress[0].ports[0].port=8080"])
+    rules = find(chart, "NetworkPolicy")["spec"]["ingress"]
+    assert rules[1] == {"from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+                        "ports": [{"protocol": "TCP", "port": 9090}]}
+    assert rules[2] == {"ports": [{"port": 8080}]}
+
+
+def test_network_policy_without_webhook_peers_is_refused() -> None:
+    result = run_helm("template", "x", str(CHART), "--set", "networkPolicy.enabled=true")
+    assert result.returncode != 0
+    assert "networkPolicy.webhookFrom must list the API server" in result.stderr, result.stderr
+    # Without the webhook there is nothing to reach: the policy denies all ingress.
+    chart = render(values=["networkPolicy.enabled=true", "webhook.enabled=false"])
+    assert not find(chart, "NetworkPolicy")["spec"].get("ingress")
+
+
+@pytest.mark.parametrize("lint_values", [
+    ["networkPolicy.enabled=true", "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.10/32"],
+])
+def test_network_policy_lints_clean(lint_values: list[str]) -> None:
+    args = ["lint", str(CHART), "--strict", "--namespace", "resultstore-system"]
+    for v in lint_values:
+        args += ["--set", v]
+    result = run_helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cleanup_policy_values_reach_the_operator() -> None:
+    from resultstore_operator.settings import OperatorSettings
+
+    default = OperatorSettings.from_env(env_values(container(find(render(), "Deployment"))))
+    assert default.cleanup_image_allowlist == ()
+    assert default.cleanup_allow_service_account is False
+    c = container(find(render(values=[
+        "operator.cleanupImageAllowlist={reg.test/tools:2,reg.test/jobs:*}",
+        "operator.cleanupAllowServiceAccount=true"]), "Deployment"))
+    settings = OperatorSettings.from_env(env_values(c))
+    assert settings.cleanup_image_allowlist == ("reg.test/tools:2", "reg.test/jobs:*")
+    assert settings.cleanup_allow_service_account is True
+    assert settings.cleanup_image == c["image"]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["operator.cleanupImageAllowlist={*}"], "cleanupImageAllowlist"),
+    (["networkPolicy.webhookFrom[0].cidr=10.0.0.0/8"], "webhookFrom"),
+])
+def test_schema_rejects_bad_policy_values(values: list[str], message: str) -> None:
+    args = ["template", "x", str(CHART)]
+    for v in values:
+        args += ["--set", v]
+    result = run_helm(*args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr

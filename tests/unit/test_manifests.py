@@ -305,11 +305,11 @@ def test_kubectl_supports_kustomize() -> None:
 
 
 def test_network_policy_manifest_restricts_the_webhook_port() -> None:
-    """manifests/networkpolicy.yaml (opt-in, issue 14): selects the operator pod and admits
-    only the webhook port, from an ipBlock the user replaces; not applied by default."""
+    """manifests/optional/networkpolicy.yaml (opt-in, issue 14): selects the operator pod and
+    admits only the webhook port, from an ipBlock the user replaces; not applied by default."""
     kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-    assert "networkpolicy.yaml" not in kustomization["resources"]
-    [policy] = load_documents(MANIFESTS / "networkpolicy.yaml")
+    assert not [r for r in kustomization["resources"] if "networkpolicy" in r]
+    [policy] = load_documents(MANIFESTS / "optional" / "networkpolicy.yaml")
     assert policy["kind"] == "NetworkPolicy"
     deployment = find(manifest_objects(), "Deployment")
     assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from resultstore_operator.injection import INJECT_LABEL, InjectionPlan, StoreState
+from resultstore_operator.injection import INJECT_LABEL, InjectionPlan, StoreLookup, StoreState
 from resultstore_operator.webhook import (
     AdmissionRequest,
     ServiceRef,
@@ -18,7 +18,8 @@ from resultstore_operator.webhook import (
     _configuration_matches,
     build_event,
     build_webhook_configuration,
-    involved_object,
+    event_reason_for,
+    pod_description,
     review_response,
     store_lookup_from_object,
 )
@@ -152,17 +153,50 @@ def test_store_lookup_from_object(obj: dict[str, Any] | None, state: StoreState)
     assert store_lookup_from_object(obj).state is state
 
 
-def test_event_refers_to_controller_owner_or_pod() -> None:
+def test_event_is_about_the_store_and_names_the_pod_in_its_message() -> None:
     owned = {"metadata": {"generateName": "job-", "ownerReferences": [
         {"apiVersion": "batch/v1", "kind": "Job", "name": "job", "uid": "U", "controller": True}]}}
-    assert involved_object("team", owned) == {
-        "apiVersion": "batch/v1", "kind": "Job", "name": "job", "uid": "U", "namespace": "team"}
-    bare = {"metadata": {"name": "p"}}
-    assert involved_object("team", bare)["kind"] == "Pod"
-    plan = InjectionPlan(store="s", warnings=("ResultStore 's' not found",),
-                         event_reason="ResultStoreNotFound")
-    ev = build_event("team", {"metadata": {"generateName": "w-"}}, plan,
-                     now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
-    assert ev["type"] == "Warning" and ev["reason"] == "ResultStoreNotFound"
-    assert ev["metadata"]["namespace"] == "team" and ev["metadata"]["name"].startswith("w.")
-    assert ev["firstTimestamp"] == "2026-01-02T03:04:05Z"
+    assert pod_description(owned) == "a pod of Job job"
+    assert pod_description({"metadata": {"name": "p"}}) == "pod p"
+    ev = build_event("team", "orders", "ResultStoreNotReady", "a pod of Job job admitted",
+                     count=3, now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+    assert ev["type"] == "Warning" and ev["reason"] == "ResultStoreNotReady"
+    assert ev["involvedObject"] == {"apiVersion": "resultstore.dev/v1alpha1",
+                                    "kind": "ResultStore", "name": "orders",
+                                    "namespace": "team"}
+    assert ev["metadata"]["namespace"] == "team"
+    assert ev["metadata"]["name"].startswith("orders.")
+    assert ev["firstTimestamp"] == ev["lastTimestamp"] == "2026-01-02T03:04:05Z"
+    assert ev["count"] == 3
+
+
+GENUINE = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+    "uid": "0d6f8a52-6d1c-4f38-9a43-111111111111", "namespace": "team",
+    "operation": "CREATE", "dryRun": False,
+    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+    "resource": {"group": "", "version": "v1", "resource": "pods"},
+    "userInfo": {"username": "alice"},
+    "object": {"metadata": {"labels": {INJECT_LABEL: "s"}}}}}
+
+
+@pytest.mark.parametrize(("state", "dry_run", "genuine", "reason"), [
+    (StoreState.NOT_READY, False, True, "ResultStoreNotReady"),
+    (StoreState.READY, False, True, "InjectionConflict"),
+    (StoreState.MISSING, False, True, None),   # no Event about a store that is not there
+    (StoreState.UNKNOWN, False, True, None),   # nor when the lookup could not tell
+    (StoreState.NOT_READY, True, True, None),  # nor on a dry run
+    (StoreState.NOT_READY, False, False, None),  # nor for a review the API server never sent
+])
+def test_event_only_for_an_existing_store_of_a_genuine_review(
+        state: StoreState, dry_run: bool, genuine: bool, reason: str | None) -> None:
+    body = json.loads(json.dumps(GENUINE))
+    body["request"]["dryRun"] = dry_run
+    if not genuine:
+        del body["request"]["userInfo"]
+    admission = AdmissionRequest.from_review(body)
+    event = {StoreState.READY: "InjectionConflict"}.get(state, "ResultStore" + {
+        StoreState.NOT_READY: "NotReady", StoreState.MISSING: "NotFound",
+        StoreState.UNKNOWN: "Unknown"}.get(state, ""))
+    plan = InjectionPlan(store="s", warnings=("w",), event_reason=event)
+    assert event_reason_for(admission, plan, StoreLookup(state)) == reason
+    assert event_reason_for(admission, InjectionPlan(store="s"), StoreLookup(state)) is None
