@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -38,8 +39,10 @@ __all__ = [
     "binding_version",
     "parse_backend_url",
     "read_binding_dir",
+    "parse_url",
     "redact",
     "render_binding",
+    "safe_url",
 ]
 
 #: Where ``resultstore://`` (no path) and a missing URL put results.
@@ -240,7 +243,7 @@ class StoreConfig:
 
     def __repr__(self) -> str:
         return (
-            f"StoreConfig(url={self.url.render_as_string(hide_password=True)!r}, "
+            f"StoreConfig(url={safe_url(self.url)!r}, "
             f"names={self.names!r}, extended={self.extended!r}, expires={self.expires!r}, "
             f"source_dir={self.source_dir!r}, version={self.version!r})"
         )
@@ -260,7 +263,7 @@ class StoreConfig:
         """Where this config came from, for error messages (never the password)."""
         if self.source_dir is not None:
             return str(self.source_dir)
-        return self.url.render_as_string(hide_password=True)
+        return safe_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,104 @@ BackendSource = DirectorySource | StoreConfig
 
 
 # --------------------------------------------------------------------------- URLs
+
+
+#: Query parameters libpq takes as secrets: never shown (``password`` is moved into the
+#: URL's password, where SQLAlchemy hides it and error messages redact it).
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+_HOST_RE = re.compile(r"[A-Za-z0-9._~%-]*|\[[0-9A-Za-z:.%]+\]")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_ENCODE_HINT = ("percent-encode '@', '/', '?', '#' and ':' in the user name and password "
+                "(%40 %2F %3F %23 %3A)")
+
+
+def safe_url(url: URL) -> str:
+    """``url`` for messages and reprs: the password and secret query values hidden."""
+    if any(k.lower() in _SECRET_QUERY_KEYS for k in url.query):
+        url = url.set(query={k: ("***" if k.lower() in _SECRET_QUERY_KEYS else v)
+                             for k, v in url.query.items()})
+    return url.render_as_string(hide_password=True)
+
+
+def _check_authority(url: str, where: str) -> str:
+    """Validate a PostgreSQL URL's ``user:password@host:port`` and normalise its user info.
+
+    A password may hold an unescaped ``@``: the user info ends at the *last* ``@``
+    before the path (the first ``/`` or ``?`` after the first ``@``), so
+    ``postgresql://u:p@ss@host/db`` means password ``p@ss`` on ``host``. SQLAlchemy
+    would stop at the first ``@`` and take ``ss@host`` for the host, printing part
+    of the password in every error. Anything still ambiguous is refused. Errors name
+    the part at fault (host, port, password), never the URL.
+    """
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        return url
+    start = scheme_end + 3
+    rest = url[start:]
+    userinfo: str | None = None
+    first_at = rest.find("@")
+    if first_at >= 0 and not any(c in rest[:first_at].split(":", 1)[0] for c in "/?"):
+        ends = [p for p in (rest.find("/", first_at), rest.find("?", first_at)) if p >= 0]
+        at = rest.rfind("@", 0, min(ends) if ends else len(rest))
+        userinfo, rest = rest[:at], rest[at + 1:]
+    ends = [p for p in (rest.find("/"), rest.find("?")) if p >= 0]
+    end = min(ends) if ends else len(rest)
+    hostport, tail = rest[:end], rest[end:]
+    if userinfo is not None and "@" in tail.split("?", 1)[0]:
+        raise ConfigError(f"ambiguous user info ('@' after the host): {_ENCODE_HINT}",
+                          path=where, key="password")
+    if hostport.startswith("["):
+        close = hostport.find("]")
+        host, port = hostport[:close + 1], hostport[close + 1:]
+        if close < 0 or (port and not port.startswith(":")):
+            raise ConfigError("the host is not a valid IPv6 address in brackets",
+                              path=where, key="host")
+        port = port[1:]
+        has_port = bool(hostport[close + 1:])
+    else:
+        host, colon, port = hostport.partition(":")
+        has_port = bool(colon)
+    if not _HOST_RE.fullmatch(host):
+        raise ConfigError(f"the host is not a valid host name or address ({_ENCODE_HINT})",
+                          path=where, key="host")
+    if has_port:
+        if not _PORT_RE.fullmatch(port):
+            raise ConfigError("the port is not a number", path=where, key="port")
+        if not 0 < int(port) < 65536:
+            raise ConfigError("the port is outside 1-65535", path=where, key="port")
+    if userinfo is None:
+        return url
+    user, colon, password = userinfo.partition(":")
+    encoded = quote(unquote(user), safe="")
+    if colon:
+        encoded += ":" + quote(unquote(password), safe="")
+    return f"{url[:start]}{encoded}@{hostport}{tail}"
+
+
+def parse_url(url: str, where: str) -> URL:
+    """``make_url`` that never shows a password: see :func:`_check_authority`.
+
+    A ``?password=`` parameter becomes the URL's password (hidden in reprs, redacted
+    from connection errors); ``where`` names the source in errors (never the URL).
+    """
+    if url.lower().startswith("postgres"):
+        url = _check_authority(url, where)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        # make_url's messages echo the URL (and its password)
+        raise ConfigError("not a valid database URL", path=where) from None
+    query = dict(parsed.query)
+    password = query.pop("password", None)
+    if password is not None:
+        if parsed.password is not None:
+            raise ConfigError("the password is given twice (in the user info and as "
+                              "?password=)", path=where, key="password")
+        if isinstance(password, tuple):
+            raise ConfigError("?password= is given more than once", path=where,
+                              key="password")
+        parsed = parsed.set(password=password, query=query)
+    return parsed
 
 
 def _split_prefix(url: str) -> str:
@@ -302,17 +403,13 @@ def parse_backend_url(url: str | None) -> BackendSource:
                 path="resultstore://" + path,
             )
         return DirectorySource(Path(path))
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        # make_url's message would echo the URL (and its password)
-        raise ConfigError("not a valid database URL", path="result_backend URL") from None
+    parsed = parse_url(url, "result_backend URL")
     backend = parsed.get_backend_name()
     query = dict(parsed.query)
     schema = _pop_str(query, "schema")
     task_table = _pop_str(query, "task_table") or "celery_taskmeta"
     group_table = _pop_str(query, "group_table") or "celery_tasksetmeta"
-    where = parsed.render_as_string(hide_password=True)
+    where = safe_url(parsed)
     notifications = _notify_param(_pop_str(query, "notify"), where)
     if backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername=PG_DRIVER, query=query)
@@ -541,10 +638,7 @@ def _read_binding_files(base: Path, shown: Path, version: str | None) -> StoreCo
         url = URL.create(PG_DRIVER, username=username, password=password, host=host,
                          port=port, database=database, query=query)
     elif uri:
-        try:
-            url = make_url(uri)
-        except ArgumentError:
-            raise ConfigError("not a valid PostgreSQL URI", path=shown / KEY_URI) from None
+        url = parse_url(uri, str(shown / KEY_URI))
         if url.get_backend_name() not in ("postgresql", "postgres"):
             raise ConfigError("expected a postgresql:// URI", path=shown / KEY_URI)
         # search_path in the URI is for other clients; we qualify names ourselves

@@ -187,3 +187,138 @@ def test_parse_backend_url_forms() -> None:
 def test_parse_backend_url_errors(url: str) -> None:
     with pytest.raises(ConfigError):
         parse_backend_url(url)
+
+
+# --------------------------------------------------------------------------- URLs and secrets
+# No part of a password may reach an error message, str/repr of the error or of the
+# config: every check below looks for any 3-character fragment of the secret.
+
+SECRET = "Zq9Xk7Wv"
+
+
+def leaks(text: str, secret: str = SECRET) -> list[str]:
+    """Fragments (3+ characters) of ``secret`` that appear in ``text``."""
+    return [secret[i:i + 3] for i in range(len(secret) - 2) if secret[i:i + 3] in text]
+
+
+def refused_url(url: str, secret: str = SECRET) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_backend_url(url)
+    exc = info.value
+    for text in (str(exc), repr(exc), exc.message, str(exc.path)):
+        assert not leaks(text, secret), f"{text!r} shows part of the password"
+    return exc
+
+
+@pytest.mark.parametrize("password", ["p@" + SECRET, SECRET + "@", "a@b@" + SECRET,
+                                      SECRET + "/x@y", "?" + SECRET + "@"])
+def test_unescaped_at_in_password_splits_at_the_last_at(password: str) -> None:
+    config = parse_backend_url(f"resultstore+postgresql://u:{password}@db.example:5433/app"
+                               "?schema=s1&application_name=a@b")
+    assert isinstance(config, StoreConfig)
+    assert config.url.password == password
+    assert (config.url.host, config.url.port, config.url.database) == ("db.example", 5433,
+                                                                        "app")
+    assert config.url.query["application_name"] == "a@b"
+    for text in (repr(config), str(config), config.describe()):
+        assert not leaks(text, password.replace("@", "")), text
+
+
+def test_percent_encoded_passwords_still_work() -> None:
+    config = parse_backend_url(f"postgresql://u:{quote(PASSWORD, safe='')}@h/db")
+    assert isinstance(config, StoreConfig) and config.url.password == PASSWORD
+
+
+def test_at_in_a_path_is_not_userinfo() -> None:
+    # (without user info, an '@' in the query needs %40, as with SQLAlchemy: the text
+    # before it could be a user and a password containing '/')
+    config = parse_backend_url("postgresql://h:5432/db?application_name=x%40y")
+    assert isinstance(config, StoreConfig)
+    assert config.url.host == "h" and config.url.username is None
+    assert config.url.query["application_name"] == "x@y"
+    lite = parse_backend_url("sqlite:////tmp/a@b.db")
+    assert isinstance(lite, StoreConfig) and lite.url.database == "/tmp/a@b.db"
+
+
+def test_ambiguous_userinfo_is_refused_without_quoting_it() -> None:
+    # '/' between two '@' of the password: no parser can tell where the host starts
+    exc = refused_url(f"postgresql://u:p@{SECRET[:4]}/{SECRET[4:]}@host/db")
+    assert exc.key == "password" and "percent-encode" in exc.message
+
+
+def test_password_query_parameter_is_moved_and_never_shown() -> None:
+    config = parse_backend_url(f"postgresql://u@h/db?password={SECRET}&sslmode=disable")
+    assert isinstance(config, StoreConfig)
+    assert config.url.password == SECRET and config.password == SECRET
+    assert "password" not in config.url.query and config.url.query["sslmode"] == "disable"
+    for text in (repr(config), str(config), config.describe()):
+        assert not leaks(text), text
+    # errors raised after parsing name the URL safely too
+    exc = refused_url(f"postgresql://u@h/db?password={SECRET}&schema=bad-x")
+    assert "schema" in str(exc) or "bad-x" in str(exc)
+    refused_url(f"sqlite:///x.db?password={SECRET}&schema=s")
+
+
+def test_password_given_twice_is_refused() -> None:
+    exc = refused_url(f"postgresql://u:{SECRET}@h/db?password={SECRET}x")
+    assert exc.key == "password" and "twice" in exc.message
+
+
+def test_sslpassword_is_never_shown() -> None:
+    config = parse_backend_url(f"postgresql://u:pw@h/db?sslpassword={SECRET}")
+    assert isinstance(config, StoreConfig)
+    assert config.url.query["sslpassword"] == SECRET  # still passed to libpq
+    assert not leaks(repr(config)) and not leaks(config.describe())
+
+
+@pytest.mark.parametrize("port,reason", [
+    ("notaport", "not a number"), ("99999", "outside"), ("0", "outside"), ("-1", "not a"),
+    ("5432,h2:5433", "not a number"), ("", "not a number"),
+])
+def test_malformed_ports_name_the_port(port: str, reason: str) -> None:
+    url = f"resultstore+postgresql://u:{SECRET}@h:{port}/db"
+    exc = refused_url(url)
+    assert exc.key == "port" and reason in exc.message, exc.message
+
+
+@pytest.mark.parametrize("host", ["ho st", "h<x>", "[::1", "[::1]x"])
+def test_invalid_hosts_are_refused(host: str) -> None:
+    exc = refused_url(f"postgresql://u:{SECRET}@{host}/db")
+    assert exc.key == "host"
+
+
+def test_ipv6_hosts_and_ports() -> None:
+    config = parse_backend_url(f"postgresql://u:{SECRET}@x@[::1]:6543/db")
+    assert isinstance(config, StoreConfig)
+    assert (config.url.host, config.url.port, config.url.password) == (
+        "::1", 6543, f"{SECRET}@x")
+
+
+def test_backend_gives_improperly_configured_without_the_password() -> None:
+    from celery import Celery
+    from celery.exceptions import ImproperlyConfigured
+
+    for url in (f"resultstore+postgresql://u:{SECRET}@h:notaport/db",
+                f"resultstore+postgresql://u:p@{SECRET}/x@h/db",
+                f"resultstore+postgresql://u@h:99999/db?password={SECRET}"):
+        app = Celery("u", backend=url, set_as_current=False)
+        with pytest.raises(ImproperlyConfigured) as info:
+            app.backend  # noqa: B018 - constructing the backend parses the URL
+        assert not leaks(str(info.value)) and not leaks(repr(info.value)), info.value
+
+
+def test_uri_key_of_a_config_dir_is_checked_the_same_way(tmp_path: Path) -> None:
+    KubeletDir(tmp_path).write({
+        "uri": f"postgresql://u:{SECRET}@h:notaport/db",
+        "celery.json": json.dumps({"schema": "s"}),
+    })
+    with pytest.raises(ConfigError) as info:
+        read_binding_dir(tmp_path)
+    assert info.value.key == "port" and str(tmp_path / "uri") in str(info.value)
+    assert not leaks(str(info.value))
+    KubeletDir(tmp_path).write({
+        "uri": f"postgresql://u:p@{SECRET}@h/db",
+        "celery.json": json.dumps({"schema": "s"}),
+    })
+    config = read_binding_dir(tmp_path)
+    assert config.url.password == f"p@{SECRET}" and not leaks(repr(config))
