@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -205,6 +205,9 @@ def chain_simple(ctx: Ctx) -> Any:
     c = chain(t.add.s(1, 1), t.add.s(10), t.add.s(100)).apply_async()
     value = outcome(lambda: c.get(timeout=TIMEOUT))
     first = c.parent.parent
+    # a chain sends the next step before it stores its own result: wait for each step
+    c.parent.get(timeout=TIMEOUT)
+    first.get(timeout=TIMEOUT)
     return {"get": value, "result": describe(ctx, c), "middle": describe(ctx, c.parent),
             "first": describe(ctx, first),
             "first_child_is_middle": [ch.id for ch in first.children or []] == [c.parent.id]}
@@ -215,6 +218,7 @@ def chain_failing_middle(ctx: Ctx) -> Any:
     c = chain(t.add.s(1, 1), t.fail.si("middle"), t.add.s(100)).apply_async()
     value = outcome(lambda: c.get(timeout=TIMEOUT))
     c.parent.get(timeout=TIMEOUT, propagate=False)
+    c.parent.parent.get(timeout=TIMEOUT)
     return {"get": value, "result": describe(ctx, c), "middle": describe(ctx, c.parent),
             "first": describe(ctx, c.parent.parent)}
 
@@ -301,8 +305,12 @@ def chord_body_chain(ctx: Ctx) -> Any:
     t = ctx.t
     c = chord([t.add.s(1, 1), t.add.s(2, 2)])(chain(t.tsum.s(), t.add.s(100), t.add.s(1000)))
     obs = _chord_obs(ctx, c)
-    obs["body_parent"] = describe(ctx, c.parent) if isinstance(c.parent, AsyncResult) \
-        and not isinstance(c.parent, GroupResult) else shape(c.parent)
+    parent = c.parent
+    if isinstance(parent, AsyncResult) and not isinstance(parent, GroupResult):
+        parent.get(timeout=TIMEOUT)  # stored after it sent the next step
+        obs["body_parent"] = describe(ctx, parent)
+    else:
+        obs["body_parent"] = shape(parent)
     return obs
 
 
@@ -405,6 +413,44 @@ def revoked_before_execution(ctx: Ctx) -> Any:
         "ran": counter(ctx, "mark")}
 
 
+def forget_single(ctx: Ctx) -> Any:
+    r = ctx.t.add.delay(4, 4)
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    r.forget()
+    return {"get": value, "after_forget": describe(ctx, r),
+            "fresh": describe(ctx, fresh(ctx, r.id))}
+
+
+def expired_before_execution(ctx: Ctx) -> Any:
+    r = ctx.t.mark.apply_async((ctx.tag,), expires=datetime.now(UTC) - timedelta(seconds=30))
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    return {"get": value, "result": describe(ctx, fresh(ctx, r.id)),
+            "ran": counter(ctx, "mark")}
+
+
+def chain_with_group(ctx: Ctx) -> Any:
+    """chain(task, group, task) upgrades the group and the last task to a chord."""
+    t = ctx.t
+    c = chain(t.add.s(1, 1), group(t.add.s(10), t.add.s(20)), t.tsum.s()).apply_async()
+    return _chord_obs(ctx, c)
+
+
+def group_of_chains(ctx: Ctx) -> Any:
+    t = ctx.t
+    g = group(chain(t.add.s(i, i), t.add.s(100)) for i in range(3)).apply_async()
+    return {"get": outcome(lambda: g.get(timeout=TIMEOUT)), "group": describe_group(ctx, g)}
+
+
+def children_graph(ctx: Ctx) -> Any:
+    """A task that starts a group: the caller follows ``children`` with ``collect()``."""
+    r = ctx.t.spawn.delay(3)
+    value = outcome(lambda: r.get(timeout=TIMEOUT))
+    for child in r.children or []:
+        child.get(timeout=TIMEOUT)
+    graph = [(shape(node), norm(v)) for node, v in r.collect(timeout=TIMEOUT)]
+    return {"get": value, "result": describe(ctx, r), "collect": graph}
+
+
 def group_save_restore_forget(ctx: Ctx) -> Any:
     g = group(ctx.t.add.s(i, 10) for i in range(4)).apply_async()
     value = outcome(lambda: g.get(timeout=TIMEOUT))
@@ -477,7 +523,7 @@ def json_unencodable(ctx: Ctx) -> Any:
 
 def exceptions_with_args(ctx: Ctx) -> Any:
     t = ctx.t
-    custom = t.raise_custom.delay("several", 2, {"k": ["v", 3]}, None)
+    custom = t.raise_custom.delay("several", 2, {"k": ["v", 3]}, None, (4, "five"))
     multi = t.raise_multi.delay()
     return {"custom": outcome(lambda: custom.get(timeout=TIMEOUT)),
             "custom_result": describe(ctx, custom),
@@ -521,7 +567,8 @@ SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
     chord_of_groups, chord_body_chain, chord_failing_body, chord_error_errbacks,
     link_success, link_error_styles, link_error_on_chain,
     retry_then_succeed, retry_exhausted_with_exc, retry_exhausted_plain,
-    ignore_result, revoked_before_execution,
+    ignore_result, revoked_before_execution, expired_before_execution, forget_single,
+    chain_with_group, group_of_chains, children_graph,
     group_save_restore_forget, group_of_groups_saved,
     large_result, non_ascii_result, json_shapes, json_unencodable, exceptions_with_args,
     join_inside_task, success_kept_on_rerun, failure_replaced_on_rerun,

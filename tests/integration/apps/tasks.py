@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 import redis
-from celery import Celery, Task
+from celery import Celery, Task, group
 from celery.result import allow_join_result
 
 
@@ -186,6 +186,11 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         with allow_join_result():
             return int(app.tasks["rs.add"].delay(x, x).get(timeout=30))
 
+    @app.task(shared=False, name="rs.d.spawn")
+    def spawn(n: int) -> Any:
+        """Starts a group from inside a task: the group becomes this task's child."""
+        return group(app.tasks["rs.add"].s(i, i) for i in range(n)).delay()
+
     @app.task(shared=False, name="rs.d.errback_new")
     def errback_new(request: Any, exc: BaseException, traceback: Any, tag: str) -> None:
         _record(tag, {"style": "new", "request_id": request.id, "exc_type": type(exc).__name__,
@@ -206,7 +211,7 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         raise_custom=raise_custom, raise_multi=raise_multi, retry_then=retry_then,
         retry_exhaust=retry_exhaust, stored=stored, stored_fail=stored_fail, mark=mark,
         join_inside=join_inside, errback_new=errback_new, errback_old=errback_old,
-        errback_immutable=errback_immutable)
+        errback_immutable=errback_immutable, spawn=spawn)
 
 
 app = Celery("rs_tests", broker=os.environ.get("RS_BROKER", "memory://"),
