@@ -108,8 +108,9 @@ def _describe_error(exc: BaseException, password: str | None) -> str:
 
 # ----------------------------------------------------------------------------- rows
 
-#: Values every serializer round-trips to themselves: stored without the round trip.
-_EXACT_SCALARS = frozenset({type(None), bool, int, float, str})
+#: Values kombu's json round-trips to themselves: stored without the round trip (other
+#: serializers may not: msgpack refuses ints beyond 64 bits, so they always round-trip).
+_JSON_EXACT_SCALARS = frozenset({type(None), bool, int, float, str})
 
 
 class CorruptRowError(BackendGetMetaError):
@@ -229,6 +230,8 @@ class ResultStoreBackend(BaseBackend):
         # A key-value backend returns what the serializer's round trip gives (tuples
         # as lists with json): store exactly that, so every backend reads back alike.
         self._roundtrip = self.content_type != PICKLE_CONTENT_TYPE
+        self._exact_scalars = (_JSON_EXACT_SCALARS if self.content_type == "application/json"
+                               else frozenset())
 
     @staticmethod
     def _apply_app_tables(source: StoreConfig, conf: Any) -> StoreConfig:
@@ -278,7 +281,7 @@ class ResultStoreBackend(BaseBackend):
         return datetime.now(UTC)
 
     def _dump_result(self, value: Any) -> bytes:
-        if self._roundtrip and type(value) not in _EXACT_SCALARS:
+        if self._roundtrip and type(value) not in self._exact_scalars:
             value = self.decode(self.encode(value))
         if self._full_pickle:
             return dump_full(value)
