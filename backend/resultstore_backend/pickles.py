@@ -149,21 +149,30 @@ def is_pickle(payload: bytes) -> bool:
 
 # ----------------------------------------------------------------------------- opcode walk
 
-# How to skip each opcode's argument: >= 0 fixed bytes; the negative kinds below.
+# How to skip each opcode's argument: >= 0 fixed bytes (the common case, kept fastest);
+# the negative kinds below need a look at the argument.
 _NL = -1        # up to and including a newline
 _NL2 = -2       # two newline-terminated lines (GLOBAL, INST)
 _LEN1 = -3      # 1-byte length, then that many bytes
 _LEN4 = -4      # 4-byte signed little-endian length (BINSTRING), then bytes
 _LEN4U = -5     # 4-byte unsigned little-endian length, then bytes
 _LEN8 = -6      # 8-byte unsigned little-endian length, then bytes
+_BOUNDED = -7   # a fixed-size number that must not exceed the payload (LONG_BINPUT, FRAME)
+_PUT_NL = -8    # PUT: a memo index in text, same bound
+_STOP_OP = -9
+_UNKNOWN = -100
 
-_ARG_KIND: list[int | None] = [None] * 256
+_STOP = ord(".")
+_LONG_BINPUT = ord("r")
+_FRAME = 0x95
+
+_ARG_KIND: list[int] = [_UNKNOWN] * 256
 for _op in pickletools.opcodes:
     _arg = _op.arg
     _code = ord(_op.code.encode("latin-1"))
     if _arg is None:
         _ARG_KIND[_code] = 0
-    elif _arg.name in ("stringnl_noescape_pair",):
+    elif _arg.name == "stringnl_noescape_pair":
         _ARG_KIND[_code] = _NL2
     elif _arg.n >= 0:
         _ARG_KIND[_code] = _arg.n
@@ -178,12 +187,11 @@ for _op in pickletools.opcodes:
     elif _arg.n == pickletools.TAKEN_FROM_ARGUMENT8U:
         _ARG_KIND[_code] = _LEN8
 del _op, _arg, _code
-
-_STOP = ord(".")
-_PUT = ord("p")
-_BINPUT = ord("q")
-_LONG_BINPUT = ord("r")
-_FRAME = 0x95
+_ARG_KIND[_STOP] = _STOP_OP
+_ARG_KIND[ord("p")] = _PUT_NL
+_ARG_KIND[_LONG_BINPUT] = _BOUNDED
+_ARG_KIND[_FRAME] = _BOUNDED
+_BOUNDED_WIDTH = {_LONG_BINPUT: 4, _FRAME: 8}
 
 
 def check_opcodes(data: bytes) -> None:
@@ -198,27 +206,19 @@ def check_opcodes(data: bytes) -> None:
     kinds = _ARG_KIND
     i = 0
     while i < n:
-        op = data[i]
+        kind = kinds[data[i]]
         i += 1
-        kind = kinds[op]
-        if kind is None:
-            raise UnsafePickleError(f"unknown pickle opcode 0x{op:02x} at offset {i - 1}")
-        if kind > 0:
-            if op == _LONG_BINPUT or op == _FRAME:
-                value = int.from_bytes(data[i:i + kind], "little")
-                if value > n:
-                    what = "memo index" if op == _LONG_BINPUT else "frame length"
-                    raise UnsafePickleError(
-                        f"{what} {value} at offset {i - 1} exceeds the payload size {n}")
+        if kind >= 0:
             i += kind
-        elif kind == 0:
-            if op == _STOP:
-                return
-        elif kind == _LEN1:
-            if i >= n:
+            continue
+        if kind == _LEN1:
+            if i < n:
+                i += 1 + data[i]
+            else:
                 break
-            i += 1 + data[i]
-        elif kind <= _LEN4:
+        elif kind == _STOP_OP:
+            return
+        elif kind <= _LEN4 and kind >= _LEN8:
             width = 8 if kind == _LEN8 else 4
             size = int.from_bytes(data[i:i + width], "little", signed=(kind == _LEN4))
             i += width
@@ -227,11 +227,23 @@ def check_opcodes(data: bytes) -> None:
                     f"declared length {size} at offset {i - width - 1} exceeds the "
                     f"{max(0, n - i)} bytes left in the payload")
             i += size
-        else:
+        elif kind == _BOUNDED:
+            op = data[i - 1]
+            width = _BOUNDED_WIDTH[op]
+            value = int.from_bytes(data[i:i + width], "little")
+            if value > n:
+                what = "memo index" if op == _LONG_BINPUT else "frame length"
+                raise UnsafePickleError(
+                    f"{what} {value} at offset {i - 1} exceeds the payload size {n}")
+            i += width
+        elif kind == _UNKNOWN:
+            raise UnsafePickleError(
+                f"unknown pickle opcode 0x{data[i - 1]:02x} at offset {i - 1}")
+        else:  # newline-terminated arguments
             end = data.find(b"\n", i)
             if end < 0:
                 break
-            if op == _PUT:
+            if kind == _PUT_NL:
                 try:
                     index = int(data[i:end])
                 except ValueError:
@@ -245,8 +257,6 @@ def check_opcodes(data: bytes) -> None:
                 if end < 0:
                     break
                 i = end + 1
-        if i > n:
-            break
     raise UnsafePickleError("pickle data was truncated (no STOP opcode)")
 
 
