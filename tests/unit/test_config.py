@@ -322,3 +322,11 @@ def test_uri_key_of_a_config_dir_is_checked_the_same_way(tmp_path: Path) -> None
     })
     config = read_binding_dir(tmp_path)
     assert config.url.password == f"p@{SECRET}" and not leaks(repr(config))
+
+
+def test_unescaped_at_in_the_user_name_azure_style() -> None:
+    config = parse_backend_url(f"postgresql://app@myserver:{SECRET}@myserver.example/db")
+    assert isinstance(config, StoreConfig)
+    assert (config.url.username, config.url.password, config.url.host) == (
+        "app@myserver", SECRET, "myserver.example")
+    assert not leaks(repr(config))
