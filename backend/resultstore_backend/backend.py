@@ -120,10 +120,16 @@ class CorruptRowError(BackendGetMetaError):
     content; not retried (reading it again gives the same bytes).
     """
 
-    def __init__(self, message: str, *, task_id: str, table: str, column: str) -> None:
+    def __init__(self, message: str, *, task_id: str = "", table: str = "",
+                 column: str = "") -> None:
         super().__init__(message, task_id=task_id)
         self.table = table
         self.column = column
+
+    def __reduce__(self) -> Any:
+        # a task that re-raises it has it pickled (pickle serializer): keep the fields
+        return (type(self), (str(self),), {"task_id": self.task_id, "table": self.table,
+                                           "column": self.column})
 
 def _corrupt_error(kind: str, ident: str, table: str, column: str, cause: BaseException
                    ) -> CorruptRowError:

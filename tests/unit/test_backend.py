@@ -111,3 +111,14 @@ def test_statements_quote_identifiers() -> None:
     assert "= ANY(%s)" in sql.select_many_ready
     lite = statements("sqlite", TableNames())
     assert "?" in lite.upsert_task and "%s" not in lite.upsert_task
+
+
+def test_corrupt_row_error_survives_pickling() -> None:
+    """A task re-raising it with the pickle serializer ships it to the caller intact."""
+    from resultstore_backend.backend import CorruptRowError
+
+    exc = CorruptRowError("row of task t1 is corrupt", task_id="t1", table="rs.celery_taskmeta",
+                          column="result")
+    back = pickle.loads(pickle.dumps(exc))
+    assert isinstance(back, CorruptRowError) and str(back) == str(exc)
+    assert (back.task_id, back.table, back.column) == ("t1", "rs.celery_taskmeta", "result")
