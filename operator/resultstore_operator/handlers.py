@@ -36,6 +36,7 @@ from .builders.cronjob import CleanupPolicy, check_cleanup_job, cronjob_manifest
 from .builders.names import cronjob_name, role_base, role_names, secret_name
 from .builders.ownership import (
     ADMIN_CREDENTIALS_LABEL,
+    SECRET_WATCH_SELECTOR,
     admin_secret_opted_in,
     certificates_only,
     foreign_owner,
@@ -697,6 +698,14 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     # The ResultStore CRD is installed before the operator (manifests/chart): no need to
     # watch CRDs, which would only need a cluster-wide RBAC grant for nothing.
     kopf_settings.scanning.disabled = True
+    # Secrets are watched (rollout.py) with a server-side selector: only our own binding
+    # Secrets reach this process, never the data of any other Secret of the namespace.
+    selectors = getattr(kopf_settings.watching, "label_selectors", None)
+    if selectors is not None:
+        selectors[("v1", "secrets")] = SECRET_WATCH_SELECTOR
+    else:  # kopf < 1.45: the watch filters client-side only
+        log.warning("this kopf has no server-side label selectors: the Secret watch "
+                    "receives every Secret of the watched namespaces")
     kopf_settings.execution.max_workers = settings.workers
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60

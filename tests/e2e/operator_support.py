@@ -72,6 +72,8 @@ class OperatorProcess:
         prefix="resultstore-operator-", suffix=".log")[1]))
     proc: subprocess.Popen[bytes] | None = None
     health_port: int = 0
+    #: Command-line arguments; without --no-plugins the rollout (a Secret watch) runs too.
+    args: tuple[str, ...] = ("--no-plugins",)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTSTORE_")}
@@ -95,7 +97,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(OPERATOR_BIN), "--no-plugins"], env=self.env(), cwd=ROOT,
+            [str(OPERATOR_BIN), *self.args], env=self.env(), cwd=ROOT,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         eventually(self._healthy, 60, "the operator's liveness endpoint")

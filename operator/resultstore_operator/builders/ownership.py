@@ -86,6 +86,12 @@ def foreign_owner(obj: Mapping[str, Any], uid: str) -> str | None:
 ADMIN_CREDENTIALS_LABEL = f"{GROUP}/admin-credentials"
 
 
+#: Server-side label selector of the operator's Secret watch (the stock-mode rollout): only
+#: the binding Secrets it wrote are sent, so no other Secret's data - an admin Secret that
+#: did not opt in, anybody's TLS keys - ever reaches the operator process through a watch.
+SECRET_WATCH_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+
 def admin_secret_opted_in(obj: Mapping[str, Any] | None) -> bool:
     """True when the Secret (or its metadata only) carries the opt-in label set to "true"."""
     labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
