@@ -464,6 +464,20 @@ class ResultStoreBackend(BaseBackend):
         with self._holder.connection() as conn:
             return conn.execute(sql, (task_id,)).fetchone()
 
+    def _ensure_not_eager(self) -> None:
+        """Celery's eager-mode warning, with its two settings read once (first use).
+
+        Celery looks both up in the app's configuration on every read and wait, which
+        costs about as much as decoding the row (a twentieth of a loopback get).
+        """
+        eager = self.__dict__.get("_eager_warning")
+        if eager is None:
+            conf = self.app.conf
+            eager = self._eager_warning = bool(
+                conf.task_always_eager and not conf.task_store_eager_result)
+        if eager:
+            super()._ensure_not_eager()
+
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         task_id = bytes_to_str(task_id)
         row = self._fetch_row(task_id)
