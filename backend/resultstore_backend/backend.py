@@ -34,7 +34,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import maybe_signature, states
-from celery.backends.base import BaseBackend, _create_chord_error_with_cause
+from celery.backends.asynchronous import AsyncBackendMixin
+from celery.backends.base import Backend, _create_chord_error_with_cause
 from celery.exceptions import BackendGetMetaError, ChordError, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
@@ -43,6 +44,7 @@ from celery.utils.time import get_exponential_backoff_interval, maybe_timedelta
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 
 from . import cleanup as cleanup_mod
+from . import consumer as consumer_mod
 from .config import ConfigError, DirectorySource, StoreConfig, parse_backend_url, redact
 from .engine import (
     DEFAULT_IDLE_PING_AFTER,
@@ -52,6 +54,7 @@ from .engine import (
     is_connection_error,
     is_transient_error,
 )
+from .notify import channel_for
 from .pickles import (
     PICKLE_CONTENT_TYPE,
     UnsafePickleError,
@@ -165,8 +168,13 @@ def _read_ts(value: Any) -> datetime | None:
         return None
 
 
-class ResultStoreBackend(BaseBackend):
-    """Celery result backend on PostgreSQL (and SQLite) with stock-compatible tables."""
+class ResultStoreBackend(Backend, AsyncBackendMixin):
+    """Celery result backend on PostgreSQL (and SQLite) with stock-compatible tables.
+
+    Asynchronous like Celery's Redis backend (``AsyncBackendMixin``): every wait runs
+    Celery's drain loop over :class:`~resultstore_backend.consumer.ResultConsumer`,
+    woken by the store's NOTIFY on PostgreSQL and polling on SQLite (consumer.py).
+    """
 
     #: ResultSet.iterate compat attribute (as stock DatabaseBackend)
     subpolling_interval = 0.5
@@ -208,7 +216,8 @@ class ResultStoreBackend(BaseBackend):
             options.update(conf.get("database_engine_options") or {})
             options.update(engine_options or {})
             source = StoreConfig(url=source.url, names=source.names, engine_options=options,
-                                 extended=source.extended, expires=source.expires)
+                                 extended=source.extended, expires=source.expires,
+                                 notifications=source.notifications)
         self.engine_options = dict(engine_options or {})
         create_tables = conf.get("resultstore_create_tables")
         if create_tables is None and conf.get("database_create_tables_at_setup") is False:
@@ -238,6 +247,34 @@ class ResultStoreBackend(BaseBackend):
         self._roundtrip = self.content_type != PICKLE_CONTENT_TYPE
         self._exact_scalars = (_JSON_EXACT_SCALARS if self.content_type == "application/json"
                                else frozenset())
+        self._init_notifications(conf, config)
+
+    def _init_notifications(self, conf: Any, config: StoreConfig) -> None:
+        """Read the notification settings once and build this backend's result consumer.
+
+        ``resultstore_notify`` (app) wins over the store's ``notifications`` (celery.json
+        or ``?notify=``); the default is on. SQLite never notifies and always polls.
+        """
+        app_notify = conf.get("resultstore_notify")
+        if app_notify is not None:
+            notify = bool(app_notify)
+        else:
+            notify = True if config.notifications is None else bool(config.notifications)
+        self._notify = notify and not config.is_sqlite
+        default_poll = (consumer_mod.DEFAULT_SQLITE_POLL_INTERVAL if config.is_sqlite
+                        else consumer_mod.DEFAULT_POLL_INTERVAL)
+        self.result_consumer = consumer_mod.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages,
+            push=self._notify,
+            poll_interval=float(conf.get("resultstore_poll_interval") or default_poll),
+            safety_interval=float(conf.get("resultstore_safety_interval")
+                                  or consumer_mod.DEFAULT_SAFETY_INTERVAL),
+        )
+
+    @property
+    def notifications(self) -> bool:
+        """Whether stores NOTIFY and waits are pushed (False on SQLite)."""
+        return self._notify
 
     @staticmethod
     def _apply_app_tables(source: StoreConfig, conf: Any) -> StoreConfig:
@@ -250,7 +287,8 @@ class ResultStoreBackend(BaseBackend):
             tablenames.get("task") or source.names.task_table,
             tablenames.get("group") or source.names.group_table,
         )
-        return StoreConfig(url=source.url, names=names, engine_options=source.engine_options)
+        return StoreConfig(url=source.url, names=names, engine_options=source.engine_options,
+                           notifications=source.notifications)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -394,10 +432,19 @@ class ResultStoreBackend(BaseBackend):
     def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
         params = self._task_params(task_id, result, state, traceback, request)
-        sql = self._sql().upsert_task
-        with self._holder.connection() as conn:
-            conn.execute(sql, params)
+        self._upsert_task(params)
         return result
+
+    def _upsert_task(self, params: tuple[Any, ...]) -> None:
+        """The store: one statement, which also NOTIFYs waiters when notifications are on."""
+        sql = self._sql()
+        if self._notify:
+            params = (*params, channel_for(sql.channel_prefix, params[0]))
+            with self._holder.connection() as conn:
+                conn.execute(sql.notify_upsert_task, params)
+            return
+        with self._holder.connection() as conn:
+            conn.execute(sql.upsert_task, params)
 
     def _raw_meta(self, task_id: str, row: Any) -> dict[str, Any]:
         try:
@@ -500,25 +547,42 @@ class ResultStoreBackend(BaseBackend):
     # ------------------------------------------------------------------ many / join
 
     def _fetch_ready(self, ids: list[str]) -> list[Any]:
+        return self._fetch_many(ids, ready_only=True)
+
+    def _fetch_metas(self, ids: list[str]) -> list[Any]:
+        """Rows ``(task_id, *META)`` of ``ids`` in any state (what a woken waiter reads)."""
+        return self._fetch_many(ids, ready_only=False)
+
+    def _fetch_many(self, ids: list[str], *, ready_only: bool) -> list[Any]:
         sql = self._sql()
+        statement = sql.select_many_ready if ready_only else sql.select_many
         rows: list[Any] = []
         with self._holder.connection() as conn:
             if sql.dialect == "postgresql":
-                rows.extend(conn.execute(sql.select_many_ready, (ids,)).fetchall())
+                rows.extend(conn.execute(statement, (ids,)).fetchall())
             else:
                 for i in range(0, len(ids), 500):
                     chunk = ids[i:i + 500]
-                    query = sql.select_many_ready.replace("{in}", sql.in_list(len(chunk)))
+                    query = statement.replace("{in}", sql.in_list(len(chunk)))
                     rows.extend(conn.execute(query, chunk).fetchall())
         return rows
+
+    def _meta_from_row(self, task_id: str, row: Any) -> dict[str, Any]:
+        return self.meta_from_decoded(self._raw_meta(task_id, row))
 
     def get_many(self, task_ids: Iterable[Any], timeout: float | None = None,
                  interval: float | None = 0.5, no_ack: bool = True, on_message: Any = None,
                  on_interval: Any = None, max_iterations: int | None = None,
                  READY_STATES: frozenset[str] = READY_STATES, **kwargs: Any
                  ) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield ``(task_id, meta)`` as tasks become ready: one query per polling pass."""
-        interval = 0.5 if interval is None else interval
+        """Yield ``(task_id, meta)`` as tasks become ready: one query per pass.
+
+        Between passes it waits for a notification of one of the ids (at most the
+        safety interval), or polls at the consumer's interval without notifications;
+        ``interval`` is accepted for compatibility and ignored, as with Redis's push
+        waits. ``max_iterations=1`` (Celery's ``ResultSet._iter_meta``) reads once and
+        returns without waiting.
+        """
         ids = {bytes_to_str(t) for t in task_ids}
         cache = self._cache
         for task_id in list(ids):
@@ -526,16 +590,48 @@ class ResultStoreBackend(BaseBackend):
             if cached is not None and cached["status"] in READY_STATES:
                 ids.discard(task_id)
                 yield task_id, cached
+        if not ids:
+            return
+        if max_iterations == 1:
+            yield from self._get_many_pass(ids, on_message, READY_STATES)
+            return
+        with self.result_consumer.watch(sorted(ids)) as wait:
+            yield from self._get_many_wait(ids, wait, timeout, on_message, on_interval,
+                                           max_iterations, READY_STATES)
+
+    def _get_many_wait(self, ids: set[str], wait: Any, timeout: float | None,
+                       on_message: Any, on_interval: Any, max_iterations: int | None,
+                       ready_states: frozenset[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        start = time.monotonic()
         iterations = 0
-        elapsed = 0.0
         while ids:
+            yield from self._get_many_pass(ids, on_message, ready_states)
+            if not ids:
+                break
+            iterations += 1
+            if max_iterations and iterations >= max_iterations:
+                break
+            elapsed = time.monotonic() - start
+            if timeout is not None and elapsed >= timeout:
+                raise self.TimeoutError(f"Operation timed out ({timeout})")
+            if on_interval:
+                on_interval()
+            nap = self.result_consumer.safety_interval if timeout is None \
+                else max(0.0, timeout - elapsed)
+            wait(nap)
+
+    def _get_many_pass(self, ids: set[str], on_message: Any, ready_states: frozenset[str]
+                       ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """One query for the ready ones among ``ids`` (removed from ``ids`` as yielded)."""
+        cache = self._cache
+        if ids:
             rows = self._ensure_retryable(self._fetch_ready, sorted(ids))
             for row in rows:
                 task_id = row[0]
                 if task_id not in ids:
                     continue
                 meta = self.meta_from_decoded(self._raw_meta(task_id, row[1:]))
-                if meta["status"] not in READY_STATES:
+                if meta["status"] not in ready_states:
                     continue
                 ids.discard(task_id)
                 if meta["status"] == states.SUCCESS:
@@ -543,18 +639,18 @@ class ResultStoreBackend(BaseBackend):
                 if on_message is not None:
                     on_message(meta)
                 yield task_id, meta
-            if not ids:
-                break
-            if timeout is not None and elapsed >= timeout:
-                raise self.TimeoutError(f"Operation timed out ({timeout})")
-            if on_interval:
-                on_interval()
-            nap = interval if timeout is None else max(0.0, min(interval, timeout - elapsed))
-            time.sleep(nap)
-            elapsed += nap
-            iterations += 1
-            if max_iterations and iterations >= max_iterations:
-                break
+
+    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5,
+                 no_ack: bool = True, on_interval: Any = None) -> dict[str, Any]:
+        """The meta of ``task_id`` once ready (the synchronous backends' API, kept for
+        callers of stock ``DatabaseBackend.wait_for``), through the push wait."""
+        result = self.app.AsyncResult(bytes_to_str(task_id), backend=self)
+        self.add_pending_result(result)
+        for _ in self._wait_for_pending(result, timeout=timeout, on_interval=on_interval,
+                                        interval=interval, no_ack=no_ack):
+            pass
+        meta: dict[str, Any] = result._cache
+        return meta
 
     # ------------------------------------------------------------------ groups
 
@@ -833,10 +929,7 @@ class ResultStoreBackend(BaseBackend):
             self._ts(self._now()),
         )
 
-        def op() -> None:
-            with self._holder.connection() as conn:
-                conn.execute(self._sql().upsert_task, params)
-        self._ensure_retryable(op)
+        self._ensure_retryable(self._upsert_task, params)
 
     def delete(self, key: str | bytes) -> None:
         """Delete the row behind a Celery key."""

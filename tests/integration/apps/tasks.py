@@ -214,6 +214,38 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         errback_immutable=errback_immutable, spawn=spawn)
 
 
+# ----------------------------------------------------------------------------- push waits
+# Tasks of tests/integration/test_backend_push.py.
+
+
+def define_push_tasks(app: Celery) -> SimpleNamespace:
+    @app.task(shared=False, name="rs.p.progress", bind=True)
+    def progress(self: Any, steps: int, pause: float) -> str:
+        """Report PROGRESS ``steps`` times (what ``on_message`` callbacks watch)."""
+        for i in range(steps):
+            self.update_state(state="PROGRESS", meta={"i": i})
+            time.sleep(pause)
+        return "done"
+
+    @app.task(shared=False, name="rs.p.wait_inside")
+    def wait_inside(n: int) -> dict[str, Any]:
+        """Wait for a group and a task from inside a task (prefork child, allow_join_result)."""
+        from celery import group
+
+        # the subtasks take a moment, so they finish after this wait began LISTENing
+        slow = app.tasks["rs.sleep_then"]
+        with allow_join_result():
+            values = group(slow.s(2 * i, 0.3) for i in range(n)).apply_async().get(timeout=60)
+            single = slow.delay(n + 1, 0.3).get(timeout=60)
+        consumer = app.backend.result_consumer
+        listener = consumer.listener() if consumer.push else None
+        return {"group": values, "single": single, "pid": os.getpid(),
+                "notified": listener.received if listener is not None else 0,
+                "listen_pid": listener.backend_pid() if listener is not None else None}
+
+    return SimpleNamespace(progress=progress, wait_inside=wait_inside)
+
+
 app = Celery("rs_tests", broker=os.environ.get("RS_BROKER", "memory://"),
              backend=os.environ.get("RS_BACKEND"))
 app.conf.update(
@@ -225,3 +257,4 @@ app.conf.update(
 )
 tasks = define_tasks(app)
 differential_tasks = define_differential_tasks(app)
+push_tasks = define_push_tasks(app)
