@@ -101,10 +101,15 @@ def spec_schema() -> Schema:
     database = _object(
         "Where the store lives and how the operator logs in to provision it.",
         {
-            "host": _string("PostgreSQL host name or address (immutable).", min_length=1),
+            "host": _string("PostgreSQL host: a DNS name or an IP address (immutable).",
+                            min_length=1, max_length=s.HOST_MAX_LENGTH,
+                            pattern=s.HOST_PATTERN),
             "port": _integer("PostgreSQL port.", default=s.DEFAULT_PORT, bounds=(1, 65535)),
             "name": _string("Database name (immutable).", min_length=1, max_length=63),
-            "sslMode": _string("libpq sslmode for the operator and the workers.",
+            "sslMode": _string("libpq sslmode for the operator and the workers. The "
+                               "operator always authenticates with SCRAM-SHA-256 (channel "
+                               "binding whenever TLS is required); with prefer it uses TLS "
+                               "when the server offers it and, once it has, insists on it.",
                                default=s.DEFAULT_SSL_MODE, enum=s.SSL_MODES),
             "caSecretRef": _object(
                 "Optional Secret holding the server CA certificate (PEM), copied into the "
@@ -273,6 +278,12 @@ def spec_schema() -> Schema:
                                       "login; Delete drops schema and roles.",
                                       default=s.DEFAULT_DELETION_POLICY,
                                       enum=s.DELETION_POLICIES),
+            "schemaPolicy": _string("Exclusive refuses an existing schema that holds objects "
+                                    "this store did not create; AdoptExisting shares it (the "
+                                    "store's role is granted only the store's own tables, and "
+                                    "deletion drops only those).",
+                                    default=s.DEFAULT_SCHEMA_POLICY,
+                                    enum=s.SCHEMA_POLICIES),
         },
         required=("database", "schema"),
     )
@@ -340,7 +351,10 @@ def status_schema() -> Schema:
             ),
             "database": _object(
                 "Reachability as seen by the last check.",
-                {"reachable": {"type": "boolean"}, "lastCheckTime": time},
+                {"reachable": {"type": "boolean"}, "lastCheckTime": time,
+                 "tls": {"type": "boolean",
+                         "description": "The last admin session used TLS; from then on the "
+                                        "operator refuses a connection without it."}},
             ),
         },
     )

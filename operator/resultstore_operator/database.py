@@ -6,6 +6,13 @@ hundreds of idle connections at scale). Statements come from builders.sql; this 
 executes them and turns driver errors into `DatabaseError`s with a distinct reason per cause
 (admin password wrong, host unreachable, role lacks CREATEROLE, ...). Messages are redacted:
 no password can reach a log line, an Event or the status through an exception.
+
+The admin connection never sends a password the server could read: libpq is told
+`require_auth=scram-sha-256` (a server, or an impostor on the named host, asking for a
+cleartext or MD5 password gets nothing), and channel binding is required whenever TLS is
+(`connection_security`). Nothing is altered, granted, revoked, terminated or dropped unless
+the object carries this store's ownership marker (builders.marker); every such method checks
+the marker itself, right before acting.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from sqlalchemy.pool import NullPool
 from resultstore_backend.config import redact
 from resultstore_backend.schema import SCHEMA_VERSION, TableNames, current_version, migrate
 
+from .builders import marker as m
 from .builders import reasons as r
 from .builders import sql as q
 
@@ -45,7 +53,11 @@ class DatabaseError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where to connect (the store's database) and how (sslmode, CA, timeout)."""
+    """Where to connect (the store's database) and how (sslmode, CA, timeout).
+
+    `tls_pinned`: an earlier admin session to this server ran over TLS (recorded in the
+    store's status), so a `prefer`/`allow` connection now insists on it.
+    """
 
     host: str
     port: int
@@ -53,6 +65,36 @@ class Target:
     sslmode: str = "prefer"
     ca_cert: str | None = field(default=None, repr=False)
     connect_timeout: int = 5
+    tls_pinned: bool = False
+
+
+#: the only password exchange the operator takes part in: the password never leaves
+REQUIRE_AUTH = "scram-sha-256"
+_TLS_MODES = ("require", "verify-ca", "verify-full")
+
+
+def connection_security(sslmode: str, tls_pinned: bool = False) -> dict[str, str]:
+    """libpq options for a connection that may carry a password.
+
+    - SCRAM-SHA-256 always (`require_auth`): the password itself is never sent.
+    - A mode that demands TLS also demands channel binding (SCRAM-SHA-256-PLUS), so a
+      man in the middle holding some certificate cannot relay the exchange.
+    - `prefer` (the default) and `allow` mean "TLS when the server offers it": libpq
+      tries TLS first, with channel binding when the exchange supports it; once a TLS
+      session has been seen (`tls_pinned`) they behave as `require`, so a later downgrade
+      to plaintext is refused instead of followed. `allow` is not tried plaintext-first
+      for the admin connection.
+    - `disable` is for servers without TLS (local development): SCRAM still applies.
+    """
+    if sslmode in _TLS_MODES:
+        return {"sslmode": sslmode, "channel_binding": "require", "require_auth": REQUIRE_AUTH}
+    if sslmode in ("prefer", "allow"):
+        if tls_pinned:
+            return {"sslmode": "require", "channel_binding": "require",
+                    "require_auth": REQUIRE_AUTH}
+        return {"sslmode": "prefer", "channel_binding": "prefer",
+                "require_auth": REQUIRE_AUTH}
+    return {"sslmode": "disable", "channel_binding": "disable", "require_auth": REQUIRE_AUTH}
 
 
 @dataclass(frozen=True)
@@ -89,6 +131,13 @@ def classify(exc: BaseException, *secrets: str | None) -> DatabaseError:
         return DatabaseError(r.INSUFFICIENT_PRIVILEGE, message)
     if isinstance(base, psycopg.OperationalError | psycopg.InterfaceError) or isinstance(
             exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        if ("authentication method requirement" in lowered
+                or "channel binding" in lowered
+                or "server does not support ssl" in lowered):
+            return DatabaseError(
+                r.INSECURE_CONNECTION,
+                f"{message} (the operator only authenticates with SCRAM-SHA-256, with "
+                f"channel binding over TLS; nothing was sent)")
         if ("password authentication failed" in lowered
                 or "no pg_hba.conf entry" in lowered
                 or ("role" in lowered and "does not exist" in lowered)
@@ -122,7 +171,7 @@ class _CaFile:
 
 def _connect_args(target: Target, ca: _CaFile) -> dict[str, Any]:
     args: dict[str, Any] = {
-        "sslmode": target.sslmode,
+        **connection_security(target.sslmode, target.tls_pinned),
         "connect_timeout": target.connect_timeout,
         "application_name": "resultstore-operator",
     }
@@ -152,12 +201,26 @@ def check_login(target: Target, creds: Credentials) -> bool:
         ca.close()
 
 
-class AdminSession:
-    """One admin connection; use as a context manager (`with AdminSession(...) as db`)."""
+class OwnershipError(DatabaseError):
+    """An object the operator was about to touch does not carry this store's marker."""
 
-    def __init__(self, target: Target, admin: Credentials) -> None:
+    def __init__(self, reason: str, message: str, other: m.Owner | None = None) -> None:
+        super().__init__(reason, message)
+        self.other = other
+
+
+class AdminSession:
+    """One admin connection; use as a context manager (`with AdminSession(...) as db`).
+
+    `owner` is the store's identity: objects created here are marked with it, and roles are
+    only altered, granted, terminated or dropped when they carry it.
+    """
+
+    def __init__(self, target: Target, admin: Credentials,
+                 owner: m.Owner | None = None) -> None:
         self.target = target
         self.admin = admin
+        self.owner = owner
         self._ca = _CaFile(target.ca_cert)
         self._engine: sa.Engine | None = None
         self._conn: sa.Connection | None = None
@@ -199,6 +262,10 @@ class AdminSession:
         return self._conn
 
     @property
+    def tls_in_use(self) -> bool:
+        return bool(self.raw.pgconn.ssl_in_use)
+
+    @property
     def raw(self) -> psycopg.Connection[Any]:
         driver = self.conn.connection.driver_connection
         assert isinstance(driver, psycopg.Connection)
@@ -228,12 +295,17 @@ class AdminSession:
                     cur.execute(statement)
             self.raw.commit()
 
+    def _fetch(self, statement: sql.SQL | sql.Composed,
+               params: Any = None) -> list[tuple[Any, ...]]:
+        """Rows of a query inside the current transaction (no commit)."""
+        with self.raw.cursor() as cur:
+            cur.execute(statement, params)
+            return list(cur.fetchall())
+
     def _query(self, statement: sql.SQL | sql.Composed,
                params: Any = None) -> list[tuple[Any, ...]]:
         with self._errors():
-            with self.raw.cursor() as cur:
-                cur.execute(statement, params)
-                rows = list(cur.fetchall())
+            rows = self._fetch(statement, params)
             self.raw.commit()
             return rows
 
@@ -259,10 +331,48 @@ class AdminSession:
     def schema_exists(self, schema: str) -> bool:
         return bool(self._query(q.SCHEMA_EXISTS, (schema,)))
 
+    # --- ownership ---------------------------------------------------------------------------
+
+    def _me(self) -> m.Owner:
+        if self.owner is None:
+            raise RuntimeError("this AdminSession has no owner identity")
+        return self.owner
+
+    def inventory(self, schema: str, roles: Iterable[str]) -> m.Inventory:
+        """Everything under the store's names, with the markers (comments) it carries."""
+        marker_rows = self._query(q.SCHEMA_MARKER, (schema,))
+        objects: tuple[m.CatalogObject, ...] = ()
+        if marker_rows:
+            objects = tuple(m.CatalogObject(kind, name, comment) for kind, name, comment in
+                            self._query(q.SCHEMA_INVENTORY, {"schema": schema}))
+        role_rows = self._query(q.ROLE_MARKERS, (sorted(set(roles)),))
+        return m.Inventory(schema=schema, schema_exists=bool(marker_rows),
+                           schema_comment=marker_rows[0][0] if marker_rows else None,
+                           objects=objects,
+                           roles={name: comment for name, comment in role_rows})
+
+    def _marks(self, marks: Iterable[tuple[str, str]], schema: str) -> list[sql.Composed]:
+        text = m.marker_text(self._me())
+        return [q.comment_on(kind, schema, name, text) for kind, name in marks]
+
+    def mark(self, marks: Iterable[tuple[str, str]], schema: str) -> None:
+        """Write our marker on objects `assess` cleared for it (legacy stores, adoption)."""
+        statements = self._marks(marks, schema)
+        if statements:
+            self._execute(statements)
+
     # --- schema ----------------------------------------------------------------------------
 
-    def migrate(self, names: TableNames) -> tuple[int, int]:
-        """(version before, version after); idempotent (the backend's versioned migrations)."""
+    def migrate(self, names: TableNames, assessment: m.Assessment) -> tuple[int, int]:
+        """(version before, version after); idempotent (the backend's versioned migrations).
+
+        One transaction creates the schema if needed, runs the migrations and writes our
+        marker on the schema (when we create it) and on every table and sequence of ours
+        that lacks it: new ones, or those `assessment` (marker.assess) cleared for marking
+        (a legacy store's, adopted ones). So no object of ours exists unmarked after a
+        commit, and a crash in between leaves nothing half-owned.
+        """
+        schema = names.schema or "public"
         with self._errors():
             before = current_version(self.conn, names)
             self.conn.commit()
@@ -271,16 +381,35 @@ class AdminSession:
                     r.SCHEMA_TOO_NEW,
                     f"schema {names.schema} is at version {before}, newer than this operator "
                     f"({SCHEMA_VERSION}); upgrade the operator")
-            if before == SCHEMA_VERSION:
-                return before, before
-            try:
-                after = migrate(self.conn, names)
-            except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
-                err = classify(exc, self.admin.password)
-                if err.reason == r.DATABASE_ERROR:
-                    err = DatabaseError(r.MIGRATION_FAILED, err.message)
-                raise err from None
-            return before, after
+        if before == SCHEMA_VERSION and not assessment.to_mark \
+                and not assessment.create_schema:
+            return before, before
+        me = self._me()
+        try:
+            with self.conn.begin():
+                marks = list(assessment.to_mark)
+                if assessment.create_schema:
+                    self.raw.execute(q.create_schema(schema))
+                    self.raw.execute(q.revoke_schema_from_public(schema))
+                    marks.append((m.SCHEMA, schema))
+                after = migrate(self.conn, names) if before < SCHEMA_VERSION else before
+                ours = set(names.all_tables()) | set(names.all_sequences())
+                for kind, name, comment in self._fetch(q.SCHEMA_INVENTORY,
+                                                       {"schema": schema}):
+                    if name in ours and (kind, name) not in marks and \
+                            m.verdict(me, comment)[0] != m.OURS:
+                        marks.append((kind, name))
+                for statement in self._marks(marks, schema):
+                    self.raw.execute(statement)
+        except DatabaseError:
+            raise
+        except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
+            self._rollback()
+            err = classify(exc, self.admin.password)
+            if err.reason == r.DATABASE_ERROR:
+                err = DatabaseError(r.MIGRATION_FAILED, err.message)
+            raise err from None
+        return before, after
 
     def last_cleanup_run(self, names: TableNames) -> CleanupRun | None:
         statement = sql.SQL(
@@ -293,8 +422,16 @@ class AdminSession:
         started, duration, deleted, success, error = rows[0]
         return CleanupRun(started, float(duration), int(deleted), bool(success), error)
 
-    def drop_schema(self, schema: str) -> None:
-        self._execute([q.drop_schema(schema)])
+    def teardown(self, plan: m.Teardown, schema: str) -> None:
+        """Drop exactly what `plan` (marker.plan_teardown) lists: never CASCADE."""
+        statements = [stmt for stmt in (
+            q.drop_objects(q.KIND_TABLE, schema, plan.tables),
+            q.drop_objects(q.KIND_SEQUENCE, schema, plan.sequences),
+        ) if stmt is not None]
+        if plan.drop_schema:
+            statements.append(q.drop_schema(schema))
+        if statements:
+            self._execute(statements)
 
     # --- roles -----------------------------------------------------------------------------
 
@@ -305,18 +442,32 @@ class AdminSession:
             return False, False
         return True, bool(rows[0][0])
 
+    def _owned_role_state(self, role: str) -> tuple[bool, bool]:
+        """role_state, refusing (OwnershipError) an existing role without our marker."""
+        rows = self._query(q.ROLE_INFO, (role,))
+        if not rows:
+            return False, False
+        state, other = m.verdict(self._me(), rows[0][1])
+        if state != m.OURS:
+            who = f"belongs to ResultStore {other.label()}" if state == m.FOREIGN and other \
+                else "was not created by this ResultStore"
+            raise OwnershipError(r.OWNERSHIP_CONFLICT, f"role {role} {who}; left untouched",
+                                 other if state == m.FOREIGN else None)
+        return True, bool(rows[0][0])
+
     def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool:
         """Create the login role, or (re)set its password/LOGIN; True if it was created.
 
         `verifier` None keeps the current password (it is known to be what the Secret
         holds) and only makes sure the role can log in.
         """
-        exists, can_login = self.role_state(role)
+        exists, can_login = self._owned_role_state(role)
         statements: list[sql.SQL | sql.Composed] = []
         if not exists:
             if verifier is None:
                 raise ValueError("a new role needs a password")
             statements.append(q.create_role(role, verifier))
+            statements.append(q.comment_on("ROLE", None, role, m.marker_text(self._me())))
         elif verifier is not None:
             statements.append(q.set_password(role, verifier))
         elif not can_login:
@@ -328,27 +479,37 @@ class AdminSession:
             self._execute(statements)
         return not exists
 
-    def sync_privileges(self, schema: str, version_table: str, granted: Iterable[str],
-                        managed: Iterable[str]) -> list[str]:
-        """Make the ACLs of our schema and its objects exactly least-privilege.
+    def our_objects(self, names: TableNames) -> list[q.DbObject]:
+        """The store's own tables and sequences that exist (never the rest of the schema)."""
+        schema = names.schema or "public"
+        wanted = sorted(set(names.all_tables()) | set(names.all_sequences()))
+        return [q.DbObject(kind, schema, name) for kind, name in
+                self._query(q.SCHEMA_OBJECTS, {"schema": schema, "objects": wanted})]
 
-        `granted` roles get USAGE/DML/sequence usage; every other `managed` role and PUBLIC
-        get nothing on our objects. Returns human-readable descriptions of what changed
-        (empty when nothing drifted).
+    def sync_privileges(self, names: TableNames, granted: Iterable[str],
+                        managed: Iterable[str], schema_ours: bool = True) -> list[str]:
+        """Make the ACLs of our schema and our objects exactly least-privilege.
+
+        `granted` roles get USAGE/DML/sequence usage on the store's own tables and sequences
+        only; every other `managed` role and PUBLIC get nothing on them. PUBLIC's rights on
+        the schema itself are only managed when the schema is ours (`schema_ours`): an
+        adopted schema's ACL is someone else's. Returns human-readable descriptions of what
+        changed (empty when nothing drifted).
         """
+        schema = names.schema or "public"
         granted_set = set(granted)
         managed_list = sorted(set(managed) | granted_set)
-        objects = [q.DbObject(q.KIND_SCHEMA, schema)] + [
-            q.DbObject(kind, schema, name)
-            for kind, name in self._query(q.SCHEMA_OBJECTS, (schema,))
-        ]
+        ours = self.our_objects(names)
+        objects = [q.DbObject(q.KIND_SCHEMA, schema), *ours]
         actual: dict[tuple[q.DbObject, str], set[str]] = {}
         for kind, name, grantee, privilege in self._query(
-                q.OBJECT_ACLS, {"schema": schema, "roles": managed_list}):
+                q.OBJECT_ACLS, {"schema": schema, "roles": managed_list,
+                                "objects": [o.name for o in ours],
+                                "schema_public": schema_ours}):
             obj = q.DbObject(kind, schema, name)
             actual.setdefault((obj, grantee or "PUBLIC"), set()).add(privilege)
         expected = {
-            (obj, role): q.expected_privileges(obj, version_table)
+            (obj, role): q.expected_privileges(obj, names.version_table)
             for obj in objects for role in granted_set
         }
         changes = q.privilege_changes(
@@ -370,7 +531,10 @@ class AdminSession:
         A CREATEROLE admin may grant itself membership in a role it manages, so it does that
         once and retries; if even that is refused the sessions are left to end on their own
         (the role is NOLOGIN or dropped anyway) rather than blocking rotation or deletion.
+        Only a role carrying our marker is touched.
         """
+        if not self._owned_role_state(role)[0]:
+            return 0
         try:
             return self._terminate(role)
         except DatabaseError as exc:
@@ -390,23 +554,25 @@ class AdminSession:
         return int(rows[0][0]) if rows else 0
 
     def disable_login(self, role: str) -> bool:
-        exists, can_login = self.role_state(role)
+        exists, can_login = self._owned_role_state(role)
         if exists and can_login:
             self._execute([q.set_login(role, False)])
             return True
         return False
 
-    def remove_role(self, role: str, schema: str) -> bool:
+    def remove_role(self, role: str, names: TableNames) -> bool:
         """Revoke what we granted and drop the role; fall back to NOLOGIN if it still owns
         something elsewhere (a DBA's grant in another database). True when dropped."""
-        exists, _ = self.role_state(role)
+        exists, _ = self._owned_role_state(role)
         if not exists:
             return True
+        schema = names.schema or "public"
         statements: list[sql.SQL | sql.Composed] = []
         if self.schema_exists(schema):
-            statements.extend(q.revoke_everything(role, schema, self.target.database))
+            statements.extend(q.revoke_everything(role, schema, self.our_objects(names),
+                                                  self.target.database))
         else:
-            statements.append(q.revoke_connect(role, self.target.database))
+            statements.extend(q.revoke_everything(role, None, (), self.target.database))
         statements.append(q.drop_role(role))
         try:
             self._execute(statements)

@@ -30,6 +30,7 @@ from resultstore_backend.schema import TableNames
 from . import database as dbio
 from . import metrics
 from .builders import conditions as c
+from .builders import marker as m
 from .builders import reasons as r
 from .builders import rotation as rot
 from .builders.cronjob import CleanupPolicy, check_cleanup_job, cronjob_manifest
@@ -461,29 +462,85 @@ class Controller:
                              f"certificate; its content is not used")
         return pem
 
-    def _target(self, spec: ResultStoreSpec, ca: str | None) -> dbio.Target:
+    def _target(self, spec: ResultStoreSpec, ca: str | None,
+                status: Mapping[str, Any] | None = None) -> dbio.Target:
+        """The admin connection's target; TLS is pinned once an admin session used it
+        (`status.database.tls`), so `prefer` cannot be downgraded afterwards."""
         db = spec.database
+        pinned = ((status or {}).get("database") or {}).get("tls") is True
         return dbio.Target(db.host, db.port, db.name, db.ssl_mode, ca,
-                           self.settings.db_connect_timeout)
+                           self.settings.db_connect_timeout, tls_pinned=pinned)
+
+    def _assess(self, run: _Run, spec: ResultStoreSpec, db: dbio.AdminSession,
+                target: dbio.Target, names: TableNames, creds: rot.CredentialState,
+                owner: m.Owner) -> m.Assessment:
+        """Ownership before anything is touched: refuse (StoreError) or say what to mark.
+
+        A store provisioned before markers existed sees its own objects unmarked; they are
+        claimed only with proof of authorship (`_proves_authorship`), never by name alone.
+        """
+        inventory = db.inventory(spec.schema, role_names(creds.role_base))
+        tables, sequences = names.all_tables(), names.all_sequences()
+        result = m.assess(owner, inventory, tables, sequences, spec.schema_policy)
+        conflict = result.conflict
+        if conflict is not None and conflict.legacy_fixable and \
+                self._proves_authorship(run, target, creds):
+            result = m.assess(owner, inventory, tables, sequences, spec.schema_policy,
+                              legacy=True)
+            conflict = result.conflict
+        if conflict is not None:
+            reason = (r.SCHEMA_NOT_EMPTY if conflict.kind == m.CONFLICT_FOREIGN_SCHEMA
+                      else r.OWNERSHIP_CONFLICT)
+            raise StoreError(reason, conflict.message)
+        return result
+
+    def _proves_authorship(self, run: _Run, target: dbio.Target,
+                           creds: rot.CredentialState) -> bool:
+        """This store provisioned its objects before markers existed (operator upgrade).
+
+        All of: its status records a migrated schema and its roles; its Secret is owned by
+        this very object (ownerReference uid) and unmodified (our data hash); and that
+        Secret's password logs in as the recorded active role. Two legacy stores that
+        shared a role cannot both pass: only one Secret holds the role's current password.
+        """
+        if run.status.get("schemaVersion") is None or not run.status.get("credentials"):
+            return False
+        live = self.kube.read_secret(run.namespace, secret_name(run.name))
+        refs = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == run.uid for ref in refs):
+            return False
+        password = trusted_password(live, creds.active_role)
+        if password is None:
+            return False
+        return dbio.check_login(target, dbio.Credentials(creds.active_role, password))
 
     def _converge_database(self, run: _Run, spec: ResultStoreSpec,
                            creds: rot.CredentialState | None) -> rot.CredentialState:
         admin = self._read_admin(run, spec)
         ca = self._read_ca(run, spec)
-        target = self._target(spec, ca)
+        target = self._target(spec, ca, run.status)
         names = TableNames(spec.schema, spec.tables.task_table, spec.tables.group_table)
+        owner = m.Owner(run.namespace, run.name, run.uid)
         new_store = creds is None
         if creds is None:
-            creds = rot.initial_state(role_base(spec.database.name, spec.schema), run.now,
+            # A recorded base is never recomputed: stores from before role names carried
+            # the store's identity keep theirs (names.legacy_role_base).
+            creds = rot.initial_state(role_base(run.namespace, run.name, run.uid), run.now,
                                       run.annotations.get(ANNOTATION_ROTATE))
             run.persist_credentials(creds)
-        with dbio.AdminSession(target, admin) as db:
+        with dbio.AdminSession(target, admin, owner) as db:
             was_unreachable = (run.status.get("database") or {}).get("reachable") is False
-            run.patch["database"] = {"reachable": True, "lastCheckTime": c.timestamp(run.now)}
+            run.patch["database"] = {"reachable": True, "lastCheckTime": c.timestamp(run.now),
+                                     "tls": db.tls_in_use}
             if was_unreachable:
                 run.event("Normal", r.DATABASE_REACHABLE, "database is reachable again")
             db.check_capabilities(spec.schema)
-            before, version = db.migrate(names)
+            assessment = self._assess(run, spec, db, target, names, creds, owner)
+            before, version = db.migrate(names, assessment)
+            if assessment.to_mark:
+                run.event("Normal", r.OBJECTS_MARKED,
+                          "ownership marker written on " + ", ".join(
+                              f"{kind.lower()} {name}" for kind, name in assessment.to_mark))
             if before != version:
                 run.event("Normal", r.SCHEMA_MIGRATED,
                           f"schema {spec.schema} migrated from version {before} to {version}")
@@ -491,7 +548,7 @@ class Controller:
             run.cond(r.SCHEMA_READY, True, r.SCHEMA_MIGRATED,
                      f"schema {spec.schema} at version {version}")
             creds = self._converge_credentials(run, spec, db, target, names, creds, ca,
-                                               new_store)
+                                               new_store, assessment.schema_ours)
             last = db.last_cleanup_run(names)
         if last is not None:
             run.patch["lastCleanup"] = {
@@ -510,7 +567,8 @@ class Controller:
     def _converge_credentials(self, run: _Run, spec: ResultStoreSpec, db: dbio.AdminSession,
                               target: dbio.Target, names: TableNames,
                               creds: rot.CredentialState, ca: str | None,
-                              new_store: bool) -> rot.CredentialState:
+                              new_store: bool, schema_ours: bool = True
+                              ) -> rot.CredentialState:
         schema = spec.schema
         managed = role_names(creds.role_base)
         secret_ref = secret_name(run.name)
@@ -538,8 +596,7 @@ class Controller:
                 password = generate_password()
                 verifier = scram_verifier(password)
             db.ensure_role(next_role, verifier, schema)
-            db.sync_privileges(schema, names.version_table, [creds.active_role, next_role],
-                               managed)
+            db.sync_privileges(names, [creds.active_role, next_role], managed, schema_ours)
             run.cond(r.CREDENTIALS_ROTATING, True, r.NEXT_ROLE_READY,
                      f"role {next_role} prepared")
             run.event("Normal", r.NEXT_ROLE_READY,
@@ -581,7 +638,7 @@ class Controller:
         granted = [active]
         if creds.phase == rot.DRAINING and creds.previous_role:
             granted.append(creds.previous_role)
-        changes = db.sync_privileges(schema, names.version_table, granted, managed)
+        changes = db.sync_privileges(names, granted, managed, schema_ours)
         if changes and not created and not new_store:
             run.event("Warning", r.PRIVILEGES_RESTORED,
                       "privileges drifted and were restored: " + "; ".join(changes)[:900])
@@ -619,7 +676,7 @@ class Controller:
                     run.event("Warning", r.SESSIONS_TERMINATED,
                               f"drainTimeout passed: terminated {killed} sessions of role "
                               f"{previous}")
-                dropped = db.remove_role(previous, schema)
+                dropped = db.remove_role(previous, names)
                 run.event("Normal", r.PREVIOUS_ROLE_REMOVED,
                           f"role {previous} {'dropped' if dropped else 'disabled (NOLOGIN)'}")
                 creds = rot.finish_rotation(creds, run.now)
@@ -656,27 +713,37 @@ class Controller:
             return
         self.kube.patch_status(run.namespace, run.name, {"phase": r.PHASE_DELETING})
         creds = rot.CredentialState.from_status(run.status)
-        base = creds.role_base if creds else role_base(spec.database.name, spec.schema)
+        base = creds.role_base if creds else role_base(run.namespace, run.name, run.uid)
         roles = role_names(base)
+        names = TableNames(spec.schema, spec.tables.task_table, spec.tables.group_table)
+        owner = m.Owner(run.namespace, run.name, run.uid)
         try:
             admin = self._read_admin(run, spec)
-            target = self._target(spec, self._read_ca(run, spec))
-            with dbio.AdminSession(target, admin) as db:
+            target = self._target(spec, self._read_ca(run, spec), run.status)
+            with dbio.AdminSession(target, admin, owner) as db:
+                # Only what carries this store's marker is touched (builders.marker).
+                plan = m.plan_teardown(owner, db.inventory(spec.schema, roles))
                 if spec.deletion_policy == "Delete":
-                    for role in roles:
+                    for role in plan.roles:
                         db.terminate_sessions(role)
-                    db.drop_schema(spec.schema)
-                    for role in roles:
-                        db.remove_role(role, spec.schema)
+                    for role in plan.roles:
+                        db.remove_role(role, names)
+                    db.teardown(plan, spec.schema)
+                    dropped = ([f"schema {spec.schema}"] if plan.drop_schema else []) + [
+                        f"{len(plan.tables)} tables", f"{len(plan.sequences)} sequences",
+                        "roles " + (", ".join(plan.roles) or "(none)")]
                     run.event("Normal", r.CLEANUP_DROPPED,
-                              f"deletionPolicy Delete: schema {spec.schema} and roles "
-                              f"{', '.join(roles)} dropped")
+                              "deletionPolicy Delete: dropped " + "; ".join(dropped))
                 else:
-                    for role in roles:
+                    for role in plan.roles:
                         db.disable_login(role)
                     run.event("Normal", r.CLEANUP_RETAINED,
                               f"deletionPolicy Retain: schema {spec.schema} kept; roles "
-                              f"{', '.join(roles)} can no longer log in")
+                              f"{', '.join(plan.roles) or '(none)'} can no longer log in")
+                if plan.kept:
+                    run.event("Normal", r.CLEANUP_KEPT,
+                              "left untouched (not created by this ResultStore): "
+                              + "; ".join(plan.kept)[:900])
         except (StoreError, dbio.DatabaseError) as exc:
             message = (f"cannot clean up the database: {exc.message} (annotate with "
                        f"{ANNOTATION_SKIP_DB_CLEANUP}=\"true\" to delete without it)")

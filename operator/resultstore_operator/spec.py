@@ -8,6 +8,7 @@ to trust every field it reads. Limits and defaults live here once; crd.py reads 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,19 @@ CRON_PATTERN = (
 )
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DELETION_POLICIES = ("Retain", "Delete")
+#: Exclusive: an existing schema holding objects this store did not create is refused.
+#: AdoptExisting: such a schema is shared; grants and deletion still cover only the store's
+#: own tables and sequences (builders.marker).
+SCHEMA_POLICY_EXCLUSIVE = "Exclusive"
+SCHEMA_POLICY_ADOPT_EXISTING = "AdoptExisting"
+SCHEMA_POLICIES = (SCHEMA_POLICY_EXCLUSIVE, SCHEMA_POLICY_ADOPT_EXISTING)
+DEFAULT_SCHEMA_POLICY = SCHEMA_POLICY_EXCLUSIVE
+#: spec.database.host: a DNS name (RFC 1123 labels) or an IPv4/IPv6 address, nothing else:
+#: no libpq host list (`a,b`), no Unix socket directory, no URI, no spaces.
+_DNS_LABEL = r"[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?"
+HOST_PATTERN = (rf"^(({_DNS_LABEL})(\.{_DNS_LABEL})*"
+                rf"|[0-9a-fA-F.]*:[0-9a-fA-F.]*:[0-9a-fA-F:.]*)$")  # IPv6: 2+ colons
+HOST_MAX_LENGTH = 253
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 DEFAULT_PORT = 5432
@@ -137,6 +151,23 @@ class DatabaseSpec:
     ca_secret: SecretKeyRef | None = None
 
 
+def validate_host(value: str, path: str = "spec.database.host") -> str:
+    """A DNS name or an IP address: the admin password must go to one host, by name."""
+    if len(value) > HOST_MAX_LENGTH or not re.fullmatch(HOST_PATTERN, value):
+        raise SpecError(f"{path} must be a DNS name or an IP address, got {value[:64]!r}")
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise SpecError(f"{path} is not a valid IPv6 address: {value[:64]!r}") from None
+    elif re.fullmatch(r"[0-9.]+", value):
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise SpecError(f"{path} is not a valid IPv4 address: {value[:64]!r}") from None
+    return value
+
+
 @dataclass(frozen=True)
 class TablesSpec:
     task_table: str = DEFAULT_TASK_TABLE
@@ -193,6 +224,7 @@ class ResultStoreSpec:
     credentials: CredentialsSpec = CredentialsSpec()
     cleanup_job: CleanupJobSpec = CleanupJobSpec()
     deletion_policy: str = DEFAULT_DELETION_POLICY
+    schema_policy: str = DEFAULT_SCHEMA_POLICY
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -296,7 +328,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
             key=_str(ca_raw, "key", "spec.database.caSecretRef", "ca.crt"),
         )
     database = DatabaseSpec(
-        host=_str(db, "host", "spec.database", required=True),
+        host=validate_host(_str(db, "host", "spec.database", required=True)),
         name=_str(db, "name", "spec.database", required=True),
         port=_int(db, "port", "spec.database", DEFAULT_PORT, (1, 65535)),
         ssl_mode=_enum(db, "sslMode", "spec.database", DEFAULT_SSL_MODE, SSL_MODES),
@@ -406,4 +438,6 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
         cleanup_job=cleanup_job,
         deletion_policy=_enum(raw, "deletionPolicy", "spec", DEFAULT_DELETION_POLICY,
                               DELETION_POLICIES),
+        schema_policy=_enum(raw, "schemaPolicy", "spec", DEFAULT_SCHEMA_POLICY,
+                            SCHEMA_POLICIES),
     )

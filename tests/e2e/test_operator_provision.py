@@ -171,7 +171,8 @@ def test_two_stores_in_one_database_cannot_read_each_other(env: OpEnv) -> None:
 def test_an_older_schema_is_upgraded_in_place(env: OpEnv) -> None:
     """A schema written by stock Celery (version 0: no version table) is adopted and migrated,
     its rows kept and readable by the store's role. The admin role created it, as it would
-    have for a hand-made store."""
+    have for a hand-made store. Taking over tables the store did not create needs the
+    explicit spec.schemaPolicy: AdoptExisting (issue 14): without it the store refuses."""
     env.admin_query("CREATE SCHEMA legacy")
     env.admin_query("CREATE SEQUENCE legacy.task_id_sequence")
     env.admin_query("CREATE TABLE legacy.celery_taskmeta (id integer NOT NULL DEFAULT "
@@ -180,6 +181,11 @@ def test_an_older_schema_is_upgraded_in_place(env: OpEnv) -> None:
     env.admin_query("INSERT INTO legacy.celery_taskmeta (task_id, status, date_done) "
               "VALUES ('old-1', 'SUCCESS', now())")
     env.create("legacy", "legacy")
+    cond = env.cluster.wait_condition(env.namespace, "legacy", "Ready", "False",
+                                      reason="OwnershipConflict")
+    assert "AdoptExisting" in cond["message"], cond["message"]
+    assert env.query("SELECT count(*) FROM pg_tables WHERE schemaname = 'legacy'") == [(1,)]
+    env.cluster.patch_store(env.namespace, "legacy", {"spec": {"schemaPolicy": "AdoptExisting"}})
     store = env.ready("legacy")
     assert store["status"]["schemaVersion"] == SCHEMA_VERSION
     assert env.query("SELECT max(version) FROM legacy.resultstore_schema_version") == [

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ from resultstore_operator.builders import sql as q
 from resultstore_operator.builders.cronjob import cronjob_manifest
 from resultstore_operator.builders.names import (
     cronjob_name,
+    legacy_role_base,
     other_role,
     role_base,
     role_names,
@@ -62,19 +64,40 @@ def test_object_names() -> None:
     assert len(cronjob_name("x" * 32)) <= 52
 
 
-@pytest.mark.parametrize("schema", ["a", "orders", "s" * 48])
-def test_role_names_fit_postgres_limit(schema: str) -> None:
-    base = role_base("db", schema)
+UID = "0b6f2a52-6c1e-4d0e-9a55-2f0c3b8e9d11"
+
+
+@pytest.mark.parametrize(("namespace", "name"), [
+    ("a", "b"), ("team-billing", "orders"), ("n" * 63, "s" * 32), ("x.y-z", "r.s-t")])
+def test_role_names_fit_postgres_limit(namespace: str, name: str) -> None:
+    base = role_base(namespace, name, UID)
     first, second = role_names(base)
     assert len(first.encode()) <= 63 and first.endswith("_a") and second.endswith("_b")
+    assert re.fullmatch(r"[a-z0-9_]+", first), f"{first!r} would need quoting in psql"
     assert other_role(base, first) == second and other_role(base, second) == first
 
 
-def test_role_base_differs_per_database() -> None:
-    assert role_base("db1", "orders") != role_base("db2", "orders")
-    assert role_base("db1", "orders") == role_base("db1", "orders")
+@pytest.mark.parametrize(("one", "two"), [
+    # the issue's case: two namespaces, same store name (and the same schema elsewhere)
+    (("team-a", "orders", UID), ("team-b", "orders", UID.replace("0b", "1c"))),
+    # same namespace/name, re-created after Retain: a new uid gets new roles
+    (("team-a", "orders", UID), ("team-a", "orders", UID.replace("0b", "1c"))),
+    # shortened parts alike ('-' and '_' both become '_', long names are cut): hash differs
+    (("team-a", "orders", UID), ("team_a", "orders", UID)),
+    (("n" * 40 + "1", "orders", UID), ("n" * 40 + "2", "orders", UID)),
+])
+def test_role_base_differs_per_store(one: tuple[str, str, str],
+                                     two: tuple[str, str, str]) -> None:
+    assert role_base(*one) != role_base(*two), f"{one} and {two} would share roles"
+    assert role_base(*one) == role_base(*one), "role_base must be stable"
     with pytest.raises(ValueError):
-        other_role(role_base("db1", "orders"), "postgres")
+        other_role(role_base(*one), "postgres")
+
+
+def test_legacy_role_base_is_the_old_derivation() -> None:
+    # stores created before this change recorded this in status.credentials.roleBase
+    assert legacy_role_base("db1", "orders") == "rs_orders_" + hashlib.sha256(
+        b"db1\0orders").hexdigest()[:8]
 
 
 # --- Secret --------------------------------------------------------------------------------
@@ -264,7 +287,7 @@ def test_role_sql_quotes_and_never_carries_a_clear_password() -> None:
     assert create.startswith('CREATE ROLE "rs_x_a" WITH LOGIN NOSUPERUSER')
     assert "s3cret" not in create and "SCRAM-SHA-256$4096:" in create
     assert render(q.set_login('we"ird', False)) == 'ALTER ROLE "we""ird" WITH NOLOGIN'
-    assert render(q.drop_schema("orders")) == 'DROP SCHEMA IF EXISTS "orders" CASCADE'
+    assert render(q.drop_schema("orders")) == 'DROP SCHEMA IF EXISTS "orders" RESTRICT'
 
 
 @pytest.mark.parametrize(
@@ -331,7 +354,7 @@ def test_generated_passwords_are_url_safe_and_unique() -> None:
 
 # --- rotation ------------------------------------------------------------------------------
 
-BASE = role_base("app", "orders")
+BASE = role_base("app", "orders", UID)
 
 
 def test_initial_state_and_status_round_trip() -> None:

@@ -36,6 +36,12 @@ CLEANUP_JOB_REFUSED = "CleanupJobNotAllowed"
 KUBERNETES_ERROR = "KubernetesError"
 DATABASE_ERROR = "DatabaseError"
 DELETION_BLOCKED = "DeletionBlocked"
+# ownership (builders.marker): a PostgreSQL object of ours is marked by another store or
+# by nobody; an existing schema holds objects this store did not create
+OWNERSHIP_CONFLICT = "OwnershipConflict"
+SCHEMA_NOT_EMPTY = "SchemaNotEmpty"
+# the server asked for a non-SCRAM password exchange, or TLS it had offered went missing
+INSECURE_CONNECTION = "InsecureConnection"
 PENDING = "Pending"
 
 # success / progress reasons
@@ -65,6 +71,8 @@ DATABASE_REACHABLE = "DatabaseReachable"
 CLEANUP_RETAINED = "DataRetained"
 CLEANUP_DROPPED = "SchemaDropped"
 CLEANUP_SKIPPED = "DatabaseCleanupSkipped"
+OBJECTS_MARKED = "OwnershipMarked"
+CLEANUP_KEPT = "ForeignObjectsKept"
 
 # phases
 PHASE_PENDING = "Pending"

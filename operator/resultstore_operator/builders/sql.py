@@ -153,16 +153,46 @@ def change_statement(change: tuple[str, DbObject, str, frozenset[str]]) -> sql.C
     return grant(obj, privs, grantee) if verb == "GRANT" else revoke(obj, privs, grantee)
 
 
-def revoke_everything(role: str, schema: str, database: str) -> list[sql.Composed]:
-    """Before DROP ROLE: remove every privilege this operator may have granted the role."""
-    r, s = sql.Identifier(role), sql.Identifier(schema)
-    return [
-        sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(s, r),
-        sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(s, r),
-        sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(s, r),
-        revoke_connect(role, database),
-        sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(r, sql.Identifier(database)),
+def revoke_everything(role: str, schema: str | None, objects: Iterable[DbObject],
+                      database: str) -> list[sql.Composed]:
+    """Before DROP ROLE: remove what this operator granted the role, object by object.
+
+    Only the store's own `objects` (and its schema) are named: a privilege somebody else
+    granted the role on a foreign table is not ours to revoke (DROP ROLE then fails and the
+    role is disabled instead).
+    """
+    r = sql.Identifier(role)
+    out: list[sql.Composed] = [
+        sql.SQL("REVOKE ALL ON {} {} FROM {}").format(sql.SQL(obj.kind), obj.ident(), r)
+        for obj in objects if obj.kind in (KIND_TABLE, KIND_SEQUENCE)
     ]
+    if schema is not None:
+        out.append(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(sql.Identifier(schema), r))
+    out.append(revoke_connect(role, database))
+    out.append(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(
+        r, sql.Identifier(database)))
+    return out
+
+
+def comment_on(kind: str, schema: str | None, name: str, text: str) -> sql.Composed:
+    """The ownership marker (builders.marker) on a schema, role, table or sequence."""
+    if kind not in (KIND_SCHEMA, KIND_TABLE, KIND_SEQUENCE, "ROLE"):
+        raise ValueError(f"cannot mark a {kind!r}")
+    ident = (sql.Identifier(name) if kind in (KIND_SCHEMA, "ROLE") or schema is None
+             else sql.Identifier(schema, name))
+    return sql.SQL("COMMENT ON {} {} IS {}").format(sql.SQL(kind), ident, sql.Literal(text))
+
+
+def drop_objects(kind: str, schema: str, names: Iterable[str]) -> sql.Composed | None:
+    """DROP TABLE/SEQUENCE of exactly our objects, without CASCADE (one statement, so our
+    tables' references to each other do not matter)."""
+    if kind not in (KIND_TABLE, KIND_SEQUENCE):
+        raise ValueError(f"cannot drop a {kind!r}")
+    idents = [sql.Identifier(schema, n) for n in sorted(set(names))]
+    if not idents:
+        return None
+    return sql.SQL("DROP {} IF EXISTS {} RESTRICT").format(
+        sql.SQL(kind), sql.SQL(", ").join(idents))
 
 
 def grant_membership_to_self(role: str) -> sql.Composed:
@@ -175,12 +205,14 @@ def drop_role(role: str) -> sql.Composed:
 
 
 def drop_schema(schema: str) -> sql.Composed:
-    return sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+    """RESTRICT: an object we did not create (and so did not drop) keeps the schema alive."""
+    return sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(schema))
 
 
 # Parameterised catalog queries (values bound, never interpolated).
 ROLE_INFO = sql.SQL(
-    "SELECT rolcanlogin, oid FROM pg_catalog.pg_roles WHERE rolname = %s")
+    "SELECT rolcanlogin, shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles "
+    "WHERE rolname = %s")
 ADMIN_CAPABILITIES = sql.SQL(
     "SELECT rolsuper, rolcreaterole, "
     "has_database_privilege(current_user, current_database(), 'CREATE') "
@@ -193,15 +225,17 @@ TERMINATE_SESSIONS = sql.SQL(
     "WHERE usename = %s AND pid <> pg_backend_pid()")
 SCHEMA_EXISTS = sql.SQL(
     "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s")
-# (kind, name, grantee role name or '' for PUBLIC, privilege) for our schema and its objects,
-# restricted to the grantees we manage (PUBLIC and the store's login roles).
+# (kind, name, grantee role name or '' for PUBLIC, privilege) for our schema and exactly our
+# own tables/sequences (%(objects)s: never every relation of the schema, which may hold
+# someone else's), restricted to the grantees we manage (the store's login roles, and PUBLIC;
+# PUBLIC on the schema itself only when the schema is ours, %(schema_public)s).
 OBJECT_ACLS = sql.SQL("""
     SELECT 'SCHEMA', NULL::text, coalesce(r.rolname, ''), a.privilege_type
       FROM pg_catalog.pg_namespace n
      CROSS JOIN LATERAL aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
       LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
      WHERE n.nspname = %(schema)s
-       AND (a.grantee = 0 OR r.rolname = ANY(%(roles)s))
+       AND ((a.grantee = 0 AND %(schema_public)s) OR r.rolname = ANY(%(roles)s))
     UNION ALL
     SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, c.relname::text,
            coalesce(r.rolname, ''), a.privilege_type
@@ -211,12 +245,46 @@ OBJECT_ACLS = sql.SQL("""
                CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END::"char", c.relowner))) a
       LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
      WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'S')
+       AND c.relname = ANY(%(objects)s)
        AND (a.grantee = 0 OR r.rolname = ANY(%(roles)s))
 """)
+# Our own tables and sequences that exist (%(objects)s: TableNames.all_tables/all_sequences).
 SCHEMA_OBJECTS = sql.SQL("""
     SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, c.relname::text
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'S')
+     WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'S')
+       AND c.relname = ANY(%(objects)s)
      ORDER BY 1, 2
 """)
+# The ownership inventory (builders.marker): the schema's comment, ...
+SCHEMA_MARKER = sql.SQL(
+    "SELECT obj_description(oid, 'pg_namespace') FROM pg_catalog.pg_namespace "
+    "WHERE nspname = %s")
+# ... every object in it that someone could care about (relations except indexes/TOAST and
+# row types, functions, free-standing types) with its comment ...
+SCHEMA_INVENTORY = sql.SQL("""
+    SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'r' THEN 'TABLE' WHEN 'p' THEN 'TABLE'
+                ELSE 'OTHER' END,
+           CASE WHEN c.relkind IN ('r', 'p', 'S') THEN c.relname::text
+                ELSE 'relation ' || c.relname::text END,
+           obj_description(c.oid, 'pg_class')
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'S', 'v', 'm', 'f')
+    UNION ALL
+    SELECT 'OTHER', 'function ' || p.proname::text, NULL
+      FROM pg_catalog.pg_proc p
+      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname = %(schema)s
+    UNION ALL
+    SELECT 'OTHER', 'type ' || t.typname::text, NULL
+      FROM pg_catalog.pg_type t
+      JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+     WHERE n.nspname = %(schema)s AND t.typtype IN ('d', 'e', 'r', 'm')
+     ORDER BY 1, 2
+""")
+# ... and the store's roles that exist, with their comments (pg_shdescription).
+ROLE_MARKERS = sql.SQL(
+    "SELECT rolname::text, shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles "
+    "WHERE rolname = ANY(%s)")
