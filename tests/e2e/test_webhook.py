@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -532,21 +531,101 @@ def test_user_env_kept_unless_override(webhook: WebhookEnv, ns: str) -> None:
 
 def test_missing_or_unready_store_admits_unchanged_with_warning_and_event(
         webhook: WebhookEnv, ns: str) -> None:
+    """Both admitted unchanged with a warning; an Event only about the store that exists
+    (on the store itself), never about a name nobody created (issue 14)."""
     ghost, warning = webhook.create_pod(ns, pod_body("ghost", "ghost"))
     assert_untouched(ghost, "ghost")
     assert "ResultStore 'ghost' not found" in warning
     # A store the operator cannot provision (its admin Secret does not exist): not Ready.
     make_store(webhook, ns, "pending", admin_secret="no-such-secret")
     reason = wait_ready(webhook, ns, "pending", want="False")["reason"]
-    pending, warning = webhook.create_pod(ns, pod_body("pending", "pending"))
-    assert_untouched(pending, "pending")
-    assert "is not Ready" in warning and reason in warning
-    for reason, pod in (("ResultStoreNotFound", "ghost"), ("ResultStoreNotReady", "pending")):
-        events = eventually(partial(events_with_reason, webhook, ns, reason), 30,
-                            f"an Event {reason}")
-        assert events[0]["type"] == "Warning"
-        assert events[0]["involvedObject"]["name"] == pod
-        assert "password" not in events[0]["message"].lower()
+    for name in ("pending", "pending-2"):
+        pending, warning = webhook.create_pod(ns, pod_body("pending", name))
+        assert_untouched(pending, "pending")
+        assert "is not Ready" in warning and reason in warning
+
+    def aggregated() -> list[dict[str, Any]] | None:
+        found = events_with_reason(webhook, ns, "ResultStoreNotReady")
+        return found if found and found[0].get("count") == 2 else None
+
+    [event] = eventually(aggregated, 30, "one Event ResultStoreNotReady with count 2")
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["kind"] == "ResultStore"
+    assert event["involvedObject"]["name"] == "pending"
+    assert "pod pending-2 admitted without injection" in event["message"]
+    assert "password" not in event["message"].lower()
+    # Events flow (above), and none was written about the store that does not exist.
+    assert events_with_reason(webhook, ns, "ResultStoreNotFound") == []
+
+
+def forged_review(namespace: str, store: str, **request: Any) -> dict[str, Any]:
+    """An AdmissionReview as an attacker would send it straight to the webhook port: the
+    API server's shape, a pod naming a store and an owner of the caller's choosing."""
+    body: dict[str, Any] = {
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": str(uuid.uuid4()), "namespace": namespace, "operation": "CREATE",
+            "dryRun": False,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                "generateName": "payroll-", "labels": {INJECT_LABEL: store},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                     "name": "payroll-7d9f", "uid": str(uuid.uuid4()),
+                                     "controller": True}]},
+                "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+    body["request"].update(request)
+    return body
+
+
+def test_forged_reviews_do_not_flood_events(webhook: WebhookEnv, ns: str) -> None:
+    """301 AdmissionReviews sent straight to the webhook port (not by the API server) about
+    a victim namespace: answered (allowed, nothing to inject), and at most one Event results,
+    on the one store that exists, whose count aggregates the repeats; none about the objects
+    the caller named (issue 14)."""
+    import http.client
+    import ssl
+
+    make_store(webhook, ns, "pending", admin_secret="no-such-secret")
+    wait_ready(webhook, ns, "pending", want="False")
+    tls = webhook.core.read_namespaced_secret("resultstore-webhook-tls",
+                                              webhook.operator.namespace)
+    bundle = TlsBundle.from_secret_data(tls.data)
+    assert bundle is not None
+    context = ssl.create_default_context(cadata=bundle.ca_crt.decode())
+    reviews = [forged_review(ns, "ghost") for _ in range(100)]            # no such store
+    reviews += [forged_review(ns, "pending") for _ in range(101)]         # exists, not Ready
+    reviews += [forged_review(ns, "pending", userInfo=None) for _ in range(50)]
+    reviews += [forged_review(ns, "pending", object={"metadata": {
+        "namespace": "elsewhere", "labels": {INJECT_LABEL: "pending"}}}) for _ in range(50)]
+    assert len(reviews) == 301
+    connection = http.client.HTTPSConnection("127.0.0.1", webhook.operator.port,
+                                             context=context, timeout=10)
+    try:
+        for body in reviews:
+            connection.request("POST", WEBHOOK_PATH, json.dumps(body),
+                               {"Content-Type": "application/json"})
+            answer = json.loads(connection.getresponse().read())["response"]
+            assert answer["allowed"] is True and "patch" not in answer, answer
+    finally:
+        connection.close()
+
+    def webhook_events() -> list[dict[str, Any]]:
+        items = [webhook.to_dict(e) for e in webhook.core.list_namespaced_event(ns).items]
+        return [e for e in items if (e.get("source") or {}).get("component")
+                == "resultstore-webhook"]
+
+    def settled() -> list[dict[str, Any]] | None:
+        found = webhook_events()
+        return found if found and found[0].get("count") == 101 else None
+
+    events = eventually(settled, 60, "the aggregate Event to count the 101 reviews")
+    assert len(events) == 1, [(e["reason"], e["involvedObject"]) for e in events]
+    [event] = events
+    assert event["reason"] == "ResultStoreNotReady"
+    assert event["involvedObject"]["kind"] == "ResultStore"
+    assert event["involvedObject"]["name"] == "pending"
+    assert "payroll" not in json.dumps(event["involvedObject"])
 
 
 def test_unlabelled_and_excluded_namespaces_untouched(webhook: WebhookEnv, ns: str) -> None:
