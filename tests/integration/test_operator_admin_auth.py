@@ -3,15 +3,19 @@
 A fake PostgreSQL listener on 127.0.0.1 asks for the password in the clear (and, second
 case, as MD5). The operator's own connection code (database.AdminSession and check_login,
 with the options every reconcile uses) must hang up without sending a PasswordMessage and
-report InsecureConnection; a control connection without `require_auth` shows the listener
+report InsecureConnection (also when TLS, once seen, is suddenly not offered); a control
+connection without `require_auth` shows the listener
 really does collect a password from a client that complies, so the test can fail.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import psycopg
 import pytest
 
+from resultstore_devtools.pki import KeyPair, loopback_server_pair
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_operator import database as dbio
 from resultstore_operator.builders import reasons as r
@@ -61,3 +65,52 @@ def test_admin_session_still_logs_in_with_scram(postgres: PostgresServer) -> Non
     with dbio.AdminSession(target, admin) as db:
         assert db.tls_in_use is False  # the private test server has no TLS
         assert db.raw.info.parameter_status("server_version")
+
+
+def test_tls_once_seen_is_insisted_on() -> None:
+    """`prefer` after a TLS session (status.database.tls): a listener that declines TLS, as
+    an impostor stripping it would, gets neither a plaintext session nor the password."""
+    with FakePostgres() as fake:
+        target = dbio.Target("127.0.0.1", fake.port, "postgres", "prefer", connect_timeout=3,
+                             tls_pinned=True)
+        with pytest.raises(dbio.DatabaseError) as info:
+            with dbio.AdminSession(target, dbio.Credentials("someone", PASSWORD)):
+                pass
+        assert fake.passwords == [] and fake.connections >= 1
+    assert info.value.reason == r.INSECURE_CONNECTION, info.value.message
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[tuple[PostgresServer, KeyPair]]:
+    """A private PostgreSQL serving TLS (a throwaway CA) with SCRAM authentication."""
+    server = PostgresServer(durable=False)
+    pair = loopback_server_pair()
+    assert server.base_dir is not None
+    cert, key = pair.write(server.base_dir / "tls", "server")
+    server.extra_settings.update({"ssl": "on", "ssl_cert_file": f"'{cert}'",
+                                  "ssl_key_file": f"'{key}'"})
+    try:
+        server.start()
+        yield server, pair
+    finally:
+        server.destroy()
+
+
+@pytest.mark.parametrize(("sslmode", "with_ca"), [
+    ("prefer", False), ("require", False), ("verify-ca", True), ("verify-full", True)])
+def test_admin_session_over_tls_uses_channel_binding(
+        tls_postgres: tuple[PostgresServer, KeyPair], sslmode: str, with_ca: bool) -> None:
+    """A TLS server: `prefer` takes TLS, and every TLS-requiring mode connects with
+    channel_binding=require (SCRAM-SHA-256-PLUS), so the binding really is negotiated."""
+    server, pair = tls_postgres
+    target = dbio.Target(server.host, server.port, "postgres", sslmode,
+                         pair.ca_pem.decode() if with_ca else None, connect_timeout=5)
+    assert dbio.connection_security(sslmode)["channel_binding"] == (
+        "prefer" if sslmode == "prefer" else "require")
+    with dbio.AdminSession(target, dbio.Credentials(server.superuser, server.password)) as db:
+        assert db.tls_in_use, f"sslmode={sslmode}: the admin session did not use TLS"
+    pinned = dbio.Target(server.host, server.port, "postgres", sslmode,
+                         pair.ca_pem.decode() if with_ca else None, connect_timeout=5,
+                         tls_pinned=True)
+    with dbio.AdminSession(pinned, dbio.Credentials(server.superuser, server.password)) as db:
+        assert db.tls_in_use
