@@ -434,6 +434,17 @@ def floor_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
         select_ms = _timed_series(ids[: len(upsert_ms)],
                                   lambda i: conn.execute(select, (i,)).fetchone(),
                                   budget, min_ops)
+        # For reference only: the resultstore backend's own store statement, exactly as
+        # it sends it, on this raw connection. store_result minus this is the backend's
+        # client-side cost; this minus the floor upsert is the statement's server cost.
+        statement = _backend_store_statement(app)
+        backend_ms: list[float] = []
+        if statement is not None:
+            build = statement
+            for task_id in _new_ids("floor-bwarm", int(params["warmup"])):
+                conn.execute(*build(task_id))
+            backend_ms = _timed_series(_new_ids("floor-backend", int(params["n_store"])),
+                                       lambda i: conn.execute(*build(i)), budget, min_ops)
         # For reference only (never used by a backend row): the same upsert when the commit
         # does not wait for the WAL flush, i.e. what the fsync costs on this disk.
         conn.execute("SET synchronous_commit = off")
@@ -441,7 +452,39 @@ def floor_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
                                   lambda i: conn.execute(upsert, (i, payload)), budget, min_ops)
         conn.execute("RESET synchronous_commit")
         conn.execute("TRUNCATE bench_floor")
-    return {"upsert_ms": upsert_ms, "select_ms": select_ms, "upsert_nosync_ms": nosync_ms}
+    return {"upsert_ms": upsert_ms, "select_ms": select_ms, "upsert_nosync_ms": nosync_ms,
+            "backend_statement_ms": backend_ms}
+
+
+def _backend_store_statement(app: Celery) -> Callable[[str], tuple[str, tuple[Any, ...]]] | None:
+    """(sql, params) of the resultstore backend's store of one id; None for other backends.
+
+    Built with the backend's own parameter builder and statements (private names: this is
+    a measuring tool, and it skips itself when they are not there).
+    """
+    backend = app.backend
+    task_params = getattr(backend, "_task_params", None)
+    sql_of = getattr(backend, "_sql", None)
+    if task_params is None or sql_of is None:
+        return None
+    sql = sql_of()
+    if sql.dialect != "postgresql":
+        return None
+    channel_of: Callable[[str], str] | None = None
+    if getattr(backend, "notifications", False) and getattr(sql, "notify_upsert_task", ""):
+        from resultstore_backend.notify import channel_for
+
+        prefix = sql.channel_prefix
+
+        def channel_of(task_id: str) -> str:
+            return channel_for(prefix, task_id)
+
+    def build(task_id: str) -> tuple[str, tuple[Any, ...]]:
+        values = task_params(task_id, PAYLOAD, states.SUCCESS, None, None)
+        if channel_of is None:
+            return sql.upsert_task, values
+        return sql.notify_upsert_task, (*values, channel_of(task_id))
+    return build
 
 
 WORKLOADS: dict[str, Workload] = {

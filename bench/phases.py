@@ -71,9 +71,10 @@ def latency(runner: Runner, settings: BenchSettings, entries: list[BackendEntry]
             assert entry.sql is not None
             out = runner.job(entry, "floor", "client", dict(params, dsn=entry.sql.dsn))
             bucket = raw.setdefault("_floor", {}).setdefault("client", {
-                "upsert_ms": [], "select_ms": [], "upsert_nosync_ms": []})
-            for name in ("upsert_ms", "select_ms", "upsert_nosync_ms"):
-                bucket[name].extend(out[name])
+                "upsert_ms": [], "select_ms": [], "upsert_nosync_ms": [],
+                "backend_statement_ms": []})
+            for name in ("upsert_ms", "select_ms", "upsert_nosync_ms", "backend_statement_ms"):
+                bucket[name].extend(out.get(name) or [])
             log(f"floor rep {rep + 1}/{settings.repeats}: upsert+commit "
                 f"{median(out['upsert_ms']):.3f} ms, pk select {median(out['select_ms']):.3f} ms")
 

@@ -347,6 +347,12 @@ def floor_line(raw: Raw) -> str | None:
     if nosync is not None:
         line += (f"; for reference only, the same upsert with synchronous_commit=off "
                  f"{nosync.text()} ms (what the WAL flush costs; no row above uses it)")
+    stmt = _latency_cell(data.get("backend_statement_ms"))
+    if stmt is not None:
+        line += (f"\nresultstore's own store statement on that raw connection (same parameters "
+                 f"builder, notifications as configured): {stmt.text()} ms = "
+                 f"{stmt.median / up.median:.2f}x the floor upsert (server-side statement "
+                 f"cost; store_result minus this is the backend's client-side cost)")
     return line
 
 
