@@ -219,7 +219,10 @@ def chain_failing_middle(ctx: Ctx) -> Any:
     value = outcome(lambda: c.get(timeout=TIMEOUT))
     c.parent.get(timeout=TIMEOUT, propagate=False)
     c.parent.parent.get(timeout=TIMEOUT)
-    return {"get": value, "result": describe(ctx, c), "middle": describe(ctx, c.parent),
+    # the step that never ran is failed by the middle one's worker; read what is stored
+    # (the Redis client's cached copy of it has been seen without its children list)
+    return {"get": value, "result": describe(ctx, fresh(ctx, c.id)),
+            "middle": describe(ctx, c.parent),
             "first": describe(ctx, c.parent.parent)}
 
 
@@ -334,6 +337,67 @@ def chord_error_errbacks(ctx: Ctx) -> Any:
         e["request_id"] = e["request_id"] == c.id
     obs["errbacks"] = norm(entries)
     return obs
+
+
+def chord_header_retry(ctx: Ctx) -> Any:
+    """A header part that retries counts once, when it finally succeeds."""
+    t = ctx.t
+    return _chord_obs(ctx, chord([t.retry_then.s(ctx.tag, 2), t.add.s(1, 1)])(t.echo.s()))
+
+
+def chord_empty_header(ctx: Ctx) -> Any:
+    t = ctx.t
+    return _chord_obs(ctx, chord([])(t.tsum.s()))
+
+
+def chord_body_group(ctx: Ctx) -> Any:
+    t = ctx.t
+    res = chord([t.add.s(1, 1), t.add.s(2, 2)])(group(t.tsum.s(), t.echo.s()))
+    value = outcome(lambda: res.get(timeout=TIMEOUT))
+    return {"get": value, "shape": shape(res)}
+
+
+def chord_json_values(ctx: Ctx) -> Any:
+    """Header values reach the body as JSON gives them (tuples and namedtuples as lists)."""
+    t = ctx.t
+    return _chord_obs(ctx, chord([t.a_tuple.s(), t.point.s(), t.a_datetime.s(),
+                                  t.unicode.s()])(t.echo.s()))
+
+
+def group_json_values(ctx: Ctx) -> Any:
+    t = ctx.t
+    g = group(t.a_tuple.s(), t.point.s(), t.shapes.s()).apply_async()
+    return {"get": outcome(lambda: g.get(timeout=TIMEOUT)),
+            "join": outcome(lambda: g.join(timeout=TIMEOUT))}
+
+
+def custom_state(ctx: Ctx) -> Any:
+    """What a caller sees of a running task's custom state (update_state with meta)."""
+    r = ctx.t.gated.delay(ctx.tag)
+    try:
+        running = eventually(lambda: (m := fresh(ctx, r.id)).state == "PROGRESS" and m,
+                             "the PROGRESS state")
+        during = describe(ctx, running) | {"info": norm(running.info)}
+    finally:
+        ctx.redis.rpush(f"diff:gate:{ctx.tag}", "open")
+    return {"during": during, "get": outcome(lambda: r.get(timeout=TIMEOUT)),
+            "after": describe(ctx, r)}
+
+
+def started_state(ctx: Ctx) -> Any:
+    """track_started: a running task is STARTED, its info the worker's pid and hostname."""
+    r = ctx.t.started.delay(ctx.tag)
+    try:
+        running = eventually(lambda: (m := fresh(ctx, r.id)).state == "STARTED" and m,
+                             "the STARTED state")
+        info = running.info
+        during = describe(ctx, running)
+        # pid and hostname differ per worker: their presence is what is compared
+        during["result"] = during["info"] = sorted(info) if isinstance(info, dict) \
+            else norm(info)
+    finally:
+        ctx.redis.rpush(f"diff:gate:{ctx.tag}", "open")
+    return {"during": during, "get": outcome(lambda: r.get(timeout=TIMEOUT))}
 
 
 def link_success(ctx: Ctx) -> Any:
@@ -569,6 +633,8 @@ SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
     chord_header_task, chord_header_group, chord_header_chain, chord_header_one_chain,
     chord_fails_at_start, chord_fails_at_end, chord_nested, chord_body_chord,
     chord_of_groups, chord_body_chain, chord_failing_body, chord_error_errbacks,
+    chord_header_retry, chord_empty_header, chord_body_group, chord_json_values,
+    group_json_values, custom_state, started_state,
     link_success, link_error_styles, link_error_on_chain,
     retry_then_succeed, retry_exhausted_with_exc, retry_exhausted_plain,
     ignore_result, revoked_before_execution, expired_before_execution, forget_single,

@@ -186,6 +186,21 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         with allow_join_result():
             return int(app.tasks["rs.add"].delay(x, x).get(timeout=30))
 
+    @app.task(shared=False, name="rs.d.gated", bind=True, track_started=True)
+    def gated(self: Any, tag: str) -> str:
+        """Reports PROGRESS, then waits until the test opens ``diff:gate:<tag>``."""
+        self.update_state(state="PROGRESS", meta={"step": 1, "pair": (1, 2)})
+        if _r().blpop(f"diff:gate:{tag}", timeout=60) is None:
+            raise TimeoutError(f"gate {tag} never opened")
+        return "opened"
+
+    @app.task(shared=False, name="rs.d.started", bind=True, track_started=True)
+    def started(self: Any, tag: str) -> str:
+        """Runs (state STARTED, as track_started stores it) until the gate opens."""
+        if _r().blpop(f"diff:gate:{tag}", timeout=60) is None:
+            raise TimeoutError(f"gate {tag} never opened")
+        return "opened"
+
     @app.task(shared=False, name="rs.d.spawn")
     def spawn(n: int) -> Any:
         """Starts a group from inside a task: the group becomes this task's child."""
@@ -211,7 +226,7 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         raise_custom=raise_custom, raise_multi=raise_multi, retry_then=retry_then,
         retry_exhaust=retry_exhaust, stored=stored, stored_fail=stored_fail, mark=mark,
         join_inside=join_inside, errback_new=errback_new, errback_old=errback_old,
-        errback_immutable=errback_immutable, spawn=spawn)
+        errback_immutable=errback_immutable, spawn=spawn, gated=gated, started=started)
 
 
 # ----------------------------------------------------------------------------- push waits
