@@ -247,19 +247,24 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         self._roundtrip = self.content_type != PICKLE_CONTENT_TYPE
         self._exact_scalars = (_JSON_EXACT_SCALARS if self.content_type == "application/json"
                                else frozenset())
-        self._init_notifications(conf, config)
+        self._init_notifications(conf, config,
+                                 source.notifications if isinstance(source, StoreConfig)
+                                 else config.notifications)
 
-    def _init_notifications(self, conf: Any, config: StoreConfig) -> None:
+    def _init_notifications(self, conf: Any, config: StoreConfig,
+                            store_notify: bool | None) -> None:
         """Read the notification settings once and build this backend's result consumer.
 
         ``resultstore_notify`` (app) wins over the store's ``notifications`` (celery.json
-        or ``?notify=``); the default is on. SQLite never notifies and always polls.
+        or ``?notify=``; taken from this backend's own URL, since the engine holder, and
+        so its config, is shared with every backend of the same database URL); the
+        default is on. SQLite never notifies and always polls.
         """
         app_notify = conf.get("resultstore_notify")
         if app_notify is not None:
             notify = bool(app_notify)
         else:
-            notify = True if config.notifications is None else bool(config.notifications)
+            notify = True if store_notify is None else bool(store_notify)
         self._notify = notify and not config.is_sqlite
         default_poll = (consumer_mod.DEFAULT_SQLITE_POLL_INTERVAL if config.is_sqlite
                         else consumer_mod.DEFAULT_POLL_INTERVAL)

@@ -83,6 +83,8 @@ _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
 #: a LISTEN connection attempt never blocks a wait for longer than this
 _LISTEN_CONNECT_TIMEOUT = 5
+#: an unneeded channel stays LISTENed this long unless a LISTEN can carry its UNLISTEN
+_UNLISTEN_LINGER = 0.5
 #: longest single wait on the socket (a reconnect elsewhere cannot wake poll())
 _SOCKET_SLICE = 1.0
 #: create_engine connect_args that are psycopg.connect options, not libpq conninfo
@@ -161,6 +163,7 @@ class Listener:
         self._gen: dict[object, int] = {}
         self._connecting = False
         self._socket_waiter = False
+        self._unlisten_timer: threading.Timer | None = None
         self._next_attempt = 0.0
         self._backoff = _BACKOFF_FIRST
         self._warned = False
@@ -228,13 +231,25 @@ class Listener:
             self._inbox.pop(sink, None)
             self._gen.pop(sink, None)
 
-    def _apply_locked(self) -> None:
-        """LISTEN/UNLISTEN so the session listens to exactly the wanted channels."""
+    def _apply_locked(self, *, unlisten_now: bool = False) -> None:
+        """LISTEN the wanted channels now; UNLISTEN the others a little later.
+
+        A LISTEN is needed before the waiter's first read, so it is sent at once. An
+        UNLISTEN is not urgent: it rides along with the next LISTEN (same round trip)
+        or is sent by a timer ``_UNLISTEN_LINGER`` seconds later, so a client waiting
+        for one result after another pays one round trip per wait instead of two,
+        and an idle process still stops receiving notifications promptly.
+        """
         conn = self._conn
         if conn is None:
             return
         wanted = set(self._refs)
-        sql = listen_sql(wanted - self._listening, self._listening - wanted)
+        listen = wanted - self._listening
+        unlisten = self._listening - wanted
+        if unlisten and not listen and not unlisten_now:
+            self._schedule_unlisten_locked()
+            unlisten = set()
+        sql = listen_sql(listen, unlisten)
         if not sql:
             return
         try:
@@ -242,7 +257,23 @@ class Listener:
         except Exception as exc:
             self._lost_locked(exc)
             return
-        self._listening = wanted
+        self._listening = (self._listening | listen) - unlisten
+
+    def _schedule_unlisten_locked(self) -> None:
+        if self._unlisten_timer is not None:
+            return
+        timer = threading.Timer(_UNLISTEN_LINGER, self._unlisten_idle)
+        timer.daemon = True
+        self._unlisten_timer = timer
+        timer.start()
+
+    def _unlisten_idle(self) -> None:
+        with self._lock:
+            self._unlisten_timer = None
+            self._apply_locked(unlisten_now=True)
+            if not self._listening and not self._socket_waiter:
+                # nothing listened any more: drop what arrived meanwhile, unread
+                self._read_locked()
 
     # -- connection -------------------------------------------------------------------
 
