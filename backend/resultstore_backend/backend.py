@@ -168,6 +168,13 @@ def _read_ts(value: Any) -> datetime | None:
         return None
 
 
+def _iso_ts(value: Any) -> str | None:
+    """``date_done`` of a meta dict: an ISO 8601 UTC string, as the Redis backend gives it
+    (``AsyncResult.date_done`` parses it back into an aware datetime either way)."""
+    ts = _read_ts(value)
+    return None if ts is None else ts.isoformat()
+
+
 class ResultStoreBackend(Backend, AsyncBackendMixin):
     """Celery result backend on PostgreSQL (and SQLite) with stock-compatible tables.
 
@@ -485,7 +492,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             "status": status,
             "result": self._load_result(result),
             "traceback": traceback,
-            "date_done": _read_ts(date_done),
+            "date_done": _iso_ts(date_done),
             # a stored task with no children has [] (as Redis and stock db+ return it)
             "children": self._decode_opt(children) or [],
         }
@@ -508,8 +515,8 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
 
     @staticmethod
     def _pending(task_id: str) -> dict[str, Any]:
-        return {"task_id": task_id, "status": states.PENDING, "result": None,
-                "traceback": None, "date_done": None, "children": None}
+        # exactly what the Redis backend returns for an id it has no result for
+        return {"status": states.PENDING, "result": None}
 
     def _fetch_row(self, task_id: str) -> Any:
         sql = self._sql().select_task
@@ -857,10 +864,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         return f"{self.group_keyprefix}{group_id}{key}"
 
     def _kv_task_value(self, task_id: str, row: Any) -> Any:
-        meta = self._raw_meta(task_id, row)
-        if meta["date_done"] is not None:
-            meta["date_done"] = meta["date_done"].isoformat()
-        return self.encode(meta)
+        return self.encode(self._raw_meta(task_id, row))
 
     def get(self, key: str | bytes) -> Any:
         """The encoded meta stored under a Celery key (as a key-value backend returns it)."""

@@ -185,6 +185,30 @@ def single_failure(ctx: Ctx) -> Any:
             "result": describe(ctx, r)}
 
 
+#: Meta keys the Redis backend stores and resultstore does not (no columns for them yet):
+#: the ids of the task's group and parent. AsyncResult exposes neither.
+_META_ONLY_IN_REDIS = frozenset({"group_id", "parent_id"})
+
+
+def meta_dict(ctx: Ctx) -> Any:
+    """``backend.get_task_meta``: the dict Celery's own code and tools read (types only)."""
+    t = ctx.t
+    g = group(t.add.s(1, 1), t.fail.s("meta")).apply_async()
+    g.get(timeout=TIMEOUT, propagate=False)
+    c = chain(t.add.s(1, 1), t.add.s(2)).apply_async()
+    c.get(timeout=TIMEOUT)
+    c.parent.get(timeout=TIMEOUT)
+    obs = {}
+    for name, task_id in (("group_ok", g.results[0].id), ("group_failed", g.results[1].id),
+                          ("chain_first", c.parent.id), ("chain_last", c.id),
+                          ("unknown", uuid())):
+        ctx.app.backend._cache.pop(task_id, None)
+        meta = ctx.app.backend.get_task_meta(task_id)
+        obs[name] = {k: type(v).__name__ for k, v in sorted(meta.items())
+                     if k not in _META_ONLY_IN_REDIS}
+    return obs
+
+
 def unknown_id(ctx: Ctx) -> Any:
     r = AsyncResult(uuid(), app=ctx.app)
     return {"result": describe(ctx, r), "info": norm(r.info)}
@@ -628,7 +652,7 @@ def failure_replaced_on_rerun(ctx: Ctx) -> Any:
 
 
 SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
-    single_success, single_failure, unknown_id, on_message_callback,
+    single_success, single_failure, unknown_id, meta_dict, on_message_callback,
     chain_simple, chain_failing_middle, group_simple, group_with_failure,
     chord_header_task, chord_header_group, chord_header_chain, chord_header_one_chain,
     chord_fails_at_start, chord_fails_at_end, chord_nested, chord_body_chord,
