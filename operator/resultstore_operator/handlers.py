@@ -721,8 +721,19 @@ class Controller:
             admin = self._read_admin(run, spec)
             target = self._target(spec, self._read_ca(run, spec), run.status)
             with dbio.AdminSession(target, admin, owner) as db:
-                # Only what carries this store's marker is touched (builders.marker).
-                plan = m.plan_teardown(owner, db.inventory(spec.schema, roles))
+                # Only what carries this store's marker is touched (builders.marker). A store
+                # deleted before its first reconcile after an upgrade claims its unmarked
+                # objects first, with the same proof of authorship as a reconcile.
+                inventory = db.inventory(spec.schema, roles)
+                claim = m.assess(owner, inventory, names.all_tables(), names.all_sequences(),
+                                 spec.schema_policy, legacy=True)
+                if claim.conflict is None and claim.to_mark and creds is not None and \
+                        self._proves_authorship(run, target, creds):
+                    db.mark(claim.to_mark, spec.schema)
+                    run.event("Normal", r.OBJECTS_MARKED, "ownership marker written on "
+                              + ", ".join(f"{k.lower()} {n}" for k, n in claim.to_mark))
+                    inventory = db.inventory(spec.schema, roles)
+                plan = m.plan_teardown(owner, inventory)
                 if spec.deletion_policy == "Delete":
                     for role in plan.roles:
                         db.terminate_sessions(role)

@@ -236,6 +236,18 @@ def test_host_that_is_not_one_name_or_address_is_rejected(env: OpEnv, host: str)
     assert info.value.status == 422 and "host" in str(info.value.body)
 
 
+def strip_all_markers(env: OpEnv, schema: str, base: str) -> None:
+    """Make the store's objects look as the operator version before markers left them."""
+    env.query(f'COMMENT ON SCHEMA "{schema}" IS NULL')
+    for name, relkind in env.query(
+            "SELECT relname, relkind FROM pg_class c JOIN pg_namespace n ON "
+            "n.oid = c.relnamespace WHERE nspname = %s AND relkind IN ('r', 'S')", (schema,)):
+        kind = "SEQUENCE" if relkind == "S" else "TABLE"
+        env.query(f'COMMENT ON {kind} "{schema}"."{name}" IS NULL')
+    for role in role_markers(env, base):
+        env.query(f'COMMENT ON ROLE "{role}" IS NULL')
+
+
 def test_objects_from_before_markers_are_claimed_only_with_proof(env: OpEnv,
                                                                  tmp_path: Path) -> None:
     """An operator upgrade: the store's objects exist unmarked (as the previous version left
@@ -247,14 +259,7 @@ def test_objects_from_before_markers_are_claimed_only_with_proof(env: OpEnv,
     binding = env.binding("old")
 
     def strip_markers() -> None:
-        env.query("COMMENT ON SCHEMA old IS NULL")
-        for name, relkind in env.query(
-                "SELECT relname, relkind FROM pg_class c JOIN pg_namespace n ON "
-                "n.oid = c.relnamespace WHERE nspname = 'old' AND relkind IN ('r', 'S')"):
-            kind = "SEQUENCE" if relkind == "S" else "TABLE"
-            env.query(f'COMMENT ON {kind} old."{name}" IS NULL')
-        for role in role_markers(env, base):
-            env.query(f'COMMENT ON ROLE "{role}" IS NULL')
+        strip_all_markers(env, "old", base)
 
     env.restart_operator(between=strip_markers)
     eventually(lambda: "OwnershipMarked" in env.cluster.reasons(env.namespace, "old") or None,
@@ -273,3 +278,25 @@ def test_objects_from_before_markers_are_claimed_only_with_proof(env: OpEnv,
     env.cluster.wait_condition(env.namespace, "old", "Ready", "False",
                                reason="OwnershipConflict")
     assert set(markers(env, "old").values()) == {None}
+
+
+def test_a_store_deleted_during_the_upgrade_still_cleans_up_its_own_objects(
+        env: OpEnv) -> None:
+    """Deleted while the new operator was not yet running: the finalizer claims the
+    unmarked objects with the same proof, then drops them (and nothing else)."""
+    env.create("gone", "gone", deletionPolicy="Delete")
+    base = env.ready("gone")["status"]["credentials"]["roleBase"]
+    env.query("CREATE TABLE public.bystander (x int)")
+
+    def upgrade_while_deleting() -> None:
+        strip_all_markers(env, "gone", base)
+        env.cluster.delete_store(env.namespace, "gone")
+
+    env.restart_operator(between=upgrade_while_deleting)
+    eventually(lambda: env.cluster.store(env.namespace, "gone") is None, 60,
+               "the store to be deleted")
+    assert "OwnershipMarked" in env.cluster.reasons(env.namespace, "gone")
+    assert env.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'gone'") == [(0,)]
+    assert env.query("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (base + "%",)) == [
+        (0,)]
+    assert env.query("SELECT count(*) FROM pg_tables WHERE tablename = 'bystander'") == [(1,)]
