@@ -270,6 +270,9 @@ def spec_schema() -> Schema:
             "tables": tables,
             "extendedResults": _bool("Store task name, args, kwargs, worker, retries, "
                                      "queue (Celery result_extended).", False),
+            "notifications": _bool("Stores NOTIFY waiting clients (PostgreSQL LISTEN/NOTIFY), "
+                                   "so AsyncResult.get() returns as soon as a result is "
+                                   "stored; off: waits poll the table.", True),
             "engine": engine,
             "retention": retention,
             "credentials": credentials,

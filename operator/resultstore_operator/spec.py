@@ -219,6 +219,8 @@ class ResultStoreSpec:
     schema: str
     tables: TablesSpec = TablesSpec()
     extended_results: bool = False
+    #: stores NOTIFY waiting clients (LISTEN/NOTIFY push waits); off: clients poll
+    notifications: bool = True
     engine: EngineSpec = EngineSpec()
     retention: RetentionSpec = RetentionSpec()
     credentials: CredentialsSpec = CredentialsSpec()
@@ -432,6 +434,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
         schema=schema,
         tables=tables,
         extended_results=_bool(raw, "extendedResults", "spec", False),
+        notifications=_bool(raw, "notifications", "spec", True),
         engine=engine,
         retention=retention,
         credentials=credentials,

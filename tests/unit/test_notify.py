@@ -132,3 +132,25 @@ def test_notifications_setting_in_url_and_celery_json(tmp_path: Path) -> None:
     (d / "celery.json").write_text(json.dumps({"schema": "s", "notifications": "no"}))
     with pytest.raises(ConfigError, match="notifications"):
         read_binding_dir(d)
+
+
+def test_resultstore_field_reaches_the_backend_through_celery_json(tmp_path: Path) -> None:
+    from resultstore_operator import crd
+    from resultstore_operator.builders.secret import secret_values
+    from resultstore_operator.spec import SpecError, parse_spec
+
+    raw = {"database": {"host": "db.example", "name": "app",
+                        "adminSecretRef": {"name": "pg-admin"}}, "schema": "orders"}
+    assert parse_spec(raw).notifications is True
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    field = schema["properties"]["spec"]["properties"]["notifications"]
+    assert field["type"] == "boolean" and field["default"] is True
+    for value, expected in ((True, True), (False, False)):
+        values = secret_values(parse_spec({**raw, "notifications": value}), "u", "p")
+        d = tmp_path / f"b{value}"
+        d.mkdir()
+        for key, text in values.items():
+            (d / key).write_text(text)
+        assert read_binding_dir(d).notifications is expected
+    with pytest.raises(SpecError, match="notifications"):
+        parse_spec({**raw, "notifications": "yes"})

@@ -44,6 +44,7 @@ def celery_settings(spec: ResultStoreSpec) -> CelerySettings:
         task_table=spec.tables.task_table,
         group_table=spec.tables.group_table,
         extended=spec.extended_results,
+        notifications=spec.notifications,
         expires=int(spec.retention.expires) if spec.retention.expires > 0 else None,
     )
 
