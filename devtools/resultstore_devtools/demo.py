@@ -221,6 +221,9 @@ def point_examples(docs: list[dict[str, Any]], db: Database,
                                     sslMode="disable")
             # A demo-sized drain: the previous role goes as soon as its sessions are gone.
             spec["credentials"]["drainTimeout"] = "20s"
+            # The teardown retains the schema; a rerun against the same PostgreSQL
+            # (--postgres) is a new ResultStore (new uid) and re-attaches to it explicitly.
+            spec["schemaPolicy"] = "AdoptExisting"
         elif kind == "Deployment":
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 for env in container.get("env") or []:

@@ -52,6 +52,8 @@ def test_point_examples_targets_the_demo_services_without_touching_the_files() -
     db = out["ResultStore"]["spec"]["database"]
     assert (db["host"], db["port"], db["name"]) == ("postgres.demo.svc.cluster.local", 5432,
                                                     "celery")
+    # a rerun on the same PostgreSQL re-attaches to the schema the last run retained
+    assert out["ResultStore"]["spec"]["schemaPolicy"] == "AdoptExisting"
     container = out["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["CELERY_BROKER_URL"] == broker.cluster_url
