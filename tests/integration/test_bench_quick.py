@@ -33,6 +33,11 @@ EXPECTED_METRICS = (
     "writer latency during cleanup (target on p99)",
 )
 
+NOTIFY_OFF_METRICS = (
+    "8 concurrent writers, resultstore notify=false",
+    "1 client waiting for 1 task during 8 writers: CPU, resultstore notify=false",
+)
+
 
 @pytest.mark.integration
 @pytest.mark.timeout(400)
@@ -61,8 +66,14 @@ def test_quick_benchmark_completes_with_full_table(tmp_path: Path) -> None:
         for key in ran:
             if key == "redis" and ("cleanup" in metric):
                 continue
+            if "resultstore notify=false" in metric and key != "resultstore":
+                continue  # the notifications-off twin only exists for the resultstore
             cell = row["cells"].get(key)
             assert cell is not None and cell["median"] == cell["median"], (
                 f"{metric}/{mode} has no value for {key}")
         if "resultstore" in ran and row["target"]:
             assert row["result"] in ("PASS", "FAIL"), f"{metric}/{mode}: {row['result']}"
+    if "resultstore" in ran:
+        for metric in NOTIFY_OFF_METRICS:
+            assert metric in out, f"table lacks the notifications-off row {metric!r}:\n{out}"
+        assert "resultstore's own store statement" in out, f"no store-statement line:\n{out}"
