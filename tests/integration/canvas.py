@@ -32,6 +32,7 @@ TIMEOUT = 60.0
 BIG = 10 * 1024 * 1024
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TAG = re.compile(r"tag-[0-9a-f]{16}")
+_ADDR = re.compile(r"0x[0-9a-f]+")  # object addresses inside reprs
 
 
 def new_tag() -> str:
@@ -62,7 +63,7 @@ def norm(value: Any) -> Any:
         cls = type(value)
         return {"exc": f"{cls.__module__}.{cls.__qualname__}", "args": norm(value.args)}
     if isinstance(value, str):
-        return _TAG.sub("<tag>", _UUID.sub("<id>", value))
+        return _ADDR.sub("0x?", _TAG.sub("<tag>", _UUID.sub("<id>", value)))
     if isinstance(value, dict):
         return {norm(k): norm(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -604,7 +605,8 @@ def json_shapes(ctx: Ctx) -> Any:
 
 def json_unencodable(ctx: Ctx) -> Any:
     obs = {}
-    for name, sig in (("set", ctx.t.a_set), ("object", ctx.t.an_object)):
+    for name, sig in (("set", ctx.t.a_set), ("object", ctx.t.an_object),
+                      ("exception_value", ctx.t.return_exception)):
         r = sig.delay()
         got = outcome(partial(r.get, timeout=TIMEOUT))
         if "raised" in got:  # the encoder's wording is not part of the contract
@@ -621,6 +623,53 @@ def exceptions_with_args(ctx: Ctx) -> Any:
             "custom_result": describe(ctx, custom),
             "multi": outcome(lambda: multi.get(timeout=TIMEOUT)),
             "multi_result": describe(ctx, multi)}
+
+
+def exception_not_importable(ctx: Ctx) -> Any:
+    """An exception class the caller cannot import, with arguments JSON cannot carry."""
+    r = ctx.t.raise_unserializable.delay()
+    got = outcome(lambda: r.get(timeout=TIMEOUT))
+    if "raised" in got:
+        # Celery (with any backend) wraps it in UnpickleableExceptionWrapper, whose args
+        # hold the message string split into characters: compare the joined text
+        got["raised"]["args"] = tuple(
+            {"chars": _ADDR.sub("0x?", "".join(a))}
+            if isinstance(a, (tuple, list)) and a and all(
+                isinstance(c, str) and len(c) == 1 for c in a) else a
+            for a in got["raised"]["args"])
+    return {"get": got, "state": r.state, "traceback": r.traceback is not None}
+
+
+def get_timeout(ctx: Ctx) -> Any:
+    """What a wait that runs out of time raises (then the result still arrives).
+
+    The tasks wait for a gate the test opens afterwards, so every short wait times out
+    (Redis's waits overshoot their timeout by up to Celery's 1 s drain interval)."""
+    t = ctx.t
+    r = t.started.delay(ctx.tag)
+    g = group(t.started.s(f"{ctx.tag}-{i}") for i in range(2)).apply_async()
+    try:
+        obs = {"get": outcome(lambda: r.get(timeout=0.2)),
+               "group_get": outcome(lambda: g.get(timeout=0.2)),
+               "join_native": outcome(lambda: g.join_native(timeout=0.2)),
+               "join": outcome(lambda: g.join(timeout=0.2))}
+    finally:
+        for gate in (ctx.tag, f"{ctx.tag}-0", f"{ctx.tag}-1"):
+            ctx.redis.rpush(f"diff:gate:{gate}", "open")
+    obs["later"] = outcome(lambda: r.get(timeout=TIMEOUT))
+    obs["group_later"] = outcome(lambda: g.get(timeout=TIMEOUT))
+    return obs
+
+
+def starmap_and_chunks(ctx: Ctx) -> Any:
+    t = ctx.t
+    starmap = t.add.starmap([(1, 2), (3, 4)]).apply_async()
+    mapped = t.tsum.map([[1, 2], [3, 4, 5]]).apply_async()
+    chunks = t.add.chunks([(i, i) for i in range(6)], 2).apply_async()
+    return {"starmap": outcome(lambda: starmap.get(timeout=TIMEOUT)),
+            "map": outcome(lambda: mapped.get(timeout=TIMEOUT)),
+            "chunks": outcome(lambda: chunks.get(timeout=TIMEOUT)),
+            "chunks_shape": shape(chunks)}
 
 
 def join_inside_task(ctx: Ctx) -> Any:
@@ -665,5 +714,6 @@ SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
     chain_with_group, group_of_chains, children_graph,
     group_save_restore_forget, group_of_groups_saved,
     large_result, non_ascii_result, json_shapes, json_unencodable, exceptions_with_args,
+    exception_not_importable, get_timeout, starmap_and_chunks,
     join_inside_task, success_kept_on_rerun, failure_replaced_on_rerun,
 )}

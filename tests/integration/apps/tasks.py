@@ -201,6 +201,16 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
             raise TimeoutError(f"gate {tag} never opened")
         return "opened"
 
+    @app.task(shared=False, name="rs.d.raise_unserializable")
+    def raise_unserializable() -> None:
+        class LocalError(Exception):
+            """Not importable by the caller (defined inside the task)."""
+        raise LocalError({1, 2}, object(), "kept")
+
+    @app.task(shared=False, name="rs.d.return_exception")
+    def return_exception() -> Any:
+        return ValueError("returned, not raised")
+
     @app.task(shared=False, name="rs.d.spawn")
     def spawn(n: int) -> Any:
         """Starts a group from inside a task: the group becomes this task's child."""
@@ -226,7 +236,8 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         raise_custom=raise_custom, raise_multi=raise_multi, retry_then=retry_then,
         retry_exhaust=retry_exhaust, stored=stored, stored_fail=stored_fail, mark=mark,
         join_inside=join_inside, errback_new=errback_new, errback_old=errback_old,
-        errback_immutable=errback_immutable, spawn=spawn, gated=gated, started=started)
+        errback_immutable=errback_immutable, spawn=spawn, gated=gated, started=started,
+        raise_unserializable=raise_unserializable, return_exception=return_exception)
 
 
 # ----------------------------------------------------------------------------- push waits
