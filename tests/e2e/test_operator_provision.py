@@ -46,7 +46,11 @@ CLEANUP_JOB = {
 @pytest.fixture
 def env(kube: Any, api_client: Any, namespace: str, postgres: Any,
         pg_database: Any) -> Iterator[OpEnv]:
-    yield from make_openv(kube, api_client, namespace, postgres, pg_database)
+    # The operator's settings allow the custom image and ServiceAccount CLEANUP_JOB names
+    # (by default only the operator's own image and no ServiceAccount: issue 14).
+    yield from make_openv(kube, api_client, namespace, postgres, pg_database, extra_env={
+        "RESULTSTORE_CLEANUP_IMAGE_ALLOWLIST": "registry.example/resultstore:*",
+        "RESULTSTORE_CLEANUP_ALLOW_SERVICE_ACCOUNT": "true"})
 
 
 def test_store_is_provisioned_with_secret_cronjob_status_and_events(
@@ -103,6 +107,7 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
     assert pod["nodeSelector"] == CLEANUP_JOB["nodeSelector"]
     assert pod["tolerations"] == CLEANUP_JOB["tolerations"]
     assert pod["serviceAccountName"] == "cleaner"
+    assert pod["automountServiceAccountToken"] is False
 
     # an Event for every action
     reasons = env.cluster.reasons(env.namespace, "orders")
