@@ -102,7 +102,11 @@ def rendered(tools: Tools, rel: Release, *values: str) -> str:
     ["metrics.enabled=true", "operator.watchNamespaces={team-a,team-b}",
      "webhook.excludeNamespaces={monitoring}"],
     ["webhook.enabled=false"],
-], ids=["defaults", "metrics-watch", "no-webhook"])
+    ["networkPolicy.enabled=true", "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.10/32",
+     "metrics.enabled=true",
+     "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+     "operator.cleanupImageAllowlist={reg.test/jobs:*}"],
+], ids=["defaults", "metrics-watch", "no-webhook", "network-policy"])
 def test_template_passes_a_server_side_dry_run(tools: Tools, release: Release,
                                                values: list[str]) -> None:
     tools.kubectl("create", "namespace", release.namespace)
@@ -110,6 +114,8 @@ def test_template_passes_a_server_side_dry_run(tools: Tools, release: Release,
                         stdin=rendered(tools, release, *values))
     assert f"deployment.apps/{release.fullname}-operator" in out.stdout
     assert f"clusterrole.rbac.authorization.k8s.io/{release.fullname}-operator" in out.stdout
+    if "networkPolicy.enabled=true" in values:
+        assert f"networkpolicy.networking.k8s.io/{release.fullname}-operator" in out.stdout
 
 
 def test_cert_manager_mode_passes_a_server_side_dry_run(tools: Tools, release: Release) -> None:

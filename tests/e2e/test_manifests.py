@@ -73,6 +73,8 @@ def test_server_side_dry_run_accepts_the_manifests(kube: ControlPlane | Existing
         kubectl(kube, kube_tools, "create", "namespace", OPERATOR_NAMESPACE)
     try:
         result = kubectl(kube, kube_tools, "apply", "-k", str(MANIFESTS), "--dry-run=server")
+        optional = kubectl(kube, kube_tools, "apply", "--dry-run=server", "-f",
+                           str(MANIFESTS / "optional" / "networkpolicy.yaml"))
     finally:
         if created:
             kubectl(kube, kube_tools, "delete", "namespace", OPERATOR_NAMESPACE, "--timeout=120s")
@@ -82,6 +84,8 @@ def test_server_side_dry_run_accepts_the_manifests(kube: ControlPlane | Existing
         assert f"{ref} created (server dry run)" in result.stdout or \
             f"{ref} configured (server dry run)" in result.stdout or \
             f"{ref} unchanged (server dry run)" in result.stdout, result.stdout
+    assert "networkpolicy.networking.k8s.io/resultstore-operator created (server dry run)" in \
+        optional.stdout, optional.stdout
 
 
 def test_apply_k_installs_everything_and_is_idempotent(
