@@ -349,7 +349,8 @@ class AdminSession:
         return m.Inventory(schema=schema, schema_exists=bool(marker_rows),
                            schema_comment=marker_rows[0][0] if marker_rows else None,
                            objects=objects,
-                           roles={name: comment for name, comment in role_rows})
+                           roles={name: comment for name, comment in role_rows},
+                           schema_owned=bool(marker_rows[0][1]) if marker_rows else True)
 
     def _marks(self, marks: Iterable[tuple[str, str]], schema: str) -> list[sql.Composed]:
         text = m.marker_text(self._me())

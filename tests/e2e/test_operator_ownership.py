@@ -300,3 +300,30 @@ def test_a_store_deleted_during_the_upgrade_still_cleans_up_its_own_objects(
     assert env.query("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (base + "%",)) == [
         (0,)]
     assert env.query("SELECT count(*) FROM pg_tables WHERE tablename = 'bystander'") == [(1,)]
+
+
+def test_an_empty_schema_a_dba_made_is_used_but_never_dropped(env: OpEnv) -> None:
+    """The admin may lack CREATE on the database: a DBA pre-creates the schema. It holds
+    nothing to protect, so no opt-in is needed; it is not the store's, so Delete drops the
+    store's tables and roles and leaves the schema (and its ACL) to the DBA."""
+    env.query("CREATE SCHEMA dba_made")
+    env.query(f"GRANT USAGE, CREATE ON SCHEMA dba_made TO {env.admin.username} "
+              "WITH GRANT OPTION")
+    acl_before = env.query("SELECT nspacl::text FROM pg_namespace WHERE nspname = 'dba_made'")
+    env.create("made", "dba_made", deletionPolicy="Delete")
+    base = env.ready("made")["status"]["credentials"]["roleBase"]
+    with connect_as(env.binding("made")) as conn:
+        conn.execute("INSERT INTO celery_taskmeta (task_id, status) VALUES ('t', 'SUCCESS')")
+    found = markers(env, "dba_made")
+    assert found.pop("schema dba_made") is None, "a DBA's schema must not be marked ours"
+    assert set(found.values()) == {f"{env.namespace}/made"}
+    env.cluster.delete_store(env.namespace, "made")
+    eventually(lambda: env.cluster.store(env.namespace, "made") is None, 60,
+               "the store to be deleted")
+    assert env.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'dba_made'") == [(1,)]
+    assert env.query("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON "
+                     "n.oid = c.relnamespace WHERE nspname = 'dba_made'") == [(0,)]
+    assert env.query("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (base + "%",)) == [
+        (0,)]
+    assert env.query("SELECT nspacl::text FROM pg_namespace WHERE nspname = 'dba_made'") == \
+        acl_before, "the DBA's schema ACL was changed"

@@ -266,3 +266,20 @@ def test_spec_host_and_schema_policy() -> None:
         parse_spec({**base, "schemaPolicy": "Adopt"})
     with pytest.raises(SpecError, match="host"):
         parse_spec({**base, "database": {**base["database"], "host": "a,b"}})
+
+
+def test_legacy_proof_does_not_mark_a_schema_the_admin_does_not_own() -> None:
+    # a DBA pre-created the schema: only its owner may COMMENT on it, and it is not ours
+    inv = m.Inventory("orders", True, None, tuple(table(t) for t in TABLES),
+                      schema_owned=False)
+    result = assess(inv, legacy=True)
+    assert result.conflict is None and not result.schema_ours
+    assert (m.SCHEMA, "orders") not in result.to_mark
+    assert {(m.TABLE, t) for t in TABLES} <= set(result.to_mark)
+
+
+def test_adopting_an_earlier_incarnations_schema_owned_by_someone_else() -> None:
+    inv = m.Inventory("orders", True, mine(EARLIER), all_ours(EARLIER), schema_owned=False)
+    result = assess(inv, m.POLICY_ADOPT_EXISTING)
+    assert result.conflict is None and not result.schema_ours
+    assert (m.SCHEMA, "orders") not in result.to_mark

@@ -102,6 +102,8 @@ class Inventory:
     objects: tuple[CatalogObject, ...] = ()
     #: existing roles among the store's role names -> their comment
     roles: Mapping[str, str | None] = field(default_factory=dict)
+    #: the admin role owns the schema (only an owner may COMMENT on it, i.e. mark it)
+    schema_owned: bool = True
 
 
 @dataclass(frozen=True)
@@ -171,14 +173,17 @@ def assess(me: Owner, inv: Inventory, tables: Iterable[str], sequences: Iterable
         elif state == FOREIGN:
             refuse(SCHEMA, inv.schema, state, other)
         elif state == PREVIOUS and adopt:
-            schema_ours = True
-            marks.append((SCHEMA, inv.schema))
+            # re-marked when the admin owns it; otherwise used as someone else's schema
+            schema_ours = inv.schema_owned
+            if schema_ours:
+                marks.append((SCHEMA, inv.schema))
         elif state == PREVIOUS:
             refuse(SCHEMA, inv.schema, state, other)
-        elif legacy:
+        elif legacy and inv.schema_owned:
             schema_ours = True
             marks.append((SCHEMA, inv.schema))
-        # MISSING without proof: a schema someone else made; usable only as set out below
+        # MISSING without proof (or not the admin's, e.g. pre-created by a DBA): a schema
+        # someone else made; usable only as set out below, and never dropped
 
     foreign: list[str] = []
     for obj in inv.objects:

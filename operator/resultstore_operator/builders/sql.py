@@ -259,8 +259,8 @@ SCHEMA_OBJECTS = sql.SQL("""
 """)
 # The ownership inventory (builders.marker): the schema's comment, ...
 SCHEMA_MARKER = sql.SQL(
-    "SELECT obj_description(oid, 'pg_namespace') FROM pg_catalog.pg_namespace "
-    "WHERE nspname = %s")
+    "SELECT obj_description(oid, 'pg_namespace'), pg_has_role(nspowner, 'USAGE') "
+    "FROM pg_catalog.pg_namespace WHERE nspname = %s")
 # ... every object in it that someone could care about (relations except indexes/TOAST and
 # row types, functions, free-standing types) with its comment ...
 SCHEMA_INVENTORY = sql.SQL("""
