@@ -114,6 +114,40 @@ def _describe_error(exc: BaseException, password: str | None) -> str:
 #: Values kombu's json round-trips to themselves: stored without the round trip (other
 #: serializers may not: msgpack refuses ints beyond 64 bits, so they always round-trip).
 _JSON_EXACT_SCALARS = frozenset({type(None), bool, int, float, str})
+#: elements json_identity() looks at before it gives up (and the round trip runs)
+_JSON_IDENTITY_BUDGET = 256
+
+
+def json_identity(value: Any, budget: int = _JSON_IDENTITY_BUDGET) -> bool:
+    """Whether kombu's json round trip gives ``value`` back unchanged.
+
+    True only for exact lists, str-keyed dicts (without kombu's ``__type__`` envelope key)
+    and the exact scalars above, nested, within ``budget`` elements: then the store can
+    skip the encode + decode (most of a small result's store-side cost). Anything else
+    (tuples, subclasses, non-str keys, cycles, big values) answers False and round-trips.
+    """
+    stack = [value]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return False
+        item = pop()
+        kind = type(item)
+        if kind in _JSON_EXACT_SCALARS:
+            continue
+        if kind is list:
+            push(item)
+        elif kind is dict:
+            if "__type__" in item:
+                return False
+            for key in item:
+                if type(key) is not str:
+                    return False
+            push(item.values())
+        else:
+            return False
+    return True
 
 
 class CorruptRowError(BackendGetMetaError):
@@ -337,7 +371,8 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         return datetime.now(UTC)
 
     def _dump_result(self, value: Any) -> bytes:
-        if self._roundtrip and type(value) not in self._exact_scalars:
+        if self._roundtrip and type(value) not in self._exact_scalars and not (
+                self._exact_scalars and json_identity(value)):
             value = self.decode(self.encode(value))
         if self._full_pickle:
             return dump_full(value)

@@ -41,3 +41,48 @@ def test_no_eager_warning_when_results_are_stored(tmp_path: Path) -> None:
             assert backend.get_task_meta("e2", cache=False)["result"] == 2
         eager = [w for w in seen if "task_always_eager" in str(w.message)]
         assert eager == [], f"unexpected eager warning with {conf}: {eager!r}"
+
+
+# --------------------------------------------------------------------------- json identity
+
+IDENTITY_VALUES: list[object] = [
+    None, True, 0, -1, 2**80, 1.5, -0.0, float("inf"), "", "ünïcödé \ud800",
+    [], {}, [1, "a", None, [2.5, [True]]], {"a": 1, "b": [1, {"c": "d"}]},
+    {"value": 42, "label": "benchmark result", "items": [1, 2, 3]},
+]
+
+NOT_IDENTITY_VALUES: list[object] = [
+    (1, 2), [1, (2,)], {1: "int key"}, {"a": {None: 1}}, {"__type__": "datetime",
+                                                          "__value__": "2020-01-01"},
+    {"x": {"__type__": "bytes", "__value__": "q"}}, b"bytes", {"s": {1, 2}},
+    type("S", (str,), {})("str subclass"), [list(range(300))],
+]
+
+
+def test_json_identity_answers_true_only_when_the_round_trip_is_the_identity() -> None:
+    from kombu.utils.json import dumps, loads
+
+    from resultstore_backend.backend import json_identity
+
+    for value in IDENTITY_VALUES:
+        assert json_identity(value), f"should skip the round trip: {value!r}"
+        back = loads(dumps(value))
+        assert repr(back) == repr(value), f"json changes {value!r} into {back!r}"
+    for value in NOT_IDENTITY_VALUES:
+        assert not json_identity(value), f"must round-trip: {value!r}"
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    assert not json_identity(cyclic), "a cycle must go to the (failing) round trip"
+
+
+def test_stored_results_read_back_as_the_json_round_trip_gives_them(tmp_path: Path) -> None:
+    from kombu.utils.json import dumps, loads
+
+    app = _app(tmp_path)
+    backend = app.backend
+    for i, value in enumerate(IDENTITY_VALUES + NOT_IDENTITY_VALUES[:3]):
+        task_id = f"j{i}"
+        backend.store_result(task_id, value, states.SUCCESS)
+        got = backend.get_task_meta(task_id, cache=False)["result"]
+        expected = loads(dumps(value))
+        assert repr(got) == repr(expected), f"{value!r} read back as {got!r}"
