@@ -150,7 +150,9 @@ class Listener:
     """
 
     def __init__(self, holder: EngineHolder) -> None:
-        self.holder = holder
+        # weak: the registry is keyed by the holder, so a strong reference here would
+        # keep both alive for ever once the holder is otherwise gone (tests, reloads)
+        self._holder_ref = weakref.ref(holder)
         self.prefix = channel_prefix(holder.config.names)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -175,6 +177,13 @@ class Listener:
         self.connects = 0
 
     # -- state ---------------------------------------------------------------------
+
+    @property
+    def holder(self) -> EngineHolder:
+        holder = self._holder_ref()
+        if holder is None:
+            raise RuntimeError("the result store's engine holder is gone")
+        return holder
 
     @property
     def connected(self) -> bool:
@@ -227,6 +236,10 @@ class Listener:
     def release(self, sink: object, task_ids: Iterable[str]) -> None:
         """Forget ``sink`` entirely (its waits are over)."""
         self.update(sink, remove=task_ids)
+        self.forget(sink)
+
+    def forget(self, sink: object) -> None:
+        """Drop the inbox of a sink that waits for nothing (no reference kept to it)."""
         with self._lock:
             self._inbox.pop(sink, None)
             self._gen.pop(sink, None)
@@ -742,6 +755,12 @@ class ResultConsumer(BaseResultConsumer):
             last = self._active == 0
         if last:
             self._sync()
+            listener = self.listener()
+            if listener is not None:
+                with self._lock:
+                    idle = self._active == 0
+                if idle:
+                    listener.forget(self)
         else:
             listener = self.listener()
             if listener is not None:
