@@ -1,4 +1,5 @@
-"""A fake PostgreSQL server on 127.0.0.1 that asks for a password in the clear (or MD5).
+"""A fake PostgreSQL server on 127.0.0.1 that asks for a password in the clear (or MD5), or
+accepts anyone without authentication ("trust").
 
 It speaks just enough of the v3 protocol: it declines SSLRequest/GSSENCRequest with 'N',
 reads the StartupMessage (recording the user), answers AuthenticationCleartextPassword
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
+TRUST = 0
 CLEARTEXT = 3
 MD5 = 5
 
@@ -24,6 +26,7 @@ MD5 = 5
 class Attempt:
     user: str | None = None
     password_message: bytes | None = None
+    accepted: bool = False
 
 
 @dataclass
@@ -110,6 +113,14 @@ class FakePostgres:
         for key, value in zip(params[::2], params[1::2], strict=False):
             if key == b"user":
                 attempt.user = value.decode(errors="replace")
+        if self.auth_code == TRUST:
+            # "trust": no authentication, straight to ReadyForQuery (an impostor accepting
+            # anyone, to receive the DDL and role verifiers that would follow)
+            conn.sendall(b"R" + struct.pack("!II", 8, TRUST) + b"Z" + struct.pack("!I", 5)
+                         + b"I")
+            attempt.accepted = True
+            conn.recv(1024)
+            return
         if self.auth_code == MD5:
             conn.sendall(b"R" + struct.pack("!II", 12, MD5) + b"salt")
         else:

@@ -19,7 +19,7 @@ from resultstore_devtools.pki import KeyPair, loopback_server_pair
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_operator import database as dbio
 from resultstore_operator.builders import reasons as r
-from tests.helpers.fake_postgres import CLEARTEXT, MD5, FakePostgres
+from tests.helpers.fake_postgres import CLEARTEXT, MD5, TRUST, FakePostgres
 
 PASSWORD = "admin-password-that-must-stay-home"
 
@@ -37,6 +37,27 @@ def test_admin_session_refuses_to_send_the_password(auth_code: int, sslmode: str
     err = info.value
     assert err.reason == r.INSECURE_CONNECTION, f"{err.reason}: {err.message}"
     assert PASSWORD not in err.message and PASSWORD not in str(err)
+
+
+def test_admin_session_refuses_a_server_that_skips_authentication() -> None:
+    """An impostor answering "trust" would receive the DDL and the store roles' SCRAM
+    verifiers that follow; SCRAM's server signature is what proves the real server."""
+    with FakePostgres(auth_code=TRUST) as fake:
+        target = dbio.Target("127.0.0.1", fake.port, "postgres", "disable", connect_timeout=3)
+        with pytest.raises(dbio.DatabaseError) as info:
+            with dbio.AdminSession(target, dbio.Credentials("someone", PASSWORD)):
+                pass
+        assert fake.connections >= 1 and fake.passwords == []
+    assert info.value.reason == r.INSECURE_CONNECTION, info.value.message
+
+
+def test_control_a_client_without_require_auth_accepts_trust() -> None:
+    with FakePostgres(auth_code=TRUST) as fake:
+        with psycopg.connect(host="127.0.0.1", port=fake.port, dbname="postgres",
+                             user="someone", password=PASSWORD, sslmode="disable",
+                             connect_timeout=3, autocommit=True) as conn:
+            assert not conn.closed
+        assert any(a.accepted for a in fake.attempts)
 
 
 def test_check_login_refuses_to_send_a_store_password() -> None:
