@@ -193,6 +193,20 @@ def test_postgres_restart_while_50_clients_wait(pg_store_url: str, postgres: Any
     assert worker.proc.poll() is None
 
 
+def test_threads_sharing_one_backend_all_wake(pg_store_url: str, workers: WorkerFactory,
+                                               redis_server: Any) -> None:
+    """result_backend_thread_safe: one backend (one consumer) for all threads of a web app."""
+    worker = workers.start(pg_store_url, pool="threads", concurrency=20)
+    app, t = make_app(pg_store_url, broker=redis_server.url, queue=worker.queue,
+                      result_backend_thread_safe=True)
+    results = [t.sleep_then.delay(i, 0.5 + (i % 5) * 0.1) for i in range(20)]
+    assert len({id(r.backend) for r in results}) == 1
+    got = _wait_all([lambda r=r: r.get(timeout=60) for r in results])
+    assert got == list(range(20))
+    listener = app.backend.result_consumer.listener()
+    assert listener is not None and listener.received > 0
+
+
 def test_credential_rotation_while_clients_wait(pg_database: Any, workers: WorkerFactory,
                                                 redis_server: Any, tmp_path: Path) -> None:
     names = create_store(pg_database)
