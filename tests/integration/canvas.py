@@ -256,7 +256,8 @@ def group_simple(ctx: Ctx) -> Any:
     return {"get": outcome(lambda: g.get(timeout=TIMEOUT)),
             "join": outcome(lambda: g.join(timeout=TIMEOUT)),
             "join_native": outcome(lambda: g.join_native(timeout=TIMEOUT)),
-            "iterate": outcome(lambda: sorted(v for _, v in g.iter_native(timeout=TIMEOUT))),
+            "iter_native": outcome(lambda: sorted(
+                (meta["status"], meta["result"]) for _, meta in g.iter_native(timeout=TIMEOUT))),
             "group": describe_group(ctx, g)}
 
 
