@@ -555,8 +555,8 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
 
     def _fetch_row(self, task_id: str) -> Any:
         sql = self._sql().select_task
-        with self._holder.connection() as conn:
-            return conn.execute(sql, (task_id,)).fetchone()
+        with self._holder.cursor() as cur:
+            return cur.execute(sql, (task_id,)).fetchone()
 
     def _ensure_not_eager(self) -> None:
         """Celery's eager-mode warning, with its two settings read once (first use).

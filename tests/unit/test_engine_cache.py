@@ -167,3 +167,21 @@ def test_fork_child_never_uses_the_parents_cached_connection(tmp_path: Path) -> 
         assert conn.execute("SELECT 5").fetchone()[0] == 5
     holder.dispose()
     assert isinstance(parent_conn, sqlite3.Connection)
+
+
+def test_cursor_is_reused_with_its_connection_and_dropped_with_it(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    with holder.cursor() as first:
+        assert first.execute("SELECT 6").fetchone()[0] == 6
+    with holder.cursor() as again:
+        assert again is first, "the cached connection's cursor was not reused"
+        assert again.execute("SELECT 7").fetchone()[0] == 7
+    with holder.connection() as conn:
+        assert conn is first.connection, "cursor() and connection() lease different connections"
+    with pytest.raises(sa.exc.DisconnectionError):
+        with holder.cursor():
+            raise sa.exc.DisconnectionError("socket gone")
+    with holder.cursor() as fresh:
+        assert fresh is not first, "a cursor of an invalidated connection was handed out"
+        assert fresh.execute("SELECT 8").fetchone()[0] == 8
+    holder.dispose()
