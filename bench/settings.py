@@ -51,7 +51,7 @@ class BenchSettings:
         base = cls(
             quick=False, repeats=5, n_store=1000, n_get=500, op_budget_s=4.0, min_ops=50,
             warmup=50, group_size=1000, writers=8, writer_seconds=5.0, writer_repeats=3,
-            chord_parts=1000, chord_repeats=3, live_group_repeats=5, live_group_size=100,
+            chord_parts=1000, chord_repeats=3, live_group_repeats=3, live_group_size=100,
             live_chord_parts=100, rt_calls=100, rt_budget_s=30.0, rt_min=20,
             live_pools=("prefork", "threads"), cleanup_rows=1_000_000,
             cleanup_writer_rate=200.0, cleanup_repeats=1, worker_concurrency=2,
