@@ -382,27 +382,38 @@ class AdminSession:
                     r.SCHEMA_TOO_NEW,
                     f"schema {names.schema} is at version {before}, newer than this operator "
                     f"({SCHEMA_VERSION}); upgrade the operator")
-        if before == SCHEMA_VERSION and not assessment.to_mark \
-                and not assessment.create_schema:
-            return before, before
+        # No shortcut when already current: the re-check below is what catches a store that
+        # provisioned the same names between `assessment` and now (one catalog query).
         me = self._me()
         try:
             with self.conn.begin():
                 marks = list(assessment.to_mark)
                 if assessment.create_schema:
-                    self.raw.execute(q.create_schema(schema))
+                    self.raw.execute(q.create_schema(schema, if_not_exists=False))
                     self.raw.execute(q.revoke_schema_from_public(schema))
                     marks.append((m.SCHEMA, schema))
                 after = migrate(self.conn, names) if before < SCHEMA_VERSION else before
                 ours = set(names.all_tables()) | set(names.all_sequences())
+                # Re-read inside the transaction (after migrate's advisory lock): a store
+                # that provisioned the same names concurrently has committed its markers by
+                # now, and they are never overwritten.
                 for kind, name, comment in self._fetch(q.SCHEMA_INVENTORY,
                                                        {"schema": schema}):
-                    if name in ours and (kind, name) not in marks and \
-                            m.verdict(me, comment)[0] != m.OURS:
+                    if name not in ours or (kind, name) in marks:
+                        continue
+                    state, other = m.verdict(me, comment)
+                    if state == m.FOREIGN or (state == m.PREVIOUS
+                                              and (kind, name) not in assessment.to_mark):
+                        raise OwnershipError(
+                            r.OWNERSHIP_CONFLICT,
+                            f"{kind.lower()} {name} belongs to ResultStore "
+                            f"{other.label() if other else '?'}; nothing was changed", other)
+                    if state != m.OURS:
                         marks.append((kind, name))
                 for statement in self._marks(marks, schema):
                     self.raw.execute(statement)
         except DatabaseError:
+            self._rollback()
             raise
         except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
             self._rollback()

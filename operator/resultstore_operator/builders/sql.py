@@ -43,8 +43,11 @@ class DbObject:
         return self.schema if self.name is None else f"{self.schema}.{self.name}"
 
 
-def create_schema(schema: str) -> sql.Composed:
-    return sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+def create_schema(schema: str, if_not_exists: bool = True) -> sql.Composed:
+    """`if_not_exists=False` when the store is to own it: a schema created concurrently by
+    someone else then fails our transaction instead of being taken over."""
+    return sql.SQL("CREATE SCHEMA IF NOT EXISTS {}" if if_not_exists
+                   else "CREATE SCHEMA {}").format(sql.Identifier(schema))
 
 
 def revoke_schema_from_public(schema: str) -> sql.Composed:
