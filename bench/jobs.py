@@ -24,7 +24,8 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -459,31 +460,48 @@ def floor_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
 def _backend_store_statement(app: Celery) -> Callable[[str], tuple[str, tuple[Any, ...]]] | None:
     """(sql, params) of the resultstore backend's store of one id; None for other backends.
 
-    Built with the backend's own parameter builder and statements (private names: this is
-    a measuring tool, and it skips itself when they are not there).
+    Captured from the backend itself: its ``_upsert_task`` runs once against a recording
+    cursor, so the statement and parameters are exactly what it sends (notifications as
+    configured), whatever their shape; only the task id is replaced per call. Private
+    names: this is a measuring tool, and it skips itself when they are not there.
     """
     backend = app.backend
     task_params = getattr(backend, "_task_params", None)
-    sql_of = getattr(backend, "_sql", None)
-    if task_params is None or sql_of is None:
+    upsert = getattr(backend, "_upsert_task", None)
+    holder = getattr(backend, "_holder", None)
+    if task_params is None or upsert is None or holder is None or holder.config.is_sqlite:
         return None
-    sql = sql_of()
-    if sql.dialect != "postgresql":
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    class _Recorder:
+        def execute(self, query: str, params: Any = None, **_: Any) -> _Recorder:
+            calls.append((query, tuple(params or ())))
+            return self
+
+    @contextmanager
+    def _lease() -> Iterator[_Recorder]:
+        yield _Recorder()
+
+    store_config = holder.config
+
+    class _RecordingHolder:
+        config = store_config
+        cursor = connection = staticmethod(_lease)
+
+    probe = "bench-statement-probe"
+    backend._holder = _RecordingHolder()
+    try:
+        upsert(task_params(probe, PAYLOAD, states.SUCCESS, None, None))
+    except Exception:  # noqa: BLE001 - a reference line only: skip it
         return None
-    channel_of: Callable[[str], str] | None = None
-    if getattr(backend, "notifications", False) and getattr(sql, "notify_upsert_task", ""):
-        from resultstore_backend.notify import channel_for
-
-        prefix = sql.channel_prefix
-
-        def channel_of(task_id: str) -> str:
-            return channel_for(prefix, task_id)
+    finally:
+        backend._holder = holder
+    if len(calls) != 1 or not calls[0][1] or calls[0][1][0] != probe:
+        return None
+    query, captured = calls[0]
 
     def build(task_id: str) -> tuple[str, tuple[Any, ...]]:
-        values = task_params(task_id, PAYLOAD, states.SUCCESS, None, None)
-        if channel_of is None:
-            return sql.upsert_task, values
-        return sql.notify_upsert_task, (*values, channel_of(task_id))
+        return query, (task_id, *captured[1:])
     return build
 
 
