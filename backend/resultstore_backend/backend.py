@@ -54,7 +54,7 @@ from .engine import (
     is_connection_error,
     is_transient_error,
 )
-from .notify import channel_for
+from .notify import channel_for, shard_of
 from .pickles import (
     PICKLE_CONTENT_TYPE,
     UnsafePickleError,
@@ -486,7 +486,9 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         """The store: one statement, which also NOTIFYs waiters when notifications are on."""
         sql = self._sql()
         if self._notify:
-            params = (*params, channel_for(sql.channel_prefix, params[0]))
+            task_id = params[0]
+            params = (*params, channel_for(sql.channel_prefix, task_id), sql.lock_key,
+                      shard_of(task_id))
             with self._holder.connection() as conn:
                 conn.execute(sql.notify_upsert_task, params)
             return

@@ -52,7 +52,7 @@ from celery.backends.asynchronous import BaseResultConsumer
 
 from .config import StoreConfig, redact
 from .engine import EngineHolder, classify_connect_error
-from .notify import channel_for, channel_prefix, listen_sql, parse_payload
+from .notify import channel_for, channel_prefix, listen_sql, lock_key, parse_payload
 
 try:  # psycopg is a base dependency, but keep SQLite-only use importable without it
     import psycopg
@@ -154,6 +154,7 @@ class Listener:
         # keep both alive for ever once the holder is otherwise gone (tests, reloads)
         self._holder_ref = weakref.ref(holder)
         self.prefix = channel_prefix(holder.config.names)
+        self.lock_key = lock_key(holder.config.names)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._conn: Any = None
@@ -262,7 +263,7 @@ class Listener:
         if unlisten and not listen and not unlisten_now:
             self._schedule_unlisten_locked()
             unlisten = set()
-        sql = listen_sql(listen, unlisten)
+        sql = listen_sql(listen, unlisten, self.lock_key)
         if not sql:
             return
         try:

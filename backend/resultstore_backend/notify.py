@@ -12,6 +12,16 @@ channels of the ids they wait for:
 - **payload** = ``rs1|<status>|<task_id>``: a version tag, so anything else sent
   on the channel (another client's NOTIFY) is recognised and ignored.
 
+- **presence**: PostgreSQL serialises the commits of all transactions that NOTIFY
+  (a global lock held through commit), so a store only notifies when some session
+  listens to the task's shard. A listening session holds the *shared* advisory lock
+  ``(lock_key(store), shard)`` for as long as it LISTENs there; the store's statement
+  tries the *exclusive* transaction-level lock on the same key and notifies only when
+  that fails. When it succeeds (nobody listens) the waiter that comes later blocks on
+  its shared lock until the store has committed, and its first read (after LISTEN)
+  sees the row: skipping the notification can never lose a result. Two stores of one
+  shard at the same time: the second's try fails and it notifies (harmless).
+
 A notification is only a hint that a row changed: the waiter always reads the
 row itself, so a forged or duplicated payload can cost a read but can never
 deliver a wrong result.
@@ -32,6 +42,8 @@ __all__ = [
     "channel_prefix",
     "format_payload",
     "listen_sql",
+    "lock_key",
+    "shard_of_channel",
     "parse_payload",
     "shard_of",
 ]
@@ -47,6 +59,18 @@ def channel_prefix(names: TableNames) -> str:
     """The per-store part of the channel names (derived from the qualified task table)."""
     digest = hashlib.sha1(names.qualified(names.task_table).encode("utf-8")).hexdigest()
     return f"rs_{digest[:12]}"
+
+
+def lock_key(names: TableNames) -> int:
+    """The first key (a signed int4) of the store's presence advisory locks."""
+    digest = hashlib.sha1(
+        ("resultstore-notify:" + names.qualified(names.task_table)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big", signed=True)
+
+
+def shard_of_channel(channel: str) -> int:
+    """The shard number a channel name of ours ends with."""
+    return int(channel.rsplit("_", 1)[1], 16)
 
 
 def shard_of(task_id: str, shards: int = SHARDS) -> int:
@@ -82,12 +106,22 @@ def _quote_channel(channel: str) -> str:
     return f'"{channel}"'
 
 
-def listen_sql(listen: Iterable[str], unlisten: Iterable[str]) -> str:
+def listen_sql(listen: Iterable[str], unlisten: Iterable[str], key: int | None = None) -> str:
     """One simple-query string that applies a change of the listened channel set.
 
     Several statements in one string are one round trip on the LISTEN connection.
-    Channel names are checked to be ours before they are quoted into the SQL.
+    Channel names are checked to be ours before they are quoted into the SQL. With
+    ``key`` (see :func:`lock_key`) each LISTEN is preceded by taking the shard's shared
+    presence lock and each UNLISTEN followed by releasing it.
     """
-    stmts = [f"UNLISTEN {_quote_channel(c)}" for c in sorted(set(unlisten))]
-    stmts += [f"LISTEN {_quote_channel(c)}" for c in sorted(set(listen))]
+    stmts: list[str] = []
+    for c in sorted(set(unlisten)):
+        stmts.append(f"UNLISTEN {_quote_channel(c)}")
+        if key is not None:
+            stmts.append(f"SELECT pg_advisory_unlock_shared({int(key)}, "
+                         f"{shard_of_channel(c)})")
+    for c in sorted(set(listen)):
+        if key is not None:
+            stmts.append(f"SELECT pg_advisory_lock_shared({int(key)}, {shard_of_channel(c)})")
+        stmts.append(f"LISTEN {_quote_channel(c)}")
     return "; ".join(stmts)

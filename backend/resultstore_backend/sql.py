@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .notify import PAYLOAD_TAG, channel_prefix
+from .notify import PAYLOAD_TAG, channel_prefix, lock_key
 from .schema import TableNames
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -35,6 +35,8 @@ class Statements:
     ph: str
     #: the store's part of its notification channel names (notify.py)
     channel_prefix: str
+    #: first key of the store's presence advisory locks (notify.lock_key)
+    lock_key: int
     upsert_task: str
     #: PostgreSQL: the same upsert, plus ``pg_notify(channel, payload)`` of the row it
     #: really changed, in the same statement; the channel is the last parameter
@@ -101,11 +103,15 @@ def statements(dialect: str, names: TableNames) -> Statements:
         f"(excluded.status IN ({_READY_SQL}) OR t.status NOT IN ({_READY_SQL})))"
     )
     # RETURNING yields a row only when the insert or the update really happened (not
-    # when the WHERE above kept the old row), so only real changes notify. The
-    # notification is sent at commit: with autocommit, when this statement ends.
+    # when the WHERE above kept the old row), so only real changes notify, and only
+    # when a session listens to the task's shard (the exclusive try of its presence
+    # lock fails, see notify.py). The notification is sent at commit: with
+    # autocommit, when this statement ends. Parameters after the upsert's own:
+    # channel, lock key, shard.
     notify_upsert_task = (
         f"WITH u AS ({upsert_task} RETURNING t.task_id, t.status) "
-        f"SELECT pg_notify({ph}, '{PAYLOAD_TAG}|' || u.status || '|' || u.task_id) FROM u"
+        f"SELECT pg_notify({ph}, '{PAYLOAD_TAG}|' || u.status || '|' || u.task_id) FROM u "
+        f"WHERE NOT pg_try_advisory_xact_lock({ph}::int4, {ph}::int4)"
     ) if pg else ""
     # The callback is claimed by the one statement that records the last
     # distinct part; the row lock serialises concurrent part returns.
@@ -127,6 +133,7 @@ def statements(dialect: str, names: TableNames) -> Statements:
         dialect=dialect,
         ph=ph,
         channel_prefix=channel_prefix(names),
+        lock_key=lock_key(names),
         upsert_task=upsert_task,
         notify_upsert_task=notify_upsert_task,
         select_task=f"SELECT {meta_cols} FROM {task} WHERE task_id = {ph}",

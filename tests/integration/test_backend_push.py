@@ -23,7 +23,7 @@ from psycopg import sql
 
 from resultstore_backend.config import render_binding
 from resultstore_backend.consumer import close_listeners
-from resultstore_backend.notify import channel_for
+from resultstore_backend.notify import channel_for, shard_of
 from tests.helpers.kubelet_dir import KubeletDir
 from tests.helpers.waiting import eventually
 from tests.integration.apps.tasks import define_push_tasks
@@ -82,11 +82,26 @@ def test_waits_are_pushed_and_callbacks_work_as_with_redis(
     backend = app.backend
     assert backend.is_async and backend.notifications
 
-    # an independent session sees the store's notification (positive control of the
-    # notifications-off test below): channel of the id, our payload format
+    # without a listener on the shard the store sends no NOTIFY at all (the global
+    # commit lock of notifying transactions is not taken)
+    quiet_id = str(uuid.uuid4())
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
+        probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(
+            channel_for(backend._sql().channel_prefix, quiet_id))))
+        t.add.apply_async((5, 5), task_id=quiet_id)  # nobody in any process waits yet
+        deadline = time.monotonic() + 60
+        while backend.get_task_meta(quiet_id, cache=False)["status"] != states.SUCCESS:
+            assert time.monotonic() < deadline, "the worker never stored the quiet task"
+            time.sleep(0.05)
+        probe.execute("SELECT 1")
+        assert list(probe.notifies(timeout=0.5)) == [], "notified with nobody on the shard"
+    # an independent session that LISTENs and holds the shard's presence lock sees the
+    # store's notification (positive control of the notifications-off test below)
     probe_id = str(uuid.uuid4())
     channel = channel_for(backend._sql().channel_prefix, probe_id)
     with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
+        probe.execute("SELECT pg_advisory_lock_shared(%s, %s)",
+                      (backend._sql().lock_key, shard_of(probe_id)))
         probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         assert t.add.apply_async((1, 2), task_id=probe_id).get(timeout=60) == 3
         got = [(n.channel, n.payload) for n in probe.notifies(timeout=5, stop_after=1)]
@@ -374,6 +389,9 @@ def test_notifications_off_store_answers_every_wait_by_polling(
     probe_id = str(uuid.uuid4())
     channel = channel_for(backend._sql().channel_prefix, probe_id)
     with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
+        # a listener on the shard, presence lock held: a notifying store would NOTIFY
+        probe.execute("SELECT pg_advisory_lock_shared(%s, %s)",
+                      (backend._sql().lock_key, shard_of(probe_id)))
         probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         assert t.add.apply_async((2, 2), task_id=probe_id).get(timeout=60) == 4
         probe.execute("SELECT 1")

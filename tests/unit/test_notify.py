@@ -25,8 +25,10 @@ from resultstore_backend.notify import (
     channel_prefix,
     format_payload,
     listen_sql,
+    lock_key,
     parse_payload,
     shard_of,
+    shard_of_channel,
 )
 from resultstore_backend.schema import TableNames
 from resultstore_backend.sql import statements
@@ -67,9 +69,15 @@ def test_payload_round_trip_and_foreign_payloads_ignored() -> None:
         assert parse_payload(foreign) is None, foreign
 
 
-def test_listen_sql_quotes_only_our_channel_names() -> None:
+def test_listen_sql_quotes_only_our_channel_names_and_holds_presence_locks() -> None:
     assert listen_sql(["rs_ab_01", "rs_ab_00"], ["rs_ab_ff"]) == \
         'UNLISTEN "rs_ab_ff"; LISTEN "rs_ab_00"; LISTEN "rs_ab_01"'
+    assert listen_sql(["rs_ab_0a"], ["rs_ab_ff"], key=-7) == (
+        'UNLISTEN "rs_ab_ff"; SELECT pg_advisory_unlock_shared(-7, 255); '
+        'SELECT pg_advisory_lock_shared(-7, 10); LISTEN "rs_ab_0a"')
+    a, b = lock_key(TableNames("team_a")), lock_key(TableNames("team_b"))
+    assert a != b and -2**31 <= a < 2**31 and lock_key(TableNames("team_a")) == a
+    assert shard_of_channel(channel_for("rs_x", "some-id")) == shard_of("some-id")
     assert listen_sql([], []) == ""
     for bad in ('x"; DROP TABLE t; --', "Upper", "", "a" * 64):
         with pytest.raises(ValueError):
@@ -82,9 +90,12 @@ def test_notifying_upsert_is_one_statement_with_the_channel_last() -> None:
     assert stmt.startswith("WITH u AS (INSERT INTO") and stmt.count(";") == 0
     assert "RETURNING t.task_id, t.status" in stmt
     assert "pg_notify(%s, 'rs1|' || u.status || '|' || u.task_id) FROM u" in stmt
-    # the upsert's own parameters come first, the channel is the last one
-    assert stmt.count("%s") == sql.upsert_task.count("%s") + 1
+    # only when a session listens to the shard (its shared presence lock is held)
+    assert stmt.endswith("WHERE NOT pg_try_advisory_xact_lock(%s::int4, %s::int4)")
+    # the upsert's own parameters come first, then channel, lock key, shard
+    assert stmt.count("%s") == sql.upsert_task.count("%s") + 3
     assert sql.channel_prefix == channel_prefix(TableNames("team_a"))
+    assert sql.lock_key == lock_key(TableNames("team_a"))
     assert "status IN" not in sql.select_many and "ANY(%s)" in sql.select_many
     lite = statements("sqlite", TableNames())
     assert lite.notify_upsert_task == "" and "{in}" in lite.select_many
