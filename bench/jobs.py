@@ -159,11 +159,19 @@ def latency_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
         backend.get_task_meta(task_id)
     _clear_caches(app)
 
-    store_ms = _timed_series(
-        _new_ids("bench-store", int(params["n_store"])),
-        lambda task_id: backend.store_result(task_id, PAYLOAD, states.SUCCESS),
-        budget, min_ops,
-    )
+    def store(task_id: str) -> object:
+        return backend.store_result(task_id, PAYLOAD, states.SUCCESS)
+
+    store_ids = _new_ids("bench-store", int(params["n_store"]))
+    floor_ms: list[float] = []
+    if params.get("floor_dsn"):
+        # SQL backends: blocks of the raw floor upsert alternate with blocks of stores in
+        # this same process, so both see the same disk and CPU (the store target is a
+        # ratio to the floor; a separate floor job would meet other moments of the day)
+        store_ms, floor_ms = _paired_with_floor(params["floor_dsn"], store_ids, store,
+                                                budget, min_ops, int(params["warmup"]))
+    else:
+        store_ms = _timed_series(store_ids, store, budget, min_ops)
 
     def _get(task_id: str) -> object:
         _clear_caches(app)
@@ -192,8 +200,50 @@ def latency_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
         raise AssertionError("join returned results out of order or wrong")
     return {
         "store_ms": store_ms, "get_ms": get_ms, "meta_ms": meta_ms, "join_s": join_s,
-        "native_join": bool(result.supports_native_join),
+        "native_join": bool(result.supports_native_join), "floor_ms": floor_ms,
     }
+
+
+FLOOR_TABLE = (
+    "CREATE TABLE IF NOT EXISTS bench_floor (task_id varchar(155) PRIMARY KEY, "
+    "status varchar(50), result bytea, date_done timestamptz)"
+)
+FLOOR_UPSERT = (
+    "INSERT INTO bench_floor (task_id, status, result, date_done) "
+    "VALUES (%s, 'SUCCESS', %s, now()) ON CONFLICT (task_id) DO UPDATE SET "
+    "status = excluded.status, result = excluded.result, date_done = excluded.date_done"
+)
+
+
+def _paired_with_floor(dsn: str, ids: list[str], op: Callable[[str], object], budget_s: float,
+                       min_ops: int, warmup: int, block: int = 25
+                       ) -> tuple[list[float], list[float]]:
+    """op(id) latencies and raw floor-upsert latencies, in alternating blocks (ms)."""
+    import psycopg
+
+    payload = json.dumps(PAYLOAD).encode()
+    op_ms: list[float] = []
+    floor_ms: list[float] = []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        conn.execute(FLOOR_TABLE)
+        for task_id in _new_ids("floor-pwarm", warmup):
+            conn.execute(FLOOR_UPSERT, (task_id, payload))
+        floor_ids = iter(_new_ids("floor-paired", len(ids)))
+        started = time.perf_counter()
+        for start in range(0, len(ids), block):
+            chunk = ids[start:start + block]
+            for _ in chunk:
+                floor_id = next(floor_ids)
+                t0 = time.perf_counter_ns()
+                conn.execute(FLOOR_UPSERT, (floor_id, payload))
+                floor_ms.append((time.perf_counter_ns() - t0) / 1e6)
+            for task_id in chunk:
+                t0 = time.perf_counter_ns()
+                op(task_id)
+                op_ms.append((time.perf_counter_ns() - t0) / 1e6)
+            if len(op_ms) >= min_ops and time.perf_counter() - started > budget_s:
+                break
+    return op_ms, floor_ms
 
 
 def writer_workload(app: Celery, params: dict[str, Any]) -> dict[str, Any]:

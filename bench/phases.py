@@ -53,10 +53,13 @@ def latency(runner: Runner, settings: BenchSettings, entries: list[BackendEntry]
         for entry in _rotated(entries, rep):
             for mode in MODES:
                 t0 = time.perf_counter()
-                out = runner.job(entry, "latency", mode, params)
+                job_params = dict(params, floor_dsn=entry.sql.dsn if entry.sql else None)
+                out = runner.job(entry, "latency", mode, job_params)
                 bucket = raw[entry.key].setdefault(mode, {
-                    "store_ms": [], "get_ms": [], "meta_ms": [], "join_s": []})
+                    "store_ms": [], "get_ms": [], "meta_ms": [], "join_s": [],
+                    "floor_ms": []})
                 bucket["store_ms"].extend(out["store_ms"])
+                bucket["floor_ms"].extend(out.get("floor_ms") or [])
                 bucket["get_ms"].extend(out["get_ms"])
                 bucket["meta_ms"].extend(out["meta_ms"])
                 bucket["join_s"].append(out["join_s"])
