@@ -210,9 +210,14 @@ class Kube:
         if before is not None and not is_owned_by(before, _owner_uid(desired)):
             raise NotOwnedError(foreign_owner(before, _owner_uid(desired))
                                 or f"CronJob {meta['name']} is not ours")
+        body = json.loads(json.dumps(desired))
+        if before is not None:
+            # A uid in the body is a precondition: if our CronJob was replaced by a foreign
+            # one since the read above, the API server answers 409 instead of us adopting it.
+            body["metadata"]["uid"] = (before.get("metadata") or {}).get("uid")
         try:
             response = self.batch.patch_namespaced_cron_job(
-                meta["name"], meta["namespace"], json.loads(json.dumps(desired)),
+                meta["name"], meta["namespace"], body,
                 field_manager=FIELD_MANAGER, force=True,
                 _content_type="application/apply-patch+yaml", _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT)

@@ -226,3 +226,35 @@ def test_admin_secret_without_opt_in_is_never_read(env: OpEnv) -> None:
         env.operator.stop()
         proxy.stop()
         kubeconfig.unlink(missing_ok=True)
+
+
+def test_apply_carries_a_uid_precondition(env: OpEnv) -> None:
+    """The CronJob apply names the uid it inspected: the API server refuses to apply
+    over an object that replaced ours between the read and the write, instead of the forced
+    apply adopting it. Shown on the API itself, with the operator's own Kube helper."""
+    from kubernetes.client.exceptions import ApiException
+
+    from resultstore_operator.builders.cronjob import cronjob_manifest
+    from resultstore_operator.builders.ownership import owner_reference
+    from resultstore_operator.kube import FIELD_MANAGER, Kube
+    from resultstore_operator.spec import parse_spec
+
+    ns = env.namespace
+    env.create("race", "s_race")
+    uid = (env.cluster.store(ns, "race") or {})["metadata"]["uid"]
+    kube = Kube(env.cluster.api)
+    desired = cronjob_manifest("racer", ns, owner_reference("race", uid),
+                               parse_spec(env.spec("s_racer")), "celery-resultstore:e2e")
+    assert kube.apply_cronjob(desired)[0] == "created"
+    assert kube.apply_cronjob(desired)[0] is None  # unchanged: a no-op, precondition met
+    stale = json.loads(json.dumps(desired))
+    stale["metadata"]["uid"] = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(ApiException) as info:
+        env.cluster.batch.patch_namespaced_cron_job(
+            "racer-resultstore-cleanup", ns, stale, field_manager=FIELD_MANAGER, force=True,
+            _content_type="application/apply-patch+yaml")
+    # 422 "metadata.uid: ... field is immutable" (or 409 on other versions): refused either way.
+    assert info.value.status in (409, 422), info.value
+    assert "uid" in str(info.value.body), info.value.body
+    after = env.cluster.cronjob(ns, "racer")
+    assert after is not None and after["metadata"]["uid"] != stale["metadata"]["uid"]
