@@ -248,3 +248,19 @@ def test_allowed_cleanup_jobs(job: dict[str, Any], policy: CleanupPolicy) -> Non
 def test_toleration_structure(toleration: dict[str, Any], words: str) -> None:
     problems = toleration_problems([toleration])
     assert problems and words in problems[0], problems
+
+
+# --- the write guard in kube.py (refuses before any API call is made) ------------------------
+
+def test_put_secret_refuses_a_live_secret_it_does_not_own() -> None:
+    from resultstore_operator.builders.secret import secret_manifest
+    from resultstore_operator.kube import Kube, NotOwnedError
+
+    kube = Kube.__new__(Kube)  # no API client: the refusal happens before any request
+    desired = secret_manifest("orders", "ns", OWNER, {"username": "u", "password": "p"})
+    for refs in (None, [{**OWNER, "uid": "other"}]):
+        live = obj(refs=refs)
+        with pytest.raises(NotOwnedError) as info:
+            kube.put_secret(desired, live)
+        assert info.value.transient is False
+        assert "left unchanged" in str(info.value) and "p" not in str(info.value).split()
