@@ -105,7 +105,8 @@ def rendered(tools: Tools, rel: Release, *values: str) -> str:
     ["networkPolicy.enabled=true", "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.10/32",
      "metrics.enabled=true",
      "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
-     "operator.cleanupImageAllowlist={reg.test/jobs:*}"],
+     "operator.cleanupImageAllowlist={reg.test/jobs:*}",
+     "webhook.clientCA.configMap=apiserver-client-ca"],
 ], ids=["defaults", "metrics-watch", "no-webhook", "network-policy"])
 def test_template_passes_a_server_side_dry_run(tools: Tools, release: Release,
                                                values: list[str]) -> None:

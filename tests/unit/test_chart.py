@@ -322,3 +322,22 @@ def test_schema_rejects_bad_policy_values(values: list[str], message: str) -> No
     result = run_helm(*args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+def test_webhook_client_ca_enables_mutual_tls() -> None:
+    assert "RESULTSTORE_WEBHOOK_CLIENT_CA_FILE" not in env_values(
+        container(find(render(), "Deployment")))
+    deployment = find(render(values=["webhook.clientCA.configMap=apiserver-client-ca"]),
+                      "Deployment")
+    c = container(deployment)
+    settings = WebhookSettings.from_env(env_values(c), "resultstore-system")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "webhook-client-ca")
+    assert settings.client_ca_file == f"{mount['mountPath']}/ca.crt"
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == "webhook-client-ca")
+    assert volume["configMap"] == {"name": "apiserver-client-ca",
+                                   "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    args = ["lint", str(CHART), "--strict", "--namespace", "resultstore-system", "--set",
+            "webhook.clientCA.configMap=apiserver-client-ca"]
+    result = run_helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
