@@ -402,13 +402,20 @@ class AdminSession:
                     if name not in ours or (kind, name) in marks:
                         continue
                     state, other = m.verdict(me, comment)
-                    if state == m.FOREIGN or (state == m.PREVIOUS
-                                              and (kind, name) not in assessment.to_mark):
+                    if state == m.FOREIGN or state == m.PREVIOUS:
                         raise OwnershipError(
                             r.OWNERSHIP_CONFLICT,
                             f"{kind.lower()} {name} belongs to ResultStore "
-                            f"{other.label() if other else '?'}; nothing was changed", other)
-                    if state != m.OURS:
+                            f"{other.label() if other else '?'}; nothing was changed",
+                            other if state == m.FOREIGN else None)
+                    if state == m.MISSING and before == after:
+                        # no migration ran, so this transaction created nothing: an
+                        # unmarked object of our name appeared since the assessment
+                        raise OwnershipError(
+                            r.OWNERSHIP_CONFLICT,
+                            f"{kind.lower()} {name} exists and was not created by this "
+                            f"ResultStore; nothing was changed")
+                    if state == m.MISSING:
                         marks.append((kind, name))
                 for statement in self._marks(marks, schema):
                     self.raw.execute(statement)

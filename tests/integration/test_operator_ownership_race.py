@@ -79,3 +79,18 @@ def test_both_use_an_existing_empty_schema_the_second_is_refused_in_its_transact
         b.migrate(NAMES, plan_b)
     assert info.value.reason == r.OWNERSHIP_CONFLICT and info.value.other == A
     assert owners(pg_database) == {None, "team-a/orders"}  # the DBA's schema stays unmarked
+
+
+def test_an_unmarked_table_appearing_after_the_assessment_is_not_taken(
+        sessions: tuple[dbio.AdminSession, dbio.AdminSession], pg_database: PgDatabase) -> None:
+    a, _ = sessions
+    a.migrate(NAMES, assess(a, A))  # provisioned, current version
+    plan = assess(a, A)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        # someone swaps in an unmarked table of the store's name between check and act
+        conn.execute("DROP TABLE celery.resultstore_cleanup_runs")
+        conn.execute("CREATE TABLE celery.resultstore_cleanup_runs (x int)")
+    with pytest.raises(dbio.OwnershipError) as info:
+        a.migrate(NAMES, plan)
+    assert "resultstore_cleanup_runs" in info.value.message
+    assert owners(pg_database) == {"team-a/orders", None}
