@@ -80,7 +80,7 @@ DEFAULT_POLL_INTERVAL = 0.1
 DEFAULT_SQLITE_POLL_INTERVAL = 0.05
 
 _BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 5.0
+_BACKOFF_MAX = 2.0
 #: a LISTEN connection attempt never blocks a wait for longer than this
 _LISTEN_CONNECT_TIMEOUT = 5
 #: an unneeded channel stays LISTENed this long unless a LISTEN can carry its UNLISTEN
