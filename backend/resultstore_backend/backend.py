@@ -489,11 +489,11 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             task_id = params[0]
             params = (*params, channel_for(sql.channel_prefix, task_id), sql.lock_key,
                       shard_of(task_id))
-            with self._holder.connection() as conn:
-                conn.execute(sql.notify_upsert_task, params)
+            with self._holder.cursor() as cur:
+                cur.execute(sql.notify_upsert_task, params)
             return
-        with self._holder.connection() as conn:
-            conn.execute(sql.upsert_task, params)
+        with self._holder.cursor() as cur:
+            cur.execute(sql.upsert_task, params)
 
     def _raw_meta(self, task_id: str, row: Any) -> dict[str, Any]:
         try:
