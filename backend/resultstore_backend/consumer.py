@@ -331,8 +331,8 @@ class Listener:
                 self.connects += 1
                 self._backoff = _BACKOFF_FIRST
                 if self._warned:
-                    logger.warning("result store notifications: LISTEN connection to %s "
-                                   "is back; waits are pushed again", self._target(config))
+                    logger.info("result store notifications: LISTEN connection to %s "
+                                "is back; waits are pushed again", self._target(config))
                     self._warned = False
             self._cond.notify_all()
 
