@@ -126,9 +126,11 @@ def test_waits_are_pushed_and_callbacks_work_as_with_redis(
     g4 = group(t.add.s(i, 4) for i in range(5)).apply_async()
     assert sorted(meta["result"] for _, meta in g4.iter_native(timeout=60)) == \
         [i + 4 for i in range(5)]
-    ids = [t.sleep_then.delay(i, 0.2).id for i in range(5)]
+    ids = [t.sleep_then.delay(i, 0.3).id for i in range(5)]
+    before = listener.received
     many = dict(backend.get_many(ids, timeout=60))
     assert [many[i]["result"] for i in ids] == list(range(5))
+    assert listener.received > before, "get_many was not woken by a notification"
     assert chord(t.add.s(i, i) for i in range(6))(t.tsum.s()).get(timeout=60) == 30
 
     # on_message / on_interval, compared with the Redis backend on the same task
