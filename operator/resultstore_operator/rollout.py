@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .builders.names import SECRET_SUFFIX, secret_name
+from .builders.ownership import controller_of, is_resultstore_ref
 from .injection import INJECT_LABEL, STOCK_KEY
 
 log = logging.getLogger("resultstore.rollout")
@@ -63,12 +64,21 @@ def secret_hash(data: Mapping[str, str] | None) -> str | None:
 
 
 def store_of_secret(secret: Mapping[str, Any]) -> str | None:
-    """The ResultStore a Secret belongs to, if it is one the operator writes."""
+    """The ResultStore a Secret belongs to, if it is one the operator writes.
+
+    The name and type alone prove nothing (anyone may create ``<store>-resultstore``): the
+    Secret must also be controlled by the ResultStore of that name, as the operator's own
+    Secrets are. A foreign Secret of the same name never rolls anybody's workers.
+    """
     name = str((secret.get("metadata") or {}).get("name") or "")
     if secret.get("type") != BINDING_TYPE or not name.endswith(SECRET_SUFFIX):
         return None
     store = name[: -len(SECRET_SUFFIX)]
-    return store or None
+    controller = controller_of(secret)
+    if not store or controller is None or not is_resultstore_ref(controller) \
+            or controller.get("name") != store:
+        return None
+    return store
 
 
 def workload_store(workload: Mapping[str, Any]) -> str | None:
@@ -105,7 +115,7 @@ class RolloutGateway:
         self._core: Any = client.CoreV1Api(api_client)
         self._apps: Any = client.AppsV1Api(api_client)
 
-    def secret_data(self, namespace: str, name: str) -> Mapping[str, str] | None:
+    def secret(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -114,7 +124,7 @@ class RolloutGateway:
             if exc.status == 404:
                 return None
             raise
-        return dict(secret.data or {})
+        return dict(self._api.sanitize_for_serialization(secret))
 
     def workloads(self, namespace: str) -> list[tuple[str, dict[str, Any]]]:
         out: list[tuple[str, dict[str, Any]]] = []
@@ -154,8 +164,10 @@ def sync_workload(gateway: RolloutGateway, kind: str, workload: Mapping[str, Any
         return False
     metadata = workload.get("metadata") or {}
     namespace = str(metadata.get("namespace") or "")
-    patch = rollout_patch(workload, secret_hash(
-        gateway.secret_data(namespace, secret_name(store))))
+    secret = gateway.secret(namespace, secret_name(store))
+    if secret is None or store_of_secret(secret) != store:
+        return False  # absent, or a Secret of that name the operator did not write
+    patch = rollout_patch(workload, secret_hash(secret.get("data")))
     if patch is None:
         return False
     gateway.patch(kind, namespace, str(metadata.get("name")), patch)

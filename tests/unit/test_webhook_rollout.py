@@ -43,12 +43,25 @@ def test_hash_covers_only_env_consumed_keys() -> None:
     assert secret_hash(None) is None
 
 
+def _owned(name: str, owner: str | None = "orders", kind: str = "ResultStore",
+           api_version: str = "resultstore.dev/v1alpha1", controller: bool = True,
+           secret_type: str = "servicebinding.io/postgresql") -> dict[str, Any]:
+    refs = [] if owner is None else [{"apiVersion": api_version, "kind": kind, "name": owner,
+                                      "uid": "u-1", "controller": controller}]
+    return {"type": secret_type, "metadata": {"name": name, "ownerReferences": refs}}
+
+
 @pytest.mark.parametrize("secret,store", [
-    ({"type": "servicebinding.io/postgresql", "metadata": {"name": "orders-resultstore"}},
-     "orders"),
-    ({"type": "Opaque", "metadata": {"name": "orders-resultstore"}}, None),
-    ({"type": "servicebinding.io/postgresql", "metadata": {"name": "orders"}}, None),
-    ({"type": "servicebinding.io/postgresql", "metadata": {"name": "-resultstore"}}, None),
+    (_owned("orders-resultstore"), "orders"),
+    (_owned("orders-resultstore", secret_type="Opaque"), None),
+    (_owned("orders"), None),
+    (_owned("-resultstore", owner=""), None),
+    # a Secret of the right name and type that the operator did not write is not a store's
+    (_owned("orders-resultstore", owner=None), None),
+    (_owned("orders-resultstore", owner="billing"), None),
+    (_owned("orders-resultstore", kind="Deployment", api_version="apps/v1"), None),
+    (_owned("orders-resultstore", api_version="example.com/v1"), None),
+    (_owned("orders-resultstore", controller=False), None),
 ])
 def test_store_of_secret(secret: dict[str, Any], store: str | None) -> None:
     assert store_of_secret(secret) == store
@@ -82,3 +95,30 @@ def test_client_method_names_exist() -> None:
     for kind in WORKLOAD_KINDS:
         for verb in ("list", "patch"):
             assert hasattr(client.AppsV1Api, f"{verb}_namespaced_{_CLIENT_NAMES[kind]}")
+
+
+class _Gateway:
+    """The rollout's one I/O seam, in memory: one Secret, records the patches."""
+
+    def __init__(self, secret: dict[str, Any] | None) -> None:
+        self._secret = secret
+        self.patches: list[tuple[str, str, str, dict[str, Any]]] = []
+
+    def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._secret
+
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> None:
+        self.patches.append((kind, namespace, name, body))
+
+
+@pytest.mark.parametrize("owner,patched", [("orders", True), (None, False), ("billing", False)])
+def test_sync_workload_hashes_only_the_stores_own_secret(owner: str | None,
+                                                         patched: bool) -> None:
+    from resultstore_operator.rollout import sync_workload
+
+    secret = _owned("orders-resultstore", owner=owner)
+    secret["data"] = {"result_backend": b64("db+postgresql+psycopg://u:p@h/d")}
+    gateway = _Gateway(secret)
+    assert sync_workload(gateway, "deployments", workload()) is patched
+    assert bool(gateway.patches) is patched, (
+        f"a Secret controlled by {owner!r} must {'' if patched else 'not '}roll the workload")

@@ -34,7 +34,7 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def _is_resultstore_ref(ref: Mapping[str, Any]) -> bool:
+def is_resultstore_ref(ref: Mapping[str, Any]) -> bool:
     api_version = str(ref.get("apiVersion") or "")
     return ref.get("kind") == KIND and api_version.split("/")[0] == GROUP
 
@@ -50,7 +50,7 @@ def controller_of(obj: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 def is_owned_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
     """True when `obj`'s controller is the ResultStore with this uid (and uid is known)."""
     ref = controller_of(obj)
-    return bool(uid) and ref is not None and _is_resultstore_ref(ref) and ref.get("uid") == uid
+    return bool(uid) and ref is not None and is_resultstore_ref(ref) and ref.get("uid") == uid
 
 
 def foreign_owner(obj: Mapping[str, Any], uid: str) -> str | None:
@@ -68,7 +68,7 @@ def foreign_owner(obj: Mapping[str, Any], uid: str) -> str | None:
         managed = (meta.get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
         what = "has no controller ownerReference" + (
             " (only a copied managed-by label)" if managed else "")
-    elif _is_resultstore_ref(ref):
+    elif is_resultstore_ref(ref):
         what = (f"is controlled by another ResultStore {ref.get('name')!r} "
                 f"(uid {ref.get('uid')})")
     else:
