@@ -68,6 +68,7 @@ __all__ = [
     "close_listeners",
     "get_listener",
     "listen_conninfo",
+    "through_pooler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ def listen_conninfo(config: StoreConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def through_pooler(reported_pid: int | None, server_pid: int | None) -> bool:
+    """Whether a session is proxied: poolers (PgBouncer, Odyssey, pgcat) hand the client a
+    made-up process id in BackendKeyData, while ``pg_backend_pid()`` answers the real one."""
+    return bool(reported_pid) and bool(server_pid) and reported_pid != server_pid
+
+
 def _same_target(a: StoreConfig, b: StoreConfig) -> bool:
     return a.url == b.url and a.version == b.version
 
@@ -167,6 +174,7 @@ class Listener:
         self._connecting = False
         self._socket_waiter = False
         self._unlisten_timer: threading.Timer | None = None
+        self._pooler_warned = False
         self._next_attempt = 0.0
         self._backoff = _BACKOFF_FIRST
         self._warned = False
@@ -316,6 +324,17 @@ class Listener:
                 raise RuntimeError("psycopg is not installed")
             conn = psycopg.connect(**listen_conninfo(config))
             conn.add_notify_handler(self._on_notify)
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            if through_pooler(conn.info.backend_pid, row[0] if row else None) \
+                    and not self._pooler_warned:
+                self._pooler_warned = True
+                logger.warning(
+                    "result store notifications: the LISTEN connection to %s goes through "
+                    "a connection pooler (the server process id differs from the one the "
+                    "connection reported). With a transaction-mode pooler notifications "
+                    "never arrive and waits are answered only by the safety-net read; "
+                    "point the store at PostgreSQL directly or turn notifications off.",
+                    self._target(config))
         except Exception as exc:
             error = exc
         with self._lock:

@@ -76,7 +76,8 @@ def _listen_sessions(pg_database: Any) -> dict[int, tuple[str, str]]:
 
 def test_waits_are_pushed_and_callbacks_work_as_with_redis(
         pg_store_url: str, pg_database: Any, workers: WorkerFactory,
-        redis_server: Any) -> None:
+        redis_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="resultstore_backend.consumer")
     worker = workers.start(pg_store_url, pool="threads", concurrency=4)
     app, t = make_app(pg_store_url, broker=redis_server.url, queue=worker.queue)
     backend = app.backend
@@ -109,6 +110,8 @@ def test_waits_are_pushed_and_callbacks_work_as_with_redis(
 
     listener = backend.result_consumer.listener()
     assert listener is not None and listener.connected
+    assert not [r for r in caplog.records if "pooler" in r.getMessage()], \
+        "a direct connection was taken for a pooler"
     before = listener.received
     assert [t.add.delay(i, i).get(timeout=60) for i in range(5)] == [0, 2, 4, 6, 8]
     assert listener.received > before, "results arrived without a notification"

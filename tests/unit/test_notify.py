@@ -18,7 +18,7 @@ from resultstore_backend.config import (
     parse_backend_url,
     read_binding_dir,
 )
-from resultstore_backend.consumer import listen_conninfo
+from resultstore_backend.consumer import listen_conninfo, through_pooler
 from resultstore_backend.notify import (
     SHARDS,
     channel_for,
@@ -115,6 +115,12 @@ def test_listen_conninfo_same_target_bounded_timeout_no_pool_options() -> None:
     assert kw["connect_timeout"] == 5, "a LISTEN connect must not block a wait for 30 s"
     assert kw["keepalives"] == 1
     assert "prepare_threshold" not in kw and "pool_size" not in kw
+
+
+def test_pooler_detected_by_a_made_up_backend_pid() -> None:
+    assert not through_pooler(4242, 4242)
+    assert through_pooler(123456, 4242)  # PgBouncer's cancel key, the server's real pid
+    assert not through_pooler(None, 4242) and not through_pooler(0, 4242)
 
 
 def test_notifications_setting_in_url_and_celery_json(tmp_path: Path) -> None:
