@@ -628,6 +628,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cluster.add_argument("--timeout", type=float, default=300.0,
                          help="seconds to wait for each rollout (image pulls included)")
     args = parser.parse_args(argv)
+    if args.kubeconfig is None:
+        # The local story runs its own services; a cluster option there would be ignored
+        # silently, which reads as "it worked" while doing something else.
+        given = sorted(f"--{a.dest.replace('_', '-')}" for a in cluster._group_actions
+                       if a.dest != "kubeconfig" and getattr(args, a.dest) != a.default)
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --kubeconfig (an existing "
+                         "cluster); the local demo starts its own services")
     for item in args.operator_env:
         if "=" not in item or not item.split("=", 1)[0]:
             parser.error(f"--operator-env expects KEY=VALUE, got {item!r}")

@@ -122,12 +122,21 @@ def test_pod_status_reports_ready_on_loopback() -> None:
 @pytest.mark.parametrize("argv,error", [
     (["--operator-env", "NOEQUALS"], "KEY=VALUE"),
     (["--kubeconfig", "k", "--postgres", "hostonly"], "HOST:PORT"),
+    (["--namespace", "team"], "--namespace only apply with --kubeconfig"),
+    (["--postgres", "db:5432", "--broker-url", "redis://x"],
+     "--broker-url, --postgres only apply with --kubeconfig"),
 ])
 def test_parse_args_rejects_malformed_options(argv: list[str], error: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert error in capsys.readouterr().err
+
+
+def test_parse_args_accepts_the_local_and_cluster_forms() -> None:
+    assert parse_args([]).kubeconfig is None and parse_args(["--keep"]).keep
+    args = parse_args(["--kubeconfig", "k", "--namespace", "team", "--postgres", "db:5432"])
+    assert args.namespace == "team" and args.postgres == "db:5432"
 
 
 def test_project_version_matches_pyproject() -> None:
