@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .postgres import PostgresServer
+from .procs import port_open, wait_for
 from .redis import RedisServer
 
 STATE_ROOT = Path(
@@ -30,10 +31,17 @@ def _postgres(action: str) -> int:
     state = _state_file("postgres")
     if action == "start":
         if state.exists():
-            print(f"already started; see {state}", file=sys.stderr)
-            return 1
+            data = json.loads(state.read_text())
+            if port_open(int(data["port"])):
+                print(f"already running on port {data['port']}; see {state}", file=sys.stderr)
+                return 1
+            # a stale record (the machine rebooted, the server was killed): start afresh
+            state.unlink()
+            import shutil
+
+            shutil.rmtree(STATE_ROOT / "postgres", ignore_errors=True)
         STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        server = PostgresServer(base_dir=STATE_ROOT / "postgres")
+        server = PostgresServer(base_dir=STATE_ROOT / "postgres", detached=True)
         server.start()
         state.write_text(json.dumps({"port": server.port, "password": server.password}))
         state.chmod(0o600)
@@ -44,7 +52,7 @@ def _postgres(action: str) -> int:
         return 1
     data = json.loads(state.read_text())
     server = PostgresServer(base_dir=STATE_ROOT / "postgres", port=data["port"],
-                            password=data["password"])
+                            password=data["password"], detached=True)
     server._initialised = True
     if action == "stop":
         server.stop()
@@ -53,6 +61,10 @@ def _postgres(action: str) -> int:
 
         shutil.rmtree(STATE_ROOT / "postgres", ignore_errors=True)
         return 0
+    if not port_open(int(data["port"])):
+        print(f"postgres is not running (stale record {state}); run start again",
+              file=sys.stderr)
+        return 1
     print(f"export RESULTSTORE_PG_URL='{server.url()}'")
     return 0
 
@@ -61,11 +73,14 @@ def _redis(action: str) -> int:
     state = _state_file("redis")
     if action == "start":
         if state.exists():
-            print(f"already started; see {state}", file=sys.stderr)
-            return 1
+            data = json.loads(state.read_text())
+            if port_open(int(data["port"])):
+                print(f"already running on port {data['port']}; see {state}", file=sys.stderr)
+                return 1
+            state.unlink()
         STATE_ROOT.mkdir(parents=True, exist_ok=True)
         (STATE_ROOT / "redis").mkdir(exist_ok=True)
-        server = RedisServer(base_dir=STATE_ROOT / "redis")
+        server = RedisServer(base_dir=STATE_ROOT / "redis", detached=True)
         server.start()
         assert server._proc is not None
         state.write_text(json.dumps({"port": server.port, "pid": server._proc.pid}))
@@ -77,11 +92,20 @@ def _redis(action: str) -> int:
     data = json.loads(state.read_text())
     if action == "stop":
         try:
-            os.killpg(data["pid"], signal.SIGTERM)
+            # only a server that still answers on its port is ours to stop (a stale record's
+            # pid may belong to anything by now)
+            if port_open(int(data["port"])):
+                os.killpg(data["pid"], signal.SIGTERM)
         except ProcessLookupError:
             pass
+        else:
+            wait_for(lambda: not port_open(int(data["port"])), 20,
+                     f"redis-server on {data['port']} to stop")
         state.unlink()
         return 0
+    if not port_open(int(data["port"])):
+        print(f"redis is not running (stale record {state}); run start again", file=sys.stderr)
+        return 1
     print(f"export RESULTSTORE_REDIS_URL='redis://127.0.0.1:{data['port']}/0'")
     return 0
 

@@ -42,6 +42,9 @@ class PostgresServer:
     durable: bool = True
     max_connections: int = 300
     extra_settings: dict[str, str] = field(default_factory=dict)
+    #: keep running after this process exits (``resultstore-dev postgres start``); tests and
+    #: the demo leave it off so a killed session never leaves a server behind
+    detached: bool = False
     _owns_dir: bool = False
     _initialised: bool = False
     _watchdog: subprocess.Popen[bytes] | None = None
@@ -133,7 +136,7 @@ class PostgresServer:
             self.initdb()
         if self.running():
             return
-        if self._watchdog is None or self._watchdog.poll() is not None:
+        if not self.detached and (self._watchdog is None or self._watchdog.poll() is not None):
             # pg_ctl daemonises the server: nothing would stop it if this process were killed.
             self._watchdog = start_watchdog(
                 [self._pg_ctl, "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"],

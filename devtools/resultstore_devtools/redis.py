@@ -23,6 +23,8 @@ class RedisServer:
     port: int = 0
     host: str = LOOPBACK
     base_dir: Path | None = None
+    #: keep running after this process exits (``resultstore-dev redis start``)
+    detached: bool = False
 
     def __post_init__(self) -> None:
         if not self.port:
@@ -60,7 +62,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # Killed with us even if we are SIGKILLed (no finalizer runs then).
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=None if self.detached else _die_with_parent,  # noqa: PLW1509
         )
         wait_for(lambda: port_open(self.port, self.host), 20, f"redis-server on {self.port}")
 
