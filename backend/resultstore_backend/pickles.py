@@ -293,24 +293,6 @@ def _refuse(what: str, args: tuple[Any, ...]) -> UnsafePickleError:
 _CONTAINERS = (list, tuple, set, frozenset)
 
 
-class _Sized:
-    """``cls()`` or ``cls(value)`` where value is one of ``accepts``; the copy is charged."""
-
-    __slots__ = ("name", "build", "accepts")
-
-    def __init__(self, name: str, build: Callable[..., Any], accepts: tuple[type, ...]
-                 ) -> None:
-        self.name, self.build, self.accepts = name, build, accepts
-
-    def __call__(self, budget: _Budget, *args: Any) -> Any:
-        if not args:
-            return self.build()
-        if len(args) != 1 or type(args[0]) not in self.accepts:
-            raise _refuse(self.name, args)
-        budget.charge(len(args[0]), self.name)
-        return self.build(args[0])
-
-
 class _Scalar:
     """``cls()`` or ``cls(number)``: fixed-size results, nothing to charge."""
 
@@ -325,7 +307,20 @@ class _Scalar:
             return self.build()
         if len(args) != 1 or type(args[0]) not in self.accepts:
             raise _refuse(self.name, args)
+        self._charge(budget, args[0])
         return self.build(args[0])
+
+    def _charge(self, budget: _Budget, value: Any) -> None:
+        """Nothing: the result's size does not depend on the argument's."""
+
+
+class _Sized(_Scalar):
+    """``cls()`` or ``cls(value)`` where value is one of ``accepts``; the copy is charged."""
+
+    __slots__ = ()
+
+    def _charge(self, budget: _Budget, value: Any) -> None:
+        budget.charge(len(value), self.name)
 
 
 def _bytearray(budget: _Budget, *args: Any) -> bytearray:
