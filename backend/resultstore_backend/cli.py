@@ -1,7 +1,9 @@
 """``resultstore`` command line: ``cleanup`` (the CronJob), ``migrate`` and ``check``.
 
-Errors are printed as one line naming the file/key at fault (never a password)
-and turn into a non-zero exit status.
+Errors are printed as one line naming what is at fault in the terms the user gave (the
+Secret file with ``--config-dir``, the host:port or SQLite file with ``--url``; never a
+password) and turn into a non-zero exit status, one per cause so that scripts can tell
+them apart (see :data:`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,26 @@ from .config import ConfigError, DirectorySource, StoreConfig, parse_backend_url
 from .engine import EngineHolder, classify_connect_error
 from .schema import SCHEMA_VERSION, current_version, migrate
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
+
+EXIT_OK = 0
+#: bad configuration, cannot connect, or the cleanup failed
+EXIT_ERROR = 1
+#: bad command line (argparse's own code)
+EXIT_USAGE = 2
+#: the store's tables are missing or older than this code: run ``resultstore migrate``
+EXIT_NOT_MIGRATED = 3
+#: the store was migrated by a newer version of this package
+EXIT_NEWER = 4
+
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_ERROR: "bad configuration, cannot connect, or the cleanup failed",
+    EXIT_USAGE: "bad command line",
+    EXIT_NOT_MIGRATED: "the tables are missing or older than this code: run `resultstore "
+                       "migrate`",
+    EXIT_NEWER: "the tables were migrated by a newer version of celery-resultstore",
+}
 
 
 def _source(args: argparse.Namespace) -> DirectorySource | StoreConfig:
@@ -41,8 +62,17 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
         engine = holder.engine()
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
+            version = current_version(conn, config.names)
     except sa.exc.DBAPIError as exc:
         raise classify_connect_error(exc, config) from None
+    if version == 0:
+        # nothing to delete, and "no such table" would read like a broken store; a
+        # store at another version is still cleaned (an upgrade rolls out gradually)
+        holder.dispose()
+        problem = schema_problem(version)
+        assert problem is not None
+        print(f"resultstore cleanup: {config.describe()}: {problem[1]}", file=sys.stderr)
+        return problem[0]
     report = run_cleanup(engine, config.names, expires=expires,
                          pending_horizon=args.pending_horizon, batch_size=args.batch_size)
     holder.dispose()
@@ -79,13 +109,38 @@ def _cmd_check(args: argparse.Namespace) -> int:
             version = current_version(conn, config.names)
     except sa.exc.OperationalError as exc:
         raise classify_connect_error(exc, config) from None
-    print(f"ok: {config.describe()} schema {config.names.schema or '(default)'} "
-          f"version {version} (code {SCHEMA_VERSION})")
-    return 0 if version == SCHEMA_VERSION else 2
+    where = f"{config.describe()} schema {config.names.schema or '(default)'}"
+    problem = schema_problem(version)
+    if problem is None:
+        print(f"ok: {where} at version {version}")
+        return EXIT_OK
+    print(f"resultstore check: {where}: {problem[1]}", file=sys.stderr)
+    return problem[0]
+
+
+def schema_problem(version: int, *, code_version: int = SCHEMA_VERSION
+                   ) -> tuple[int, str] | None:
+    """What is wrong with a store at schema ``version`` for this code: (exit code, text).
+
+    None when the versions match. Pure, so that each case is tested without a database.
+    """
+    if version == code_version:
+        return None
+    if version == 0:
+        return EXIT_NOT_MIGRATED, "not migrated: schema version 0, run `resultstore migrate`"
+    if version < code_version:
+        return EXIT_NOT_MIGRATED, (f"schema version {version} is older than this code's "
+                                   f"{code_version}: run `resultstore migrate`")
+    return EXIT_NEWER, (f"schema version {version} is newer than this code's "
+                        f"{code_version}: upgrade celery-resultstore")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resultstore", description=__doc__)
+    epilog = "exit status:\n" + "\n".join(f"  {code}  {text}"
+                                            for code, text in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="resultstore", description="Celery result store tables: cleanup, migrate, check.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_source(p: argparse.ArgumentParser) -> None:
@@ -106,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_source(p)
     p.set_defaults(func=_cmd_migrate)
 
-    p = sub.add_parser("check", help="connect and report the schema version")
+    p = sub.add_parser("check", help="connect and report the schema version",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source(p)
     p.set_defaults(func=_cmd_check)
     return parser
@@ -116,12 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "batch_size", 1) <= 0:
         print("resultstore: error: --batch-size must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"resultstore {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -101,9 +102,13 @@ class StoreConnectionError(ConfigError):
     """
 
     def __init__(self, message: str, *, path: str | None, key: str | None,
-                 transient: bool) -> None:
+                 transient: bool, located: bool = False) -> None:
         super().__init__(message, path=path, key=key)
         self.transient = transient
+        if located:
+            # the message names what was tried (host:port, the SQLite file) in the user's
+            # own terms; a "<url>: key 'port'" prefix would speak of Secret files
+            Exception.__init__(self, message)
 
 
 # --------------------------------------------------------------------------- error classes
@@ -148,31 +153,58 @@ def is_transient_error(exc: BaseException) -> bool:
     return False
 
 
+def _blame(low: str) -> tuple[str, bool]:
+    """The Secret key a PostgreSQL connect error points at, and whether it may pass."""
+    if "password authentication failed" in low or "no password supplied" in low:
+        return "password", False
+    if "role" in low and "does not exist" in low:
+        return "username", False
+    if "database" in low and "does not exist" in low:
+        return "database", False
+    if "ssl" in low:
+        return "sslmode", True
+    if "connection refused" in low:
+        return "port", True
+    return "host", True
+
+
+def _sqlite_error(text: str, config: StoreConfig) -> StoreConnectionError:
+    """SQLite cannot be opened: name the file (and a missing directory, SQLite does not)."""
+    path = config.url.database or ":memory:"
+    parent = Path(path).parent
+    if path != ":memory:" and not parent.is_dir():
+        text = f"{text} (directory {parent} does not exist)"
+    low = text.lower()
+    return StoreConnectionError(f"cannot open SQLite database at {path}: {text}", path=path,
+                                key=None, transient="locked" in low or "busy" in low,
+                                located=True)
+
+
 def classify_connect_error(exc: BaseException, config: StoreConfig) -> StoreConnectionError:
-    """Turn a failure to connect into an error naming the file/key at fault."""
+    """Turn a failure to connect into an error in the terms of the configuration given.
+
+    From a config directory the error names the Secret file to fix (``.../password``,
+    ``.../port``); from a URL there are no files, so it names the host:port (or the
+    SQLite file) that failed. Never the password.
+    """
     orig: BaseException = getattr(exc, "orig", None) or exc
     text = redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig),
                   config.password)
-    low = text.lower()
-    transient = True
-    key = "host"
-    if "password authentication failed" in low or "no password supplied" in low:
-        key, transient = "password", False
-    elif "role" in low and "does not exist" in low:
-        key, transient = "username", False
-    elif "database" in low and "does not exist" in low:
-        key, transient = "database", False
-    elif "ssl" in low:
-        key = "sslmode"
-    elif "connection refused" in low:
-        key = "port"
+    if config.is_sqlite:
+        return _sqlite_error(text, config)
+    key, transient = _blame(text.lower())
     url = config.url
-    target = f"{url.host}:{url.port or 5432}/{url.database} as {url.username}"
-    message = f"cannot connect to PostgreSQL at {target}: {text}"
+    address = f"{url.host}:{url.port or 5432}"
     if config.source_dir is not None:
+        message = (f"cannot connect to PostgreSQL at {address}/{url.database} as "
+                   f"{url.username}: {text}")
         return StoreConnectionError(message, path=str(config.source_dir / key), key=None,
                                     transient=transient)
-    return StoreConnectionError(message, path=config.describe(), key=key, transient=transient)
+    message = (f"cannot connect to PostgreSQL at {address} (database {url.database!r}, "
+               f"user {url.username!r}): {text}")
+    # ``key`` still says what is at fault, for callers; the text does not speak of keys
+    return StoreConnectionError(message, path=config.describe(), key=key,
+                                transient=transient, located=True)
 
 
 # --------------------------------------------------------------------------- engines
