@@ -22,10 +22,10 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The product only: devtools/ is its own distribution (development tooling), never in an image.
+COPY pyproject.toml README.md LICENSE ./
 COPY backend/ backend/
 COPY operator/ operator/
-COPY devtools/ devtools/
 RUN pip wheel --wheel-dir /wheels ".[operator,redis]"
 
 # ---------------------------------------------------------------------------------------------

@@ -962,6 +962,12 @@ def verify(operator: str, worker: str, scratch: Path | None = None) -> list[Chec
                succeeds, **ro)
         expect("worker: kopf NOT importable", worker, ["python", "-c", "import kopf"],
                lambda r: r.returncode != 0 and "ModuleNotFoundError" in r.stderr)
+        # The development tooling is its own distribution (devtools/pyproject.toml).
+        for label, image in (("operator", operator), ("worker", worker)):
+            expect(f"{label}: no development tooling (resultstore-dev, resultstore_devtools)",
+                   image, ["sh", "-c", "! command -v resultstore-dev && ! python -c "
+                           "'import resultstore_devtools' 2>/dev/null && echo no devtools"],
+                   lambda r: r.returncode == 0 and "no devtools" in r.stdout, **ro)
         expect("operator: root filesystem really read-only", operator,
                ["sh", "-c", "touch /usr/local/x 2>&1; test ! -e /usr/local/x && "
                 "touch /tmp/ok && echo read-only root, /tmp writable"],

@@ -101,3 +101,14 @@ def test_build_context_holds_what_the_builder_copies() -> None:
     where = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"]["find"]["where"]
     assert set(where) <= allowed
+
+
+def test_images_carry_no_development_tooling() -> None:
+    """devtools/ is its own distribution: not in the build context, not copied, not built."""
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert not {a for a in allowed if "devtools" in a}, f".dockerignore lets in {allowed}"
+    copies = [rest for stage in stages().values() for word, rest in stage if word == "COPY"]
+    assert not [c for c in copies if "devtools" in c], copies
+    runs = " ".join(rest for stage in stages().values() for word, rest in stage if word == "RUN")
+    assert "devtools" not in runs and "resultstore-dev" not in runs
