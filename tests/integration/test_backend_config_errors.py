@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery, states
 
 from resultstore_backend.config import ConfigError, render_binding
@@ -109,3 +110,43 @@ def test_bad_url_does_not_echo_password() -> None:
     with pytest.raises(Exception) as info:
         app.backend  # noqa: B018
     assert "hunter2secret" not in _full_text(info.value)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "resultstore_backend.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_url_errors_name_the_server_not_secret_keys(store: Any) -> None:
+    """With --url there is no Secret directory: errors speak of host:port, never of keys."""
+    pg_database, (role, password) = store
+    server = pg_database.server
+    wrong = password + "-WRONG"
+    url = sa.engine.URL.create("postgresql", username=role, password=wrong, host=server.host,
+                               port=server.port, database=pg_database.name,
+                               query={"schema": "rs"}).render_as_string(hide_password=False)
+    proc = _cli("check", "--url", url)
+    assert proc.returncode == 1, proc
+    assert (f"cannot connect to PostgreSQL at {server.host}:{server.port} "
+            f"(database {pg_database.name!r}, user {role!r})") in proc.stderr, proc.stderr
+    assert "password authentication failed" in proc.stderr, proc.stderr
+    assert "key '" not in proc.stderr, proc.stderr
+    assert wrong not in proc.stdout + proc.stderr and password not in proc.stderr
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        refused = _cli("cleanup", "--url", url.replace(f":{server.port}/", f":{port}/"))
+    assert refused.returncode == 1, refused
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port} " in refused.stderr, refused.stderr
+    assert "refused" in refused.stderr.lower() and "key '" not in refused.stderr, refused.stderr
+
+
+def test_check_tells_an_unmigrated_postgresql_store(pg_database: Any) -> None:
+    url = pg_database.url() + "?schema=not_there"
+    proc = _cli("check", "--url", url)
+    assert proc.returncode == 3, proc
+    assert not proc.stdout.startswith("ok"), proc.stdout
+    assert "not migrated: schema version 0, run `resultstore migrate`" in proc.stderr, proc
+    assert _cli("migrate", "--url", url).returncode == 0
+    ok = _cli("check", "--url", url)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok
