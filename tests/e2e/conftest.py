@@ -8,6 +8,7 @@ carry a parent-death signal, so no process outlives the session even if pytest i
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from resultstore_devtools.controlplane import (
     ExistingCluster,
     cluster_from_environment,
 )
+from tests.e2e.operator_support import OPERATOR_LOGS, discard_operator_logs
 
 E2E_DIR = Path(__file__).parent
 # A cold build of the binaries compiles a few thousand Go packages; on 2 cores that is far
@@ -71,9 +73,7 @@ def api_client(kube: ControlPlane | ExistingCluster) -> Iterator[client.ApiClien
         api.close()
 
 
-@pytest.fixture
-def namespace(api_client: client.ApiClient) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (the namespace controller empties it)."""
+def _fresh_namespace(api_client: client.ApiClient) -> Iterator[str]:
     core = client.CoreV1Api(api_client)
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
@@ -82,3 +82,43 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
         yield name
     finally:
         core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (the namespace controller empties it)."""
+    yield from _fresh_namespace(api_client)
+
+
+@pytest.fixture
+def other_namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A second fresh namespace ("another team"), deleted afterwards."""
+    yield from _fresh_namespace(api_client)
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember a failed setup or call, for the log clean-up below."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        item.stash[_FAILED] = True
+
+
+@pytest.fixture(autouse=True)
+def _operator_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The logs of the operator processes started during a test (function-scoped fixtures
+    included) are deleted when it passes; a failing test keeps them and names them.
+
+    Autouse, so set up before and torn down after the test's own function-scoped fixtures,
+    which have stopped their operator processes by then; logs of processes started by
+    wider-scoped fixtures were registered before this snapshot and are left alone."""
+    before = set(OPERATOR_LOGS)
+    yield
+    kept = discard_operator_logs(OPERATOR_LOGS - before,
+                                 keep=request.node.stash.get(_FAILED, False))
+    for path in kept:
+        print(f"operator log kept: {path}", file=sys.stderr)

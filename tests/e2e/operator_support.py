@@ -62,14 +62,35 @@ def ensure_crd(api: client.ApiClient) -> None:
 
 # --- the operator process ------------------------------------------------------------------
 
+#: Log files of the operator processes the tests started. tests/e2e/conftest.py removes a
+#: test's logs after it passed and names them after a failure (where they are what one
+#: reads first), so /tmp does not fill with a log per test.
+OPERATOR_LOGS: set[Path] = set()
+
+
+def _new_log() -> Path:
+    path = Path(tempfile.mkstemp(prefix="resultstore-operator-", suffix=".log")[1])
+    OPERATOR_LOGS.add(path)
+    return path
+
+
+def discard_operator_logs(paths: set[Path], keep: bool) -> list[Path]:
+    """Forget `paths` (logs of processes that have stopped); delete them unless `keep` (a
+    failure). Returns the kept paths that exist."""
+    OPERATOR_LOGS.difference_update(paths)
+    if keep:
+        return sorted(p for p in paths if p.exists())
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return []
+
 
 @dataclass
 class OperatorProcess:
     kubeconfig: Path
     namespaces: tuple[str, ...]
     extra_env: Mapping[str, str] = field(default_factory=dict)
-    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(
-        prefix="resultstore-operator-", suffix=".log")[1]))
+    log_path: Path = field(default_factory=_new_log)
     proc: subprocess.Popen[bytes] | None = None
     health_port: int = 0
     #: Command-line arguments; without --no-plugins the rollout (a Secret watch) runs too.

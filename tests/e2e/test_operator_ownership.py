@@ -13,7 +13,6 @@ operator process and a private PostgreSQL:
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,18 +37,6 @@ from tests.e2e.operator_support import (
 )
 from tests.e2e.test_operator_rotation import StoreLoop
 from tests.helpers.fake_postgres import FakePostgres
-
-
-@pytest.fixture
-def other_namespace(api_client: client.ApiClient) -> Iterator[str]:
-    core = client.CoreV1Api(api_client)
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={"resultstore.dev/e2e": "true"})))
-    try:
-        yield name
-    finally:
-        core.delete_namespace(name, propagation_policy="Background")
 
 
 @pytest.fixture
