@@ -10,17 +10,21 @@ target the benchmark table reports as missed; pyinstrument is a development-only
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, states
 from celery.result import GroupResult
 
 from bench.backends import DATABASES, build_entries
-from bench.celeryapp import build_app
+from bench.celeryapp import NOOP, build_app
 from bench.jobs import PAYLOAD, run_in_pool_children, seed_ready, worker_parent_app
+from bench.runner import CeleryWorker
 from bench.services import BenchServices
 from bench.settings import ALL_BACKENDS
 from bench.stats import median, percentile
@@ -40,7 +44,9 @@ def _profiled_ops(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
             cache.clear()
 
     def one(task_id: str) -> None:
-        if op == "store":
+        if op == "roundtrip":
+            app.tasks[NOOP].delay(1).get(timeout=60)
+        elif op == "store":
             backend.store_result(task_id, PAYLOAD, states.SUCCESS)
         elif op == "get":
             clear()
@@ -55,6 +61,8 @@ def _profiled_ops(app: Celery, params: dict[str, Any]) -> dict[str, Any]:
         backend.store_result(task_id, PAYLOAD, states.SUCCESS)
         backend.get_task_meta(task_id)
         app.AsyncResult(task_id).get(**kwargs)
+        if op == "roundtrip":
+            app.tasks[NOOP].delay(1).get(timeout=60)
     clear()
     profiler = Profiler(interval=0.0001)
     samples: list[float] = []
@@ -80,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--backend", choices=ALL_BACKENDS, default="resultstore")
     parser.add_argument("--mode", choices=("worker", "client"), default="worker")
-    parser.add_argument("--op", choices=("store", "get", "meta", "join"), default="store")
+    parser.add_argument("--op", choices=("store", "get", "meta", "join", "roundtrip"),
+                        default="store",
+                        help="roundtrip: noop.delay().get() against a live worker (--pool)")
+    parser.add_argument("--pool", choices=("prefork", "threads"), default="threads",
+                        help="the live worker's pool for --op roundtrip")
     parser.add_argument("-n", type=int, default=2000, help="operations (join: group size)")
     parser.add_argument("--joins", type=int, default=5)
     parser.add_argument("--all", action="store_true", help="show library frames too")
@@ -96,15 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         run = uuid.uuid4().hex[:6]
         ids = [f"prof-{run}-{i}" for i in range(args.n)]
         warm = [f"prof-warm-{run}-{i}" for i in range(20)]
-        if args.op != "store":
+        if args.op not in ("store", "roundtrip"):
             seed_ready(entry.app, ids)
         params = {"op": args.op, "ids": ids, "warm": warm, "joins": args.joins,
                   "show_all": args.all}
-        if args.mode == "worker":
-            app = worker_parent_app(entry.app)
-            out = run_in_pool_children(app, _profiled_ops, [params])[0]
-        else:
-            out = _profiled_ops(build_app(entry.app), params)
+        worker: CeleryWorker | None = None
+        run_dir = Path(tempfile.mkdtemp(prefix="resultstore-profile-"))
+        try:
+            if args.op == "roundtrip":
+                worker = CeleryWorker(entry, 2, run_dir / "worker.log", pool=args.pool)
+                worker.start()
+            if args.mode == "worker":
+                app = worker_parent_app(entry.app)
+                out = run_in_pool_children(app, _profiled_ops, [params])[0]
+            else:
+                out = _profiled_ops(build_app(entry.app), params)
+        finally:
+            if worker is not None:
+                worker.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
         print(out["text"])
         samples = out["samples"]
         print(f"{args.backend} {args.mode} {args.op}: n={len(samples)} "
