@@ -1,24 +1,11 @@
-"""The celery-resultstore demo: the whole story, then everything torn down.
+"""The demo's local target (this machine) and the story both targets run; `scripts/demo`.
 
-    bash scripts/demo                          # local control plane, PostgreSQL, Redis
-    bash scripts/demo --keep                   # leave it all running and say how to reach it
-    bash scripts/demo --kubeconfig ~/.kube/config [--image celery-resultstore:0.1.0]
-                                               # an existing cluster that has the image
-
-Steps: a cluster, PostgreSQL and Redis; CRD, RBAC, operator and webhook installed from
-manifests/; `kubectl apply -f manifests/examples/`; the ResultStore Ready; the example worker
-Deployment's pod admitted and mutated by the webhook and run with its injected volume and env;
-tasks, a group and a failing task; results queried with SQL as the store's own role;
-`kubectl get rstore`; a credential rotation while tasks keep flowing, with no failed task;
-teardown.
+Usage and the steps: demo_args.py (also what --help prints). The story's shared parts (output,
+kubectl, the examples' edits) are in demo_story.py; the cluster target in demo_cluster.py.
 
 Locally (the default) the control plane has no nodes, so the operator runs as a local process
 with its ServiceAccount's token (RBAC constrains it exactly as in-cluster) and the worker
-pod's container runs here through kubelet.py. With --kubeconfig everything runs in the
-cluster: the operator from its Deployment (the image must be pullable by, or loaded into,
-the nodes), a PostgreSQL and a Redis from the official images (or yours: --postgres,
---broker-url), and the worker pod on a node; this machine reaches the in-cluster services
-through `kubectl port-forward`. See demo_cluster.py.
+pod's container runs here through kubelet.py.
 """
 
 from __future__ import annotations
@@ -34,223 +21,39 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 
-from .kubelet import Fetch, KubeletDir, PodRunner, api_fetcher
+from .demo_args import parse_args
+from .demo_story import (
+    ADMIN_USER,
+    DATABASE,
+    OPERATOR_NS,
+    OPERATOR_SA,
+    ROOT,
+    STORE,
+    WORKER_LABEL,
+    Broker,
+    Database,
+    Kubectl,
+    Target,
+    condition,
+    detail,
+    elapsed,
+    examples,
+    point_examples,
+    say,
+    show_pod,
+    step,
+)
+from .kubelet import PodRunner, SecretMirror, api_fetcher
 from .procs import eventually, free_port, http_ok
 
-ROOT = Path(__file__).resolve().parents[2]
-STORE = "orders"
-DATABASE = "celery"
-ADMIN_USER = "resultstore_admin"
-OPERATOR_NS = "resultstore-system"
-OPERATOR_SA = "resultstore-operator"
-WORKER_LABEL = "app.kubernetes.io/name=orders-worker"
-
-_T0 = time.monotonic()
-_step = 0
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
-@contextlib.contextmanager
-def step(title: str) -> Iterator[None]:
-    global _step
-    _step += 1
-    started = time.monotonic()
-    _say(f"\n\033[1m[{_step:2d}] {title}\033[0m")
-    yield
-    _say(f"     done in {time.monotonic() - started:.1f}s "
-         f"(total {time.monotonic() - _T0:.0f}s)")
-
-
-def detail(text: str) -> None:
-    for line in text.rstrip().splitlines():
-        _say(f"     {line}")
-
-
-class Kubectl:
-    def __init__(self, binary: str, kubeconfig: Path) -> None:
-        self.binary = binary
-        self.kubeconfig = kubeconfig
-
-    def argv(self, *args: str) -> list[str]:
-        return [self.binary, "--kubeconfig", str(self.kubeconfig), *args]
-
-    def __call__(self, *args: str, stdin: str | None = None, check: bool = True,
-                 timeout: float = 300) -> str:
-        result = subprocess.run(self.argv(*args), input=stdin, capture_output=True, text=True,
-                                timeout=timeout)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
-        return result.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self("get", *args, "-o", "json"))
-
-    def exists(self, *args: str) -> bool:
-        return bool(self("get", *args, "--ignore-not-found", "-o", "name").strip())
-
-
-@dataclass(frozen=True)
-class Database:
-    """The demo's PostgreSQL as the cluster sees it and as this machine reaches it."""
-
-    cluster_host: str
-    cluster_port: int
-    local_host: str
-    local_port: int
-    name: str
-    admin_user: str
-    admin_password: str
-    # A host-side DSN that may read every schema (for the retained-rows count at teardown).
-    superuser_dsn: str | None = None
-
-    def localize(self, data: dict[str, str]) -> dict[str, str]:
-        """A Secret's keys with the cluster's address replaced by the one reachable here."""
-        if (self.cluster_host, self.cluster_port) == (self.local_host, self.local_port):
-            return dict(data)
-        out = dict(data)
-        out["host"], out["port"] = self.local_host, str(self.local_port)
-        old = f"@{self.cluster_host}:{self.cluster_port}/"
-        new = f"@{self.local_host}:{self.local_port}/"
-        for key in ("uri", "result_backend"):
-            if key in out:
-                out[key] = out[key].replace(old, new)
-        return out
-
-
-@dataclass(frozen=True)
-class Broker:
-    cluster_url: str
-    local_url: str
-
-
-class SecretMirror:
-    """The store's Secret published here the way the kubelet publishes a Secret volume.
-
-    The demo's own Celery client uses ``resultstore:///<dir>`` on this directory, so it
-    follows a credential rotation exactly as a worker does (the backend reloads on the
-    ``..data`` swap); the database address is rewritten to the one reachable from here.
-    """
-
-    def __init__(self, fetch: Fetch, namespace: str, name: str, path: Path,
-                 db: Database) -> None:
-        self.fetch, self.namespace, self.name, self.db = fetch, namespace, name, db
-        self.dir = KubeletDir(path, mode=0o600)
-        self.data: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.dir.path
-
-    def sync(self) -> None:
-        raw = self.fetch("secret", self.namespace, self.name)
-        if raw is None:
-            return
-        data = self.db.localize(raw)
-        if data != self.data:
-            self.dir.write(data)
-            self.data = data
-
-    def start(self) -> None:
-        self.sync()
-        if not self.data:
-            raise RuntimeError(f"Secret {self.namespace}/{self.name} does not exist")
-
-        def loop() -> None:
-            while not self._stop.wait(1.0):
-                with contextlib.suppress(Exception):
-                    self.sync()
-
-        self._thread = threading.Thread(target=loop, daemon=True, name="secret-mirror")
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
-class Target(Protocol):
-    """Where the demo runs: this machine (LocalTarget) or an existing cluster."""
-
-    kubectl: Kubectl
-    namespace: str
-    rotation_timeout: float
-
-    def start_cluster(self) -> None: ...
-    def start_services(self) -> tuple[Database, Broker]: ...
-    def install_operator(self) -> None: ...
-    def operator_logs(self) -> str: ...
-    def run_worker(self, deployment: dict[str, Any], broker: Broker) -> dict[str, Any]: ...
-    def worker_ready(self, client: Callable[[], Any]) -> None: ...
-    def worker_secret_updates(self) -> str: ...
-    def api_client(self) -> Any: ...
-    def keep_message(self, db: Database, broker: Broker) -> str: ...
-    def teardown(self) -> None: ...
-
-
-def examples() -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for path in sorted((ROOT / "manifests" / "examples").glob("*.yaml")):
-        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
-    return docs
-
-
-def point_examples(docs: list[dict[str, Any]], db: Database,
-                   broker: Broker) -> list[dict[str, Any]]:
-    """manifests/examples/, pointed at the demo's PostgreSQL and broker (pure)."""
-    out = json.loads(json.dumps(docs))
-    for doc in out:
-        kind = doc["kind"]
-        if kind == "Secret":
-            doc["stringData"] = {"username": db.admin_user, "password": db.admin_password}
-        elif kind == "ResultStore":
-            spec = doc["spec"]
-            spec["database"].update(host=db.cluster_host, port=db.cluster_port, name=db.name,
-                                    sslMode="disable")
-            # A demo-sized drain: the previous role goes as soon as its sessions are gone.
-            spec["credentials"]["drainTimeout"] = "20s"
-            # The teardown retains the schema; a rerun against the same PostgreSQL
-            # (--postgres) is a new ResultStore (new uid) and re-attaches to it explicitly.
-            spec["schemaPolicy"] = "AdoptExisting"
-        elif kind == "Deployment":
-            for container in doc["spec"]["template"]["spec"]["containers"]:
-                for env in container.get("env") or []:
-                    if env["name"] == "CELERY_BROKER_URL":
-                        env["value"] = broker.cluster_url
-    return out
-
-
-def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return dict(cond)
-    return None
-
-
-def show_pod(pod: dict[str, Any]) -> None:
-    container = pod["spec"]["containers"][0]
-    for vol in pod["spec"].get("volumes") or []:
-        if "secret" in vol:
-            detail(f"  volume {vol['name']}: secret {vol['secret']['secretName']}")
-    for mount in container.get("volumeMounts") or []:
-        detail(f"  mount  {mount['mountPath']} (readOnly={mount.get('readOnly')})")
-    backend_env = [e for e in container.get("env") or [] if e["name"] == "CELERY_RESULT_BACKEND"]
-    if not backend_env:
-        raise RuntimeError("the webhook did not inject CELERY_RESULT_BACKEND into pod "
-                           f"{pod['metadata']['name']}")
-    detail(f"  env    CELERY_RESULT_BACKEND={backend_env[0].get('value')}")
+__all__ = ["LocalTarget", "main", "parse_args", "run"]
 
 
 # ------------------------------------------------------------------------------ local target
@@ -453,7 +256,7 @@ def run(args: argparse.Namespace) -> None:
 
             def ready() -> dict[str, Any] | None:
                 store = kubectl.json("-n", namespace, f"rstore/{STORE}")
-                cond = _condition(store, "Ready")
+                cond = condition(store, "Ready")
                 return store if cond and cond.get("status") == "True" else None
 
             try:
@@ -472,8 +275,11 @@ def run(args: argparse.Namespace) -> None:
         from celery import Celery, group
 
         mirror = SecretMirror(api_fetcher(target.api_client()), namespace,
-                              f"{STORE}-resultstore", work / "client-binding", db)
+                              f"{STORE}-resultstore", work / "client-binding", mode=0o600,
+                              transform=db.localize)
         mirror.start()
+        if not mirror.data:
+            raise RuntimeError(f"Secret {namespace}/{STORE}-resultstore does not exist")
         stack.callback(mirror.stop)
         client_app = Celery("demo-client", broker=broker.local_url,
                             backend=f"resultstore://{mirror.path}")
@@ -573,7 +379,7 @@ def run(args: argparse.Namespace) -> None:
             detail(kubectl("-n", namespace, "get", "rstore", "-o", "wide"))
 
         if args.keep:
-            _say("\nLeft running.\n" + target.keep_message(db, broker))
+            say("\nLeft running.\n" + target.keep_message(db, broker))
             stack.pop_all()
             return
 
@@ -588,60 +394,7 @@ def run(args: argparse.Namespace) -> None:
             kubectl("-n", namespace, "delete", f"rstore/{STORE}", "--timeout=60s")
             target.teardown()
             detail(f"ResultStore deleted; {kept} results retained in the schema")
-    _say(f"\nDemo finished in {time.monotonic() - _T0:.0f}s.")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .demo_services import POSTGRES_IMAGE, REDIS_IMAGE
-
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", action="store_true",
-                        help="leave everything running at the end")
-    cluster = parser.add_argument_group(
-        "an existing cluster (--kubeconfig): everything runs in it")
-    cluster.add_argument("--kubeconfig", type=Path, default=None,
-                         help="run in the cluster of this kubeconfig (current context)")
-    cluster.add_argument("--context", default=None, help="kubeconfig context to use")
-    cluster.add_argument("--image", default=None,
-                         help="operator image the nodes can pull (default "
-                              "celery-resultstore:<version>)")
-    cluster.add_argument("--worker-image", default=None,
-                         help="worker image (default celery-resultstore-worker:<version>)")
-    cluster.add_argument("--namespace", default="demo",
-                         help="namespace for the example objects and the demo's services")
-    cluster.add_argument("--postgres", metavar="HOST:PORT", default=None,
-                         help="use this PostgreSQL (reachable from the cluster and from here) "
-                              "instead of deploying one; the admin role's password comes "
-                              "from RESULTSTORE_DEMO_ADMIN_PASSWORD")
-    cluster.add_argument("--database", default=DATABASE, help="database name")
-    cluster.add_argument("--postgres-admin-user", default=ADMIN_USER,
-                         help="role with CREATEROLE and CREATE on the database")
-    cluster.add_argument("--broker-url", default=None,
-                         help="use this Celery broker (reachable from the cluster and from "
-                              "here) instead of deploying Redis")
-    cluster.add_argument("--postgres-image", default=POSTGRES_IMAGE)
-    cluster.add_argument("--redis-image", default=REDIS_IMAGE)
-    cluster.add_argument("--operator-env", action="append", default=[], metavar="KEY=VALUE",
-                         help="extra environment for the operator Deployment (repeatable), "
-                              "e.g. RESULTSTORE_ROTATION_GRACE=30")
-    cluster.add_argument("--timeout", type=float, default=300.0,
-                         help="seconds to wait for each rollout (image pulls included)")
-    args = parser.parse_args(argv)
-    if args.kubeconfig is None:
-        # The local story runs its own services; a cluster option there would be ignored
-        # silently, which reads as "it worked" while doing something else.
-        given = sorted(f"--{a.dest.replace('_', '-')}" for a in cluster._group_actions
-                       if a.dest != "kubeconfig" and getattr(args, a.dest) != a.default)
-        if given:
-            parser.error(f"{', '.join(given)} only apply with --kubeconfig (an existing "
-                         "cluster); the local demo starts its own services")
-    for item in args.operator_env:
-        if "=" not in item or not item.split("=", 1)[0]:
-            parser.error(f"--operator-env expects KEY=VALUE, got {item!r}")
-    if args.postgres and ":" not in args.postgres:
-        parser.error("--postgres expects HOST:PORT")
-    return args
+    say(f"\nDemo finished in {elapsed():.0f}s.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,14 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except Exception as exc:  # noqa: BLE001 - one readable line, details in the logs
-        _say(f"\n\033[31mdemo failed:\033[0m {exc}")
+        say(f"\n\033[31mdemo failed:\033[0m {exc}")
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    # Run the importable module, not this __main__ copy, so that demo_cluster (which imports
-    # resultstore_devtools.demo) shares the step counter and the start time.
-    from resultstore_devtools import demo as _demo
-
-    sys.exit(_demo.main())
+    sys.exit(main())

@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from .demo import (
+from .demo_services import build_postgres, build_redis, service_host
+from .demo_story import (
     ADMIN_USER,
     OPERATOR_NS,
     ROOT,
@@ -39,7 +40,6 @@ from .demo import (
     show_pod,
     step,
 )
-from .demo_services import build_postgres, build_redis, service_host
 from .image import project_version
 from .procs import eventually
 

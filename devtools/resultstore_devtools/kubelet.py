@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KubeletDir", "PodRunner"]
+__all__ = ["KubeletDir", "PodRunner", "SecretMirror", "api_fetcher"]
 
 DATA = "..data"
 DATA_TMP = "..data_tmp"
@@ -108,6 +108,77 @@ def api_fetcher(api_client: Any) -> Fetch:
             raise
 
     return fetch
+
+
+class SecretMirror:
+    """One Secret kept published in a directory the way the kubelet keeps a Secret volume.
+
+    For a process that is not a pod but must read the store's binding exactly as a worker does
+    (the demo's own Celery client, the e2e tests' workers): ``resultstore:///<dir>`` on
+    :attr:`path` follows every change through the ``..data`` swap, as the backend does in a
+    pod. The kubelet refreshes Secret volumes periodically, not instantly; ``period`` plays
+    that role. ``transform`` rewrites the data before it is published (the demo points the
+    database address at the one reachable from this machine). Like the kubelet, a deleted
+    Secret leaves the last published content in place.
+    """
+
+    def __init__(self, fetch: Fetch, namespace: str, name: str, path: str | os.PathLike[str],
+                 *, period: float = 1.0, mode: int = 0o644,
+                 transform: Callable[[dict[str, str]], dict[str, str]] | None = None) -> None:
+        self.fetch, self.namespace, self.name = fetch, namespace, name
+        self.dir = KubeletDir(path, mode=mode)
+        self.period = period
+        self.transform = transform
+        #: The content last published (empty until the Secret was first read).
+        self.data: dict[str, str] = {}
+        #: How many versions were published (the first one included).
+        self.versions = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    def sync(self) -> bool:
+        """Publish the Secret if it changed since the last publication; True if it did."""
+        raw = self.fetch("secret", self.namespace, self.name)
+        if raw is None:
+            return False
+        data = self.transform(raw) if self.transform is not None else raw
+        if data == self.data:
+            return False
+        self.dir.write(data)
+        self.data = data
+        self.versions += 1
+        return True
+
+    def start(self) -> SecretMirror:
+        """Publish now, then keep publishing every ``period`` seconds until :meth:`stop`."""
+        self.sync()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="secret-mirror")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - the kubelet keeps resyncing through API errors
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> SecretMirror:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @dataclass

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resultstore_devtools.demo import Broker, Database, examples, parse_args, point_examples
+from resultstore_devtools.demo_args import parse_args
 from resultstore_devtools.demo_cluster import project_version, render_install
 from resultstore_devtools.demo_services import build_postgres, build_redis, service_host
+from resultstore_devtools.demo_story import Broker, Database, examples, point_examples
 from resultstore_devtools.node import pod_status
 
 ROOT = Path(__file__).resolve().parents[2]
