@@ -385,6 +385,8 @@ class AdminSession:
         # No shortcut when already current: the re-check below is what catches a store that
         # provisioned the same names between `assessment` and now (one catalog query).
         me = self._me()
+        ours = {"schema": schema,
+                "objects": sorted(set(names.all_tables()) | set(names.all_sequences()))}
         try:
             with self.conn.begin():
                 marks = list(assessment.to_mark)
@@ -392,14 +394,18 @@ class AdminSession:
                     self.raw.execute(q.create_schema(schema, if_not_exists=False))
                     self.raw.execute(q.revoke_schema_from_public(schema))
                     marks.append((m.SCHEMA, schema))
+                # What of our names exists before the migration: the migration adopts an
+                # existing table of our name (adds columns) and skips an existing sequence,
+                # so "unmarked after it ran" alone does not mean "created by it".
+                existed = {(kind, name) for kind, name, _c, _x in
+                           self._fetch(q.OWN_OBJECT_MARKERS, ours)}
                 after = migrate(self.conn, names) if before < SCHEMA_VERSION else before
-                ours = set(names.all_tables()) | set(names.all_sequences())
                 # Re-read inside the transaction (after migrate's advisory lock): a store
                 # that provisioned the same names concurrently has committed its markers by
                 # now, and they are never overwritten.
-                for kind, name, comment in self._fetch(q.SCHEMA_INVENTORY,
-                                                       {"schema": schema}):
-                    if name not in ours or (kind, name) in marks:
+                for kind, name, comment, written_here in self._fetch(q.OWN_OBJECT_MARKERS,
+                                                                     ours):
+                    if (kind, name) in marks:
                         continue
                     state, other = m.verdict(me, comment)
                     if state == m.FOREIGN or state == m.PREVIOUS:
@@ -408,9 +414,10 @@ class AdminSession:
                             f"{kind.lower()} {name} belongs to ResultStore "
                             f"{other.label() if other else '?'}; nothing was changed",
                             other if state == m.FOREIGN else None)
-                    if state == m.MISSING and before == after:
-                        # no migration ran, so this transaction created nothing: an
-                        # unmarked object of our name appeared since the assessment
+                    if state == m.MISSING and ((kind, name) in existed or not written_here):
+                        # not created by this transaction: an unmarked object of our name
+                        # appeared since the assessment (someone else's, e.g. a stock
+                        # Celery client's)
                         raise OwnershipError(
                             r.OWNERSHIP_CONFLICT,
                             f"{kind.lower()} {name} exists and was not created by this "

@@ -94,3 +94,35 @@ def test_an_unmarked_table_appearing_after_the_assessment_is_not_taken(
         a.migrate(NAMES, plan)
     assert "resultstore_cleanup_runs" in info.value.message
     assert owners(pg_database) == {"team-a/orders", None}
+
+
+@pytest.mark.parametrize("foreign", [
+    # a stock Celery client starting at the same moment: its sequence is skipped by
+    # migrate's checkfirst, its table adopted by migrate's add-missing-columns path
+    "CREATE SEQUENCE celery.task_id_sequence",
+    "CREATE TABLE celery.celery_tasksetmeta (id serial PRIMARY KEY, "
+    "taskset_id varchar(155) UNIQUE, result bytea, date_done timestamp)",
+])
+def test_an_unmarked_object_appearing_while_the_first_migration_runs_is_not_taken(
+        sessions: tuple[dbio.AdminSession, dbio.AdminSession], pg_database: PgDatabase,
+        foreign: str) -> None:
+    """First provisioning into a DBA's empty schema (no strict CREATE SCHEMA to fail): an
+    object of the store's names created by someone else after the assessment is refused in
+    the provisioning transaction, not marked as created by it (which would grant it to the
+    store's role and drop it on deletion)."""
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA celery")
+    a, _ = sessions
+    plan = assess(a, A)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        conn.execute(foreign)
+    with pytest.raises(dbio.OwnershipError) as info:
+        a.migrate(NAMES, plan)
+    assert info.value.reason == r.OWNERSHIP_CONFLICT
+    assert "not created by this ResultStore" in info.value.message, info.value.message
+    assert owners(pg_database) == {None}, "an object of someone else's was marked ours"
+    with psycopg.connect(pg_database.dsn()) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON "
+                            "n.oid = c.relnamespace WHERE n.nspname = 'celery' AND "
+                            "c.relname = 'celery_taskmeta'").fetchone()
+    assert left == (0,), "the refused transaction left tables behind"

@@ -260,6 +260,18 @@ SCHEMA_OBJECTS = sql.SQL("""
        AND c.relname = ANY(%(objects)s)
      ORDER BY 1, 2
 """)
+# The store's own tables and sequences (%(objects)s) with their markers, and whether this
+# very transaction wrote their catalog row (created or altered them; no xid yet: no).
+# AdminSession.migrate marks an unmarked one only when it did (and it did not exist before).
+OWN_OBJECT_MARKERS = sql.SQL("""
+    SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, c.relname::text,
+           obj_description(c.oid, 'pg_class'),
+           coalesce(c.xmin = pg_current_xact_id_if_assigned()::xid, false)
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'S')
+       AND c.relname = ANY(%(objects)s)
+""")
 # The ownership inventory (builders.marker): the schema's comment, ...
 SCHEMA_MARKER = sql.SQL(
     "SELECT obj_description(oid, 'pg_namespace'), pg_has_role(nspowner, 'USAGE') "
