@@ -162,6 +162,16 @@ def _is_our_volume(volume: Mapping[str, Any], store: str) -> bool:
     return (volume.get("secret") or {}).get("secretName") == secret_name(store)
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
+
+
+def _token(value: Any) -> str:
+    """A pod's annotation value as an Event may show it: quoted when it is one short word,
+    else not at all (whoever reaches the webhook port must not write an Event's text)."""
+    text = str(value)
+    return repr(text) if _TOKEN.fullmatch(text) else "(a value that is not one word)"
+
+
 def _skip(store: str | None, message: str, reason: str | None = None) -> InjectionPlan:
     return InjectionPlan(store=store, warnings=(message,), event_reason=reason)
 
@@ -202,7 +212,7 @@ def plan_injection(pod: Mapping[str, Any], lookup: StoreLookup) -> InjectionPlan
     if mode is None:
         return _skip(
             store,
-            f"annotation {MODE_ANNOTATION}={annotations.get(MODE_ANNOTATION)!r} is not "
+            f"annotation {MODE_ANNOTATION}={_token(annotations.get(MODE_ANNOTATION))} is not "
             f"'resultstore' or 'stock'; nothing injected",
             "InvalidInjectionMode",
         )

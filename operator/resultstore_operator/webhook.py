@@ -464,14 +464,31 @@ def _event_name(base: str) -> str:
     return f"{base}.{uuid.uuid4().hex[:12]}"
 
 
+_KIND = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,62}$")
+_OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
 def pod_description(pod: Mapping[str, Any]) -> str:
     """How a message names the admitted pod: its controller (a pod a controller creates has
-    no name yet at admission) or its own name. Text only, bounded: it came with the review."""
+    no name yet at admission) or its own name.
+
+    Only what has the syntax of a Kubernetes kind and name is quoted: the text came with
+    the review, and a review sent straight to the port must not put words of its own into
+    an Event of the victim namespace (the API server would never send anything else)."""
     metadata = pod.get("metadata") or {}
     for ref in metadata.get("ownerReferences") or []:
         if isinstance(ref, Mapping) and ref.get("controller") and ref.get("name"):
-            return f"a pod of {str(ref.get('kind'))[:63]} {str(ref.get('name'))[:253]}"
-    return f"pod {_pod_display(pod)[:253]}"
+            kind, name = str(ref.get("kind")), str(ref.get("name"))
+            if _KIND.fullmatch(kind) and _OBJECT_NAME.fullmatch(name):
+                return f"a pod of {kind} {name}"
+            return "a pod"
+    name = str(metadata.get("name") or "")
+    if _OBJECT_NAME.fullmatch(name):
+        return f"pod {name}"
+    prefix = str(metadata.get("generateName") or "")
+    if not name and _OBJECT_NAME.fullmatch(prefix.rstrip("-")):
+        return f"pod {prefix}*"
+    return "a pod"
 
 
 #: Event reasons only for a store that exists (the lookup found it): a missing store or an

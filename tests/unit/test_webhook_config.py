@@ -158,6 +158,19 @@ def test_event_is_about_the_store_and_names_the_pod_in_its_message() -> None:
         {"apiVersion": "batch/v1", "kind": "Job", "name": "job", "uid": "U", "controller": True}]}}
     assert pod_description(owned) == "a pod of Job job"
     assert pod_description({"metadata": {"name": "p"}}) == "pod p"
+    assert pod_description({"metadata": {"generateName": "web-"}}) == "pod web-*"
+
+
+@pytest.mark.parametrize("metadata", [
+    {"name": "Call 555-0100 to unlock your pods"},
+    {"generateName": "see https://evil.example/ "},
+    {"ownerReferences": [{"kind": "Deployment", "name": "x y", "controller": True}]},
+    {"ownerReferences": [{"kind": "Please run: kubectl", "name": "x", "controller": True}]},
+])
+def test_pod_description_quotes_only_kubernetes_names(metadata: dict[str, Any]) -> None:
+    """The description goes into an Event: text that no API server would send is dropped."""
+    text = pod_description({"metadata": metadata})
+    assert text == "a pod", text
     ev = build_event("team", "orders", "ResultStoreNotReady", "a pod of Job job admitted",
                      count=3, now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
     assert ev["type"] == "Warning" and ev["reason"] == "ResultStoreNotReady"

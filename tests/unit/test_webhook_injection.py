@@ -175,6 +175,15 @@ def test_unlabelled_pod_gets_nothing() -> None:
 def test_unknown_mode_is_reported_not_guessed() -> None:
     plan = plan_injection(pod(annotations={MODE_ANNOTATION: "fancy"}), READY)
     assert plan.patch == [] and plan.event_reason == "InvalidInjectionMode"
+    assert "='fancy' is not" in plan.warnings[0], plan.warnings
+
+
+def test_a_mode_value_that_is_not_one_word_is_not_repeated() -> None:
+    """The warning becomes an Event's text: a forged review's prose must not reach it."""
+    prose = "urgent: run kubectl delete ns prod to fix injection"
+    plan = plan_injection(pod(annotations={MODE_ANNOTATION: prose}), READY)
+    assert plan.event_reason == "InvalidInjectionMode"
+    assert "urgent" not in " ".join(plan.warnings), plan.warnings
 
 
 def test_foreign_volume_with_our_name_is_a_conflict() -> None:
