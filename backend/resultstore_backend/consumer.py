@@ -82,6 +82,8 @@ DEFAULT_SQLITE_POLL_INTERVAL = 0.05
 
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
+#: a connection lost sooner than this after opening is retried with backoff
+_HEALTHY_AFTER = 5.0
 #: a LISTEN connection attempt never blocks a wait for longer than this
 _LISTEN_CONNECT_TIMEOUT = 5
 #: an unneeded channel stays LISTENed this long unless a LISTEN can carry its UNLISTEN
@@ -175,6 +177,7 @@ class Listener:
         self._socket_waiter = False
         self._unlisten_timer: threading.Timer | None = None
         self._pooler_warned = False
+        self._connected_at = 0.0
         self._next_attempt = 0.0
         self._backoff = _BACKOFF_FIRST
         self._warned = False
@@ -344,11 +347,11 @@ class Listener:
                 self._cond.notify_all()
                 return
             self._conn, self._conn_config, self._listening = conn, config, set()
+            self._connected_at = time.monotonic()
             self._apply_locked()
             if self._conn is conn:
                 self.epoch += 1
                 self.connects += 1
-                self._backoff = _BACKOFF_FIRST
                 if self._warned:
                     logger.info("result store notifications: LISTEN connection to %s "
                                 "is back; waits are pushed again", self._target(config))
@@ -379,8 +382,14 @@ class Listener:
     def _lost_locked(self, exc: BaseException) -> None:
         config = self._conn_config
         self._close_locked()
-        # the first reconnect is immediate; repeated failures back off
-        self._next_attempt = 0.0
+        if time.monotonic() - self._connected_at >= _HEALTHY_AFTER:
+            # a connection that served for a while: the first reconnect is immediate
+            self._backoff = _BACKOFF_FIRST
+            self._next_attempt = 0.0
+        else:
+            # lost right after connecting (e.g. LISTEN refused on a standby): back off,
+            # or every wait would reconnect in a loop
+            self._schedule_retry_locked()
         if not self._warned and config is not None:
             self._warned = True
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
