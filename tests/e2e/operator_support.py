@@ -3,7 +3,8 @@
 The operator runs as a real process (`resultstore-operator`) against the test control plane,
 watching only the test's namespace. There is no kubelet, so the tests do its part: they
 materialise the operator-written Secret into a kubelet-style directory and re-materialise it
-when it changes (SecretMirror), then run real Celery code against `resultstore:///<dir>`.
+when it changes (SecretMirror, the devtools one the demo uses too), then run real Celery code
+against `resultstore:///<dir>`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,11 +27,13 @@ import psycopg
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+# SecretMirror (re-exported for the tests): the kubelet's part, shared with the demo's client.
+from resultstore_devtools.kubelet import SecretMirror as SecretMirror
+from resultstore_devtools.kubelet import api_fetcher
 from resultstore_devtools.procs import free_port, http_ok
 from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.crd import build_crd
 from resultstore_operator.spec import GROUP, PLURAL, VERSION
-from tests.helpers.kubelet_dir import KubeletDir
 from tests.helpers.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,6 +204,8 @@ class Cluster:
 
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
+        #: Secret/ConfigMap data by (kind, namespace, name), decoded: what SecretMirror reads.
+        self.fetch = api_fetcher(api)
         self.core: Any = client.CoreV1Api(api)
         self.batch: Any = client.BatchV1Api(api)
         self.custom: Any = client.CustomObjectsApi(api)
@@ -344,58 +348,6 @@ def store_spec(pg: Any, db_name: str, schema: str, **extra: Any) -> dict[str, An
     }
     spec.update(extra)
     return spec
-
-
-# --- the kubelet's part ----------------------------------------------------------------------
-
-
-class SecretMirror:
-    """Keep a kubelet-style directory in sync with a Secret, as the kubelet does for a volume.
-
-    The kubelet refreshes Secret volumes periodically (not instantly); `period` plays that
-    role. Each change is published atomically through the `..data` symlink swap.
-    """
-
-    def __init__(self, cluster: Cluster, namespace: str, secret: str, path: Path,
-                 period: float = 1.0) -> None:
-        self.cluster = cluster
-        self.namespace = namespace
-        self.secret = secret
-        self.dir = KubeletDir(path)
-        self.path = path
-        self.period = period
-        self.versions = 0
-        self._last: dict[str, str] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="secret-mirror")
-
-    def sync(self) -> bool:
-        secret = self.cluster.secret(self.namespace, self.secret)
-        if secret is None:
-            return False  # like the kubelet: a deleted Secret leaves the last content
-        data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
-        if data != self._last:
-            self.dir.write(data)
-            self._last = data
-            self.versions += 1
-            return True
-        return False
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            try:
-                self.sync()
-            except Exception:  # noqa: BLE001 - keep mirroring through API hiccups
-                pass
-
-    def __enter__(self) -> SecretMirror:
-        self.sync()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 @contextmanager

@@ -114,7 +114,7 @@ def test_second_store_on_the_same_schema_is_refused_and_the_first_keeps_working(
     assert roles_a and set(roles_a.values()) == {f"{team_a}/orders"}
     binding_a = env.binding("orders")
 
-    with SecretMirror(env.cluster, team_a, "orders-resultstore", tmp_path / "a"), \
+    with SecretMirror(env.cluster.fetch, team_a, "orders-resultstore", tmp_path / "a"), \
             StoreLoop(tmp_path / "a") as loop:
         stored(loop, 10)
         # team B picks the same store name and schema by accident, and would delete it all

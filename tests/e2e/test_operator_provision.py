@@ -82,7 +82,7 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
     assert binding["username"] == status["credentials"]["activeRole"]
     assert binding["schema"] == "orders" and binding["database"] == env.database
     with tempfile.TemporaryDirectory() as tmp:
-        with SecretMirror(env.cluster, env.namespace, "orders-resultstore", Path(tmp) / "b"):
+        with SecretMirror(env.cluster.fetch, env.namespace, "orders-resultstore", Path(tmp) / "b"):
             config = read_binding_dir(Path(tmp) / "b")
     assert config.names.schema == "orders" and config.expires == 7200
     assert can_login(binding)
@@ -213,7 +213,7 @@ def test_cleanup_runs_are_reported_in_status(env: OpEnv, tmp_path: Path) -> None
         conn.execute("INSERT INTO celery_taskmeta (task_id, status, date_done) "
                      "VALUES ('fresh', 'SUCCESS', now())")
     # run exactly what the CronJob's pod runs, against the Secret as the kubelet mounts it
-    with SecretMirror(env.cluster, env.namespace, "orders-resultstore", tmp_path / "cfg"):
+    with SecretMirror(env.cluster.fetch, env.namespace, "orders-resultstore", tmp_path / "cfg"):
         cj = env.cluster.cronjob(env.namespace, "orders")
         assert cj is not None
         command = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0][

@@ -99,7 +99,7 @@ def test_rotation_under_load_has_zero_failed_stores(env: OpEnv, tmp_path: Path) 
     env.ready("orders")
     old = env.binding("orders")
     config_dir = tmp_path / "orders"
-    with SecretMirror(env.cluster, env.namespace, "orders-resultstore", config_dir,
+    with SecretMirror(env.cluster.fetch, env.namespace, "orders-resultstore", config_dir,
                       period=1.0) as mirror, StoreLoop(config_dir) as loop:
         loop.wait_more(50)
         request_rotation(env, "orders", "rotate-1")

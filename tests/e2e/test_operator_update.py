@@ -108,7 +108,7 @@ def test_engine_and_retention_changes_reach_a_running_worker(
             if cond.get("status") != "True":
                 not_ready.append(json.dumps(cond))
 
-    with SecretMirror(env.cluster, env.namespace, "orders-resultstore", config_dir,
+    with SecretMirror(env.cluster.fetch, env.namespace, "orders-resultstore", config_dir,
                       period=1.0):
         worker = Worker(config_dir, redis_server.url, queue, tmp_path / "worker.log")
         try:
