@@ -324,8 +324,10 @@ class Controller:
             raise
         creds = rot.CredentialState.from_status(run.status)
         try:
-            self._ensure_cronjob(run, spec)
+            # The Secret first: the CronJob's pods mount `<store>-resultstore`, so with a
+            # foreign Secret of that name they would run cleanup against whatever it names.
             self._check_secret_owned(run)
+            self._ensure_cronjob(run, spec)
             creds = self._converge_database(run, spec, creds)
         except (StoreError, KubeError, dbio.DatabaseError) as exc:
             self._report_failure(run, exc)
@@ -370,9 +372,12 @@ class Controller:
 
     def _check_secret_owned(self, run: _Run) -> None:
         """A Secret of our name that this store does not control stops the reconcile before
-        the database is touched (no password is set for a Secret we may not write)."""
-        live = self.kube.read_secret(run.namespace, secret_name(run.name))
-        problem = foreign_owner(live, run.uid) if live is not None else None
+        the database or the CronJob is touched (no password is set for a Secret we may not
+        write, and no cleanup pod mounts someone else's Secret)."""
+        # Metadata only: a foreign Secret's data is none of the operator's business.
+        head = self.kube.read_secret_metadata(run.namespace, secret_name(run.name))
+        problem = foreign_owner({**head, "kind": "Secret"}, run.uid) if head is not None \
+            else None
         if problem is None:
             return
         schema = c.get_condition(run.status.get("conditions"), r.SCHEMA_READY)
