@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from .demo_args import parse_args
+from .demo_report import format_table, leave_workdir
 from .demo_story import (
     ADMIN_USER,
     DATABASE,
@@ -198,13 +200,21 @@ class LocalTarget:
         with step("Run that pod's container here, as the kubelet would"):
             # The "image" is this virtualenv: its bin/ first on PATH, like the image's.
             image_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-            self.runner = PodRunner(worker_pod, api_fetcher(self.api_client()),
+            pod_root = self.work / "worker-pod"  # with the demo's other files (removed)
+            pod_root.mkdir(mode=0o700)
+            self.runner = PodRunner(worker_pod, api_fetcher(self.api_client()), root=pod_root,
                                     resync_period=1.0, extra_env={"PATH": image_path})
             self.worker_log = self.work / "worker.log"
             self.runner.start(log=self.worker_log)
             self.stack.callback(self.runner.stop)
             detail(f"command: {' '.join(self.runner.command())}")
             detail(f"CELERY_RESULT_BACKEND={self.runner.environment()['CELERY_RESULT_BACKEND']}")
+            asked = self.runner.environment(translate=False)["CELERY_RESULT_BACKEND"]
+            detail(f"  (the pod asks for {asked}; its container runs here as a plain "
+                   "process, so this")
+            detail(f"  stand-in kubelet publishes the Secret volume under {pod_root} and "
+                   "rewrites the path;")
+            detail("  on a node the container reads the Secret mounted at that path itself)")
             eventually(lambda: "ready." in self.worker_log.read_text(errors="replace"), 90,
                        "the Celery worker to be ready")
         return worker_pod
@@ -228,8 +238,18 @@ class LocalTarget:
 
 
 def run(args: argparse.Namespace) -> None:
-    stack = contextlib.ExitStack()
+    """The story, then the work directory (Secret copies, a token) removed or named."""
     work = Path(tempfile.mkdtemp(prefix="resultstore-demo-"))
+    failed = True
+    try:
+        _story(args, work)
+        failed = False
+    finally:  # also on failure and Ctrl-C (main turns SIGTERM into one)
+        say("\n" + "\n".join(leave_workdir(work, keep=args.keep, failed=failed)))
+
+
+def _story(args: argparse.Namespace, work: Path) -> None:
+    stack = contextlib.ExitStack()
     with stack:
         target: Target
         if args.kubeconfig:
@@ -289,6 +309,10 @@ def run(args: argparse.Namespace) -> None:
         target.worker_ready(lambda: add.clone((0, 0)).delay())
 
         with step("Tasks, a group and a failing task through the injected backend"):
+            detail(f"client backend resultstore://{mirror.path}: this machine's kubelet-style "
+                   "mirror of the same Secret")
+            detail("(the database address rewritten to the one reachable from here), so the "
+                   "client follows a rotation as the worker does")
             result = add.clone((2, 3)).delay()
             detail(f"add(2, 3) -> {result.get(timeout=120)}   (task {result.id})")
             started = time.monotonic()
@@ -308,15 +332,17 @@ def run(args: argparse.Namespace) -> None:
                 rows = conn.execute(
                     "SELECT status, count(*) FROM celery_taskmeta GROUP BY status "
                     "ORDER BY status").fetchall()
-                detail(f"$ psql \"$(kubectl get secret {STORE}-resultstore -o "
+                detail(f"$ psql \"$(kubectl -n {namespace} get secret {STORE}-resultstore -o "
                        "jsonpath='{.data.uri}' | base64 -d)\"")
                 detail("=> SELECT status, count(*) FROM celery_taskmeta GROUP BY status;")
-                for status, count in rows:
-                    detail(f"   {status:<10} {count}")
-                row = conn.execute(
-                    "SELECT task_id, name, status, date_done, worker FROM celery_taskmeta "
-                    "WHERE task_id = %s", (failing.id,)).fetchone()
-                detail(f"=> the failing task: {row}")
+                detail("\n".join(format_table(["status", "count"], rows)))
+                columns = ["task_id", "name", "status", "date_done", "worker"]
+                failed_rows = conn.execute(
+                    f"SELECT {', '.join(columns)} FROM celery_taskmeta "
+                    "WHERE task_id = %s", (failing.id,)).fetchall()
+                detail(f"=> SELECT {', '.join(columns)} FROM celery_taskmeta "
+                       "WHERE task_id = '<the failing task>';")
+                detail("\n".join(format_table(columns, failed_rows)))
                 who = conn.execute("SELECT current_user, current_schema()").fetchone()
                 assert who is not None
                 detail(f"   connected as {who[0]!r}, schema {who[1]!r} "
@@ -397,10 +423,19 @@ def run(args: argparse.Namespace) -> None:
     say(f"\nDemo finished in {elapsed():.0f}s.")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the teardown and the work directory's removal still run."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(args)
+    except KeyboardInterrupt:
+        say("\n\033[31mdemo interrupted\033[0m (torn down)")
+        return 130
     except Exception as exc:  # noqa: BLE001 - one readable line, details in the logs
         say(f"\n\033[31mdemo failed:\033[0m {exc}")
         return 1

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WORKDIR_CONTENTS", "describe_workdir", "format_table", "remove_workdir"]
+__all__ = ["WORKDIR_CONTENTS", "describe_workdir", "format_table", "leave_workdir",
+           "remove_workdir"]
 
 #: what each entry of the work directory is (the names demo.py and demo_cluster.py write)
 WORKDIR_CONTENTS = {
@@ -71,3 +72,19 @@ def remove_workdir(path: Path) -> bool:
                 os.chmod(sub, stat.S_IRWXU)
     shutil.rmtree(path)
     return True
+
+
+def leave_workdir(path: Path, *, keep: bool, failed: bool) -> list[str]:
+    """At the end of a run: remove the work directory, or keep it (``--keep``) and name it.
+
+    Returns the closing lines that say which, so that a kept password or token is never
+    left without a word.
+    """
+    if keep:
+        return describe_workdir(path, os.listdir(path) if path.is_dir() else [])
+    remove_workdir(path)
+    line = (f"Removed the demo's temporary directory {path} (its Secret copies, the "
+            "operator's token, the logs).")
+    if failed:
+        line += " Run with --keep to keep it for a look at the logs."
+    return [line]

@@ -12,6 +12,7 @@ from resultstore_devtools.demo_report import (
     WORKDIR_CONTENTS,
     describe_workdir,
     format_table,
+    leave_workdir,
     remove_workdir,
 )
 from resultstore_devtools.kubelet import KubeletDir
@@ -79,3 +80,28 @@ def test_format_table_prints_rows_like_psql() -> None:
     assert "(" not in "".join(lines[:3]) and "None" not in "".join(lines)
     assert format_table(["status", "count"], [])[-1] == "(0 rows)"
     assert format_table(["n"], [(1,), (22,)])[2:] == ["1", "22", "(2 rows)"]
+
+
+def test_leave_workdir_removes_it_and_says_so(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    lines = leave_workdir(work, keep=False, failed=False)
+    assert not work.exists(), "the demo left its Secret copies and token behind"
+    assert len(lines) == 1 and f"Removed the demo's temporary directory {work}" in lines[0]
+    assert "--keep" not in lines[0]
+
+
+def test_leave_workdir_after_a_failure_points_at_keep(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    lines = leave_workdir(work, keep=False, failed=True)
+    assert not work.exists() and "Run with --keep" in lines[-1], lines
+
+
+def test_leave_workdir_with_keep_names_it_and_its_secrets(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    try:
+        lines = leave_workdir(work, keep=True, failed=False)
+        assert work.is_dir() and (work / "operator.kubeconfig").exists()
+        assert lines == describe_workdir(work, os.listdir(work)), lines
+        assert any("operator.kubeconfig" in line and "token" in line for line in lines)
+    finally:
+        remove_workdir(work)
