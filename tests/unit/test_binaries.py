@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,18 @@ def test_commands_use_loopback_and_required_flags(tmp_path: Path) -> None:
     kcm = controller_manager_command(Path("/x/kcm"), layout, ports)
     assert f"--controllers={','.join(CONTROLLERS)}" in kcm
     assert "--use-service-account-credentials=true" in kcm
+
+
+@pytest.mark.parametrize(("exc", "why"), [
+    (urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+     "no internet access: the release host does not resolve"),
+    (TimeoutError("timed out"), "the release host did not answer in time"),
+    (RuntimeError("sha256 mismatch for etcd"), "sha256 mismatch for etcd"),
+])
+def test_download_fallback_reads_as_expected(exc: BaseException, why: str) -> None:
+    """Offline, the release download fails by design: one line, no raw urllib error."""
+    line = binaries.download_unavailable("kubernetes", exc)
+    assert line == (f"kubernetes: official release download not available here ({why}); "
+                    "building from the Go module proxy instead (expected offline; cached "
+                    "afterwards)")
+    assert "\n" not in line and "Errno" not in line and "urlopen" not in line
