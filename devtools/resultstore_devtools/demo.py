@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from .demo_args import parse_args
-from .demo_report import format_table, leave_workdir
+from .demo_report import format_table, kube_client, leave_workdir
 from .demo_story import (
     ADMIN_USER,
     DATABASE,
@@ -178,9 +178,7 @@ class LocalTarget:
         return self.op_log.read_text(errors="replace")[-4000:]
 
     def api_client(self) -> Any:
-        from kubernetes import config as kconfig
-
-        return kconfig.new_client_from_config(config_file=str(self.cluster.kubeconfig))
+        return kube_client(self.cluster.kubeconfig, self.work)
 
     def run_worker(self, deployment: dict[str, Any], broker: Broker) -> dict[str, Any]:
         kubectl = self.kubectl

@@ -281,9 +281,9 @@ class ClusterTarget:
                             check=False)
 
     def api_client(self) -> Any:
-        from kubernetes import config as kconfig
+        from .demo_report import kube_client
 
-        return kconfig.new_client_from_config(config_file=str(self.kubeconfig))
+        return kube_client(self.kubeconfig, self.work)
 
     # the worker ---------------------------------------------------------------------------
 

@@ -17,12 +17,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WORKDIR_CONTENTS", "describe_workdir", "format_table", "leave_workdir",
-           "remove_workdir"]
+__all__ = ["WORKDIR_CONTENTS", "describe_workdir", "format_table", "kube_client",
+           "leave_workdir", "remove_workdir"]
 
 #: what each entry of the work directory is (the names demo.py and demo_cluster.py write)
 WORKDIR_CONTENTS = {
     "client-binding": "the demo client's mirror of the store's Secret (database password)",
+    "kube-client": "the demo's kubernetes client certificate and key (cluster admin)",
     "kubeconfig": "the merged kubeconfig of --kubeconfig/--context (cluster credentials)",
     "operator.kubeconfig": "the operator's ServiceAccount token (valid 2 hours)",
     "operator.log": "the operator's log",
@@ -88,3 +89,20 @@ def leave_workdir(path: Path, *, keep: bool, failed: bool) -> list[str]:
     if failed:
         line += " Run with --keep to keep it for a look at the logs."
     return [line]
+
+
+def kube_client(kubeconfig: Path, work: Path) -> Any:
+    """A kubernetes ApiClient whose certificate files are written under ``work``.
+
+    The kubernetes client writes a kubeconfig's embedded client key and certificates to
+    files in the system temp directory and deletes them only at a clean interpreter exit;
+    under the work directory they go with it (or are named by ``--keep``) however the demo
+    ends.
+    """
+    from kubernetes import client
+    from kubernetes import config as kconfig
+
+    configuration = client.Configuration()
+    kconfig.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration,
+                             temp_file_path=str(work / "kube-client"))
+    return client.ApiClient(configuration)

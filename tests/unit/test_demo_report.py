@@ -4,14 +4,18 @@ as a table, not as a Python tuple."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 from pathlib import Path
+
+import yaml
 
 from resultstore_devtools.demo_report import (
     WORKDIR_CONTENTS,
     describe_workdir,
     format_table,
+    kube_client,
     leave_workdir,
     remove_workdir,
 )
@@ -105,3 +109,33 @@ def test_leave_workdir_with_keep_names_it_and_its_secrets(tmp_path: Path) -> Non
         assert any("operator.kubeconfig" in line and "token" in line for line in lines)
     finally:
         remove_workdir(work)
+
+
+def test_kube_client_writes_its_certificate_files_into_the_work_directory(
+        tmp_path: Path) -> None:
+    """The kubernetes client would put the kubeconfig's client key in the system temp
+    directory (deleted only at a clean exit); the demo's goes with its work directory."""
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    kubeconfig = tmp_path / "admin.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {
+            "server": "https://127.0.0.1:1",
+            "certificate-authority-data": b64("ca for the test\n")}}],
+        "users": [{"name": "u", "user": {
+            "client-certificate-data": b64("cert for the test\n"),
+            "client-key-data": b64("key for the test\n")}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    work = tmp_path / "work"
+    work.mkdir()
+    api = kube_client(kubeconfig, work)
+    conf = api.configuration
+    files = [Path(conf.key_file), Path(conf.cert_file), Path(conf.ssl_ca_cert)]
+    for path in files:
+        assert path.parent == work / "kube-client", path
+    assert Path(conf.key_file).read_text() == "key for the test\n"
+    remove_workdir(work)
+    assert not any(path.exists() for path in files)
