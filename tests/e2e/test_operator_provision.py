@@ -78,6 +78,8 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
     assert set(secret["data"]) == DESIGN_KEYS
     owner = secret["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("ResultStore", uid, True)
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == \
+        "resultstore-operator", secret["metadata"]["labels"]
     binding = env.binding("orders")
     assert binding["username"] == status["credentials"]["activeRole"]
     assert binding["schema"] == "orders" and binding["database"] == env.database
@@ -91,6 +93,7 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
     cj = env.cluster.cronjob(env.namespace, "orders")
     assert cj is not None
     assert cj["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert cj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "resultstore-operator"
     assert cj["spec"]["schedule"] == "*/10 * * * *"
     assert cj["spec"]["concurrencyPolicy"] == "Forbid"
     assert cj["spec"]["successfulJobsHistoryLimit"] == 2
