@@ -48,7 +48,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import states
+from celery.backends import asynchronous as _celery_async
 from celery.backends.asynchronous import BaseResultConsumer
+from kombu.utils.compat import detect_environment
 
 from .config import StoreConfig, redact
 from .engine import EngineHolder, classify_connect_error
@@ -72,6 +74,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Celery's helper listing the result objects waiting on a task id (None in Celery
+#: versions without it: on_state_change then falls back to Celery's own method)
+_waiting_on = getattr(_celery_async, "_waiting_on", None)
 
 #: re-read every pending id at least this often while notifications are on
 DEFAULT_SAFETY_INTERVAL = 1.0
@@ -618,9 +624,35 @@ class ResultConsumer(BaseResultConsumer):
             listener.release(self, subscribed)
 
     def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
-        super().on_state_change(meta, message)
+        if _waiting_on is None or detect_environment() != "default":
+            super().on_state_change(meta, message)  # yields to other greenlets: sleep(0)
+        else:
+            self._on_state_change_no_yield(meta)
         if meta["status"] in states.READY_STATES:
             self.cancel_for(meta["task_id"])
+
+    def _on_state_change_no_yield(self, meta: dict[str, Any]) -> None:
+        """Celery's ``BaseResultConsumer.on_state_change`` without its final ``sleep(0)``.
+
+        The ``sleep(0)`` lets other greenlets run under eventlet/gevent; with threads or
+        prefork it is a system call that hands the CPU away once per result: with 1000
+        ready results joined, ~100 ms of a 125 ms join on a busy machine (the Redis
+        backend pays the same). Same effects otherwise, in the same order.
+        """
+        if self.on_message:
+            self.on_message(meta)
+        if meta["status"] in states.READY_STATES:
+            task_id = meta["task_id"]
+            assert _waiting_on is not None
+            results = _waiting_on(self._pending_results, task_id)
+            if not results:
+                # buffered in case the result object is added to the pending ones later
+                self._pending_messages.put(task_id, meta)
+            for result in results:
+                result._maybe_set_cache(meta)
+                bucket = self.buckets.pop(result, None)
+                if bucket is not None:
+                    bucket.append(result)
 
     def drain_events_until(self, p: Any, timeout: float | None = None,
                            on_interval: Callable[[], Any] | None = None) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 from celery import Celery, states
 
@@ -86,3 +87,31 @@ def test_stored_results_read_back_as_the_json_round_trip_gives_them(tmp_path: Pa
         got = backend.get_task_meta(task_id, cache=False)["result"]
         expected = loads(dumps(value))
         assert repr(got) == repr(expected), f"{value!r} read back as {got!r}"
+
+
+def test_joining_ready_results_does_not_yield_the_cpu_per_result(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    import celery.backends.asynchronous as celery_async
+    from celery.result import GroupResult
+
+    app = _app(tmp_path)
+    backend = app.backend
+    ids = [f"r{i}" for i in range(20)]
+    for i, task_id in enumerate(ids):
+        backend.store_result(task_id, i, states.SUCCESS)
+    yields: list[float] = []
+    real_sleep = celery_async.sleep
+
+    def counting_sleep(seconds: float) -> None:
+        if seconds == 0:
+            yields.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(celery_async, "sleep", counting_sleep)
+    group = GroupResult("g-hot", [app.AsyncResult(i) for i in ids], app=app)
+    assert group.get(timeout=30) == list(range(20))
+    assert len(yields) < len(ids), f"{len(yields)} sleep(0) calls for {len(ids)} results"
+    # a state seen before anyone waits is buffered, as Celery's own consumer does
+    backend.result_consumer.on_state_change(
+        {"task_id": "early", "status": states.SUCCESS, "result": 5}, None)
+    assert backend._pending_messages.take("early")["result"] == 5
