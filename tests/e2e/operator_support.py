@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,10 @@ class OperatorProcess:
     health_port: int = 0
     #: Command-line arguments; without --no-plugins the rollout (a Secret watch) runs too.
     args: tuple[str, ...] = ("--no-plugins",)
+    #: The process's TMPDIR, made at start and removed at stop: the kubernetes client writes
+    #: the admin kubeconfig's client key and certificates to temp files it deletes only at a
+    #: clean exit, so every SIGKILLed operator (the crash tests) left them in /tmp.
+    tmp_dir: Path | None = None
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTSTORE_")}
@@ -114,10 +119,13 @@ class OperatorProcess:
             "RESULTSTORE_WEBHOOK_ENABLED": "false",
             "RESULTSTORE_CLEANUP_IMAGE": "celery-resultstore:e2e",
         })
+        if self.tmp_dir is not None:
+            env["TMPDIR"] = str(self.tmp_dir)
         env.update(self.extra_env)
         return env
 
     def start(self) -> OperatorProcess:
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix="resultstore-operator-tmp-"))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(OPERATOR_BIN), *self.args], env=self.env(), cwd=ROOT,
@@ -134,14 +142,19 @@ class OperatorProcess:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM lets Kopf exit cleanly; SIGKILL simulates a crash."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
         try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        finally:
+            if self.tmp_dir is not None and (self.proc is None or self.proc.poll() is not None):
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+                self.tmp_dir = None
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
