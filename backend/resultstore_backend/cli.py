@@ -52,9 +52,36 @@ def _holder(args: argparse.Namespace) -> EngineHolder:
     return EngineHolder(_source(args), create_tables=False)
 
 
+def _missing_sqlite_file(config: StoreConfig) -> str | None:
+    """The path of a SQLite database that does not exist (in a directory that does).
+
+    Opening it would create an empty file, so that a typo in ``check`` or ``cleanup``
+    leaves a stray database behind; these commands say "not migrated" instead. A missing
+    directory is left to the connect error, which names it.
+    """
+    path = config.url.database if config.is_sqlite else None
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    file = Path(path)
+    return path if file.parent.is_dir() and not file.exists() else None
+
+
+def _not_migrated(command: str, config: StoreConfig) -> int | None:
+    """Exit status (and message) when the store has no tables at all, else None."""
+    path = _missing_sqlite_file(config)
+    if path is None:
+        return None
+    print(f"resultstore {command}: {config.describe()}: not migrated: no SQLite database at "
+          f"{path}, run `resultstore migrate`", file=sys.stderr)
+    return EXIT_NOT_MIGRATED
+
+
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     holder = _holder(args)
     config = holder.config
+    missing = _not_migrated("cleanup", config)
+    if missing is not None:
+        return missing
     expires = args.expires if args.expires is not None else config.expires
     if expires is None and not args.config_dir:
         expires = 86400
@@ -104,6 +131,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     holder = _holder(args)
     config = holder.config
+    missing = _not_migrated("check", config)
+    if missing is not None:
+        return missing
     try:
         with holder.engine().connect() as conn:
             version = current_version(conn, config.names)

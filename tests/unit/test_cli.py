@@ -25,7 +25,11 @@ def test_migrate_check_cleanup(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["check", "--url", url]) == EXIT_NOT_MIGRATED
     out, err = capsys.readouterr()
     assert not out.startswith("ok"), f"an unmigrated store reported ok: {out!r}"
-    assert NOT_MIGRATED in err, err
+    assert f"not migrated: no SQLite database at {tmp_path}/x.db" in err, err
+    assert not (tmp_path / "x.db").exists(), "check created the database it was asked about"
+    (tmp_path / "x.db").touch()  # an empty database: no tables
+    assert main(["check", "--url", url]) == EXIT_NOT_MIGRATED
+    assert NOT_MIGRATED in capsys.readouterr().err
     assert main(["migrate", "--url", url]) == EXIT_OK
     capsys.readouterr()
     assert main(["check", "--url", url]) == EXIT_OK
@@ -37,6 +41,11 @@ def test_migrate_check_cleanup(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_cleanup_of_an_unmigrated_store_says_so(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cleanup", "--url", f"sqlite:///{tmp_path}/y.db"]) == EXIT_NOT_MIGRATED
+    err = capsys.readouterr().err
+    assert "not migrated: no SQLite database" in err and "no such table" not in err, err
+    assert not (tmp_path / "y.db").exists(), "cleanup created the database it was asked about"
+    (tmp_path / "y.db").touch()
     assert main(["cleanup", "--url", f"sqlite:///{tmp_path}/y.db"]) == EXIT_NOT_MIGRATED
     err = capsys.readouterr().err
     assert NOT_MIGRATED in err and "no such table" not in err, err
