@@ -10,7 +10,8 @@ manifests/; `kubectl apply -f manifests/examples/`; the ResultStore Ready; the e
 Deployment's pod admitted and mutated by the webhook and run with its injected volume and env;
 tasks, a group and a failing task; results queried with SQL as the store's own role;
 `kubectl get rstore`; a credential rotation while tasks keep flowing, with no failed task;
-teardown.
+teardown. The demo's temporary directory (copies of the store's Secret, the operator's token,
+the logs) is removed at the end, also on failure or Ctrl-C; --keep keeps it and names it.
 
 Locally (the default) the control plane has no nodes, so the operator runs as a local process
 with its ServiceAccount's token (RBAC constrains it exactly as in-cluster) and the worker
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true",
-                        help="leave everything running at the end")
+                        help="leave everything running at the end, and the temporary "
+                             "directory (its path and contents are printed last)")
     cluster = parser.add_argument_group(
         "an existing cluster (--kubeconfig): everything runs in it")
     cluster.add_argument("--kubeconfig", type=Path, default=None,
