@@ -75,16 +75,19 @@ class ConfigError(Exception):
     """Invalid or unusable result-store configuration.
 
     ``path`` is the file at fault (or the directory/URL), ``key`` the JSON key
-    inside it when there is one. The message never contains a password.
+    inside it when there is one. The message never contains a password. A URL has no
+    keys: with ``in_url`` the part at fault (port, host, a query parameter) is still
+    ``key``, for callers, but the text names it in the message's own words rather than
+    as "key 'port'", which reads as a Secret file's key.
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, in_url: bool = False) -> None:
         self.message = message
         self.path = str(path) if path is not None else None
         self.key = key
         where = self.path or "result store configuration"
-        if key is not None:
+        if key is not None and not in_url:
             where = f"{where}: key {key!r}"
         super().__init__(f"{where}: {message}")
 
@@ -322,13 +325,13 @@ def _check_authority(url: str, where: str) -> str:
     hostport, tail = rest[:end], rest[end:]
     if userinfo is not None and "@" in tail.split("?", 1)[0]:
         raise ConfigError(f"ambiguous user info ('@' after the host): {_ENCODE_HINT}",
-                          path=where, key="password")
+                          path=where, key="password", in_url=True)
     if hostport.startswith("["):
         close = hostport.find("]")
         host, port = hostport[:close + 1], hostport[close + 1:]
         if close < 0 or (port and not port.startswith(":")):
             raise ConfigError("the host is not a valid IPv6 address in brackets",
-                              path=where, key="host")
+                              path=where, key="host", in_url=True)
         port = port[1:]
         has_port = bool(hostport[close + 1:])
     else:
@@ -336,12 +339,12 @@ def _check_authority(url: str, where: str) -> str:
         has_port = bool(colon)
     if not _HOST_RE.fullmatch(host):
         raise ConfigError(f"the host is not a valid host name or address ({_ENCODE_HINT})",
-                          path=where, key="host")
+                          path=where, key="host", in_url=True)
     if has_port:
         if not _PORT_RE.fullmatch(port):
-            raise ConfigError("the port is not a number", path=where, key="port")
+            raise ConfigError("the port is not a number", path=where, key="port", in_url=True)
         if not 0 < int(port) < 65536:
-            raise ConfigError("the port is outside 1-65535", path=where, key="port")
+            raise ConfigError("the port is outside 1-65535", path=where, key="port", in_url=True)
     if userinfo is None:
         return url
     user, colon, password = userinfo.partition(":")
@@ -369,10 +372,10 @@ def parse_url(url: str, where: str) -> URL:
     if password is not None:
         if parsed.password is not None:
             raise ConfigError("the password is given twice (in the user info and as "
-                              "?password=)", path=where, key="password")
+                              "?password=)", path=where, key="password", in_url=True)
         if isinstance(password, tuple):
             raise ConfigError("?password= is given more than once", path=where,
-                              key="password")
+                              key="password", in_url=True)
         parsed = parsed.set(password=password, query=query)
     return parsed
 
@@ -403,7 +406,7 @@ def parse_backend_url(url: str | None) -> BackendSource:
                 path="resultstore://" + path,
             )
         return DirectorySource(Path(path))
-    parsed = parse_url(url, "result_backend URL")
+    parsed = parse_url(url, "backend URL")
     backend = parsed.get_backend_name()
     query = dict(parsed.query)
     schema = _pop_str(query, "schema")
@@ -415,7 +418,8 @@ def parse_backend_url(url: str | None) -> BackendSource:
         parsed = parsed.set(drivername=PG_DRIVER, query=query)
     elif backend == "sqlite":
         if schema:
-            raise ConfigError("SQLite has no schemas; drop ?schema=", path=where, key="schema")
+            raise ConfigError("SQLite has no schemas; drop ?schema=", path=where, key="schema",
+                              in_url=True)
         parsed = parsed.set(query=query)
     else:
         raise ConfigError(
@@ -440,7 +444,7 @@ def _notify_param(value: str | None, where: str) -> bool | None:
         return True
     if value.lower() in _FALSE:
         return False
-    raise ConfigError("expected true or false", path=where, key="notify")
+    raise ConfigError("?notify= expects true or false", path=where, key="notify", in_url=True)
 
 
 def _notifications_from_json(data: Mapping[str, Any], file: Path) -> bool:

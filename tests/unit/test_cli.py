@@ -115,3 +115,15 @@ def test_a_refused_url_names_its_host_and_port(capsys: pytest.CaptureFixture[str
         in err, err
     assert "refused" in err.lower(), err
     assert "key '" not in err and "s3cr3t-pw" not in err, err
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql://u:pw@h:abc/db", "backend URL: the port is not a number"),
+    ("postgresql://u:pw@h/db?notify=maybe", "?notify= expects true or false"),
+    ("sqlite:///x.db?schema=s", "SQLite has no schemas; drop ?schema="),
+])
+def test_url_mistakes_name_the_url_part_not_a_secret_key(
+        url: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--url", url]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert says in err and "key '" not in err, err
