@@ -324,11 +324,13 @@ class Controller:
             raise
         creds = rot.CredentialState.from_status(run.status)
         try:
-            # The Secret first: the CronJob's pods mount `<store>-resultstore`, so with a
-            # foreign Secret of that name they would run cleanup against whatever it names.
             self._check_secret_owned(run)
-            self._ensure_cronjob(run, spec)
             creds = self._converge_database(run, spec, creds)
+            # The CronJob last: its pods mount `<store>-resultstore`, so it is created or
+            # changed only once that Secret is ours and current. A refused store (foreign
+            # Secret, ownership conflict, admin Secret not opted in...) gets none, and a
+            # failing database leaves an existing one as it was.
+            self._ensure_cronjob(run, spec)
         except (StoreError, KubeError, dbio.DatabaseError) as exc:
             self._report_failure(run, exc)
             run.finish(creds.phase if creds else None)

@@ -199,6 +199,7 @@ def test_admin_secret_without_opt_in_is_never_read(env: OpEnv) -> None:
         env.ready("open")
         reconciles_pass(env, "shy")
         assert not schema_exists(env, "s_shy")
+        assert env.cluster.cronjob(ns, "shy") is None, "a refused store got a CronJob"
 
         requests = proxy.seen()
         for_it = [r for r in requests if r.path.split("?")[0].endswith(

@@ -132,6 +132,7 @@ def test_second_store_on_the_same_schema_is_refused_and_the_first_keeps_working(
         assert env.query("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s",
                          (base_b + "%",)) == [(0,)], "the refused store created a role"
         assert env.cluster.secret(team_b, "orders-resultstore") is None
+        assert env.cluster.cronjob(team_b, "orders") is None, "a refused store got a CronJob"
 
         # the first store is untouched: its password still works, its workers still store
         assert can_login(binding_a), "the first store's password was changed"
@@ -170,6 +171,7 @@ def test_existing_schema_with_a_foreign_table_is_refused_then_adopted_without_ex
     base = role_base_of(env, env.namespace, "pay")
     assert env.query("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (base + "%",)) == [
         (0,)]
+    assert env.cluster.cronjob(env.namespace, "pay") is None, "a refused store got a CronJob"
 
     env.cluster.patch_store(env.namespace, "pay", {"spec": {"schemaPolicy": "AdoptExisting"}})
     env.ready("pay")
