@@ -65,7 +65,7 @@ from .pickles import (
 )
 from .pickles import is_pickle as _is_pickle
 from .schema import TableNames
-from .sql import Statements, statements
+from .sql import META_COLUMNS, Statements, statements
 
 __all__ = ["ResultStoreBackend"]
 
@@ -474,6 +474,9 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             self._ts(now if state in self.READY_STATES else None), traceback,
             ensure_bytes(self.encode(children)) if children else None,
             name, args, kwargs, worker, retries, queue, stamps, self._ts(now),
+            # as _get_result_meta: whenever the request has them, extended or not
+            (getattr(request, "group", None) or None) if request else None,
+            (getattr(request, "parent_id", None) or None) if request else None,
         )
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None,
@@ -523,7 +526,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
 
     def _decode_row(self, task_id: str, row: Any) -> dict[str, Any]:
         (status, result, date_done, traceback, children, name, args, kwargs, worker, retries,
-         queue, stamps) = row
+         queue, stamps, group_id, parent_id) = row
         meta: dict[str, Any] = {
             "task_id": task_id,
             "status": status,
@@ -533,6 +536,11 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             # a stored task with no children has [] (as Redis and stock db+ return it)
             "children": self._decode_opt(children) or [],
         }
+        # only when stored: Redis's meta has them exactly when the request had them
+        if group_id is not None:
+            meta["group_id"] = group_id
+        if parent_id is not None:
+            meta["parent_id"] = parent_id
         if self._extended:
             meta.update({
                 "name": name, "args": self._decode_opt(args), "kwargs": self._decode_opt(kwargs),
@@ -972,7 +980,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             ensure_bytes(self.encode(meta["kwargs"])) if meta.get("kwargs") is not None
             else None,
             meta.get("worker"), meta.get("retries"), meta.get("queue"), None,
-            self._ts(self._now()),
+            self._ts(self._now()), meta.get("group_id") or None, meta.get("parent_id") or None,
         )
 
         self._ensure_retryable(self._upsert_task, params)
@@ -995,10 +1003,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         return super().__reduce__(args, kwargs)
 
 
-_META = (
-    "status", "result", "date_done", "traceback", "children", "name", "args", "kwargs",
-    "worker", "retries", "queue", "stamps",
-)
+_META = META_COLUMNS
 
 
 class _SqliteTxn:

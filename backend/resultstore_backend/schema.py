@@ -35,7 +35,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The schema version this code writes and expects.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Stock Celery sequence names (kept so that a stock client can insert rows).
 TASK_SEQUENCE = "task_id_sequence"
@@ -172,6 +172,11 @@ def tables_for(names: TableNames) -> ResultTables:
         sa.Column("retries", sa.Integer, nullable=True),
         sa.Column("queue", sa.String(155), nullable=True),
         sa.Column("stamps", sa.LargeBinary, nullable=True),
+        # ids of the task's group and parent (version 2): Celery's ``_get_result_meta``
+        # puts them in every meta whose request has them, so the Redis backend returns
+        # them; NULL when the request had none (the meta then omits the key, as Redis)
+        sa.Column("group_id", sa.String(155), nullable=True),
+        sa.Column("parent_id", sa.String(155), nullable=True),
         # ours: last write, so that rows stuck in a non-ready state can be aged out
         sa.Column(
             "updated_at", _tz(), nullable=True, server_default=sa.func.current_timestamp()
@@ -343,11 +348,22 @@ def _migration_1(conn: sa.Connection, tables: ResultTables) -> None:
             )
 
 
+def _migration_2(conn: sa.Connection, tables: ResultTables) -> None:
+    """Add ``group_id`` and ``parent_id`` to the task table (nullable: a plain ADD COLUMN,
+    no table rewrite on PostgreSQL; rows stored before keep NULL, i.e. no such key).
+
+    A store created at version 2 already has them (migration 1 builds the current
+    table); adding only what is missing keeps this idempotent either way.
+    """
+    _create_or_adopt(conn, tables.task)
+
+
 Migration = tuple[int, str, Callable[[sa.Connection, ResultTables], None]]
 
 #: Ordered, append-only list of migrations. Never edit a released entry.
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "task, group, chord and cleanup-run tables", _migration_1),
+    (2, "task group_id and parent_id columns", _migration_2),
 )
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

@@ -20,12 +20,12 @@ _READY_SQL = ", ".join(f"'{s}'" for s in READY_STATES)
 #: task-table columns written by a store, in parameter order
 TASK_COLUMNS = (
     "task_id", "status", "result", "date_done", "traceback", "children", "name", "args",
-    "kwargs", "worker", "retries", "queue", "stamps", "updated_at",
+    "kwargs", "worker", "retries", "queue", "stamps", "updated_at", "group_id", "parent_id",
 )
 #: columns read back for a task meta, in order (after task_id in get_many)
 META_COLUMNS = (
     "status", "result", "date_done", "traceback", "children", "name", "args", "kwargs",
-    "worker", "retries", "queue", "stamps",
+    "worker", "retries", "queue", "stamps", "group_id", "parent_id",
 )
 
 

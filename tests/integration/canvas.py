@@ -186,11 +186,6 @@ def single_failure(ctx: Ctx) -> Any:
             "result": describe(ctx, r)}
 
 
-#: Meta keys the Redis backend stores and resultstore does not (no columns for them yet):
-#: the ids of the task's group and parent. AsyncResult exposes neither.
-_META_ONLY_IN_REDIS = frozenset({"group_id", "parent_id"})
-
-
 def meta_dict(ctx: Ctx) -> Any:
     """``backend.get_task_meta``: the dict Celery's own code and tools read (types only)."""
     t = ctx.t
@@ -205,8 +200,11 @@ def meta_dict(ctx: Ctx) -> Any:
                           ("unknown", uuid())):
         ctx.app.backend._cache.pop(task_id, None)
         meta = ctx.app.backend.get_task_meta(task_id)
-        obs[name] = {k: type(v).__name__ for k, v in sorted(meta.items())
-                     if k not in _META_ONLY_IN_REDIS}
+        obs[name] = {k: type(v).__name__ for k, v in sorted(meta.items())}
+        # which id: the group's own, the first step's (AsyncResult exposes neither)
+        for key, owner in (("group_id", g.id), ("parent_id", c.parent.id)):
+            if key in meta:
+                obs[name][f"{key}_is"] = meta[key] == owner
     return obs
 
 
@@ -363,6 +361,28 @@ def chord_error_errbacks(ctx: Ctx) -> Any:
         e["request_id"] = e["request_id"] == c.id
     obs["errbacks"] = norm(entries)
     return obs
+
+
+def chord_failed_before_get(ctx: Ctx) -> Any:
+    """The header fails and the body's ChordError is stored *before* ``get()`` starts.
+
+    Gated by a separate read of the body's state (``get_task_meta(cache=False)``, which
+    leaves the result object unread). ``AsyncResult.get`` checks the parents before it
+    waits (``_maybe_reraise_parent_error``), so both backends raise the header's own
+    exception although the drain loop, finding the body ready at its first read, never
+    calls ``on_interval``; without ``follow_parents`` it is the body's ChordError."""
+    t = ctx.t
+    c = chord([t.add.s(1, 1), t.fail.s("header")])(t.tsum.s())
+    backend = ctx.app.backend
+    eventually(lambda: backend.get_task_meta(c.id, cache=False)["status"] == "FAILURE",
+               "the chord body's FAILURE")
+    assert c._cache is None, "the gate must not have read the result object itself"
+    return {"get": outcome(lambda: c.get(timeout=TIMEOUT)),
+            "get_no_follow": outcome(lambda: c.get(timeout=TIMEOUT, follow_parents=False)),
+            "get_no_propagate": outcome(lambda: c.get(timeout=TIMEOUT, propagate=False)),
+            "result": describe(ctx, c),
+            "header": describe_group(ctx, c.parent) if isinstance(c.parent, GroupResult)
+            else shape(c.parent)}
 
 
 def chord_header_retry(ctx: Ctx) -> Any:
@@ -707,6 +727,7 @@ SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
     chord_header_task, chord_header_group, chord_header_chain, chord_header_one_chain,
     chord_fails_at_start, chord_fails_at_end, chord_nested, chord_body_chord,
     chord_of_groups, chord_body_chain, chord_failing_body, chord_error_errbacks,
+    chord_failed_before_get,
     chord_header_retry, chord_empty_header, chord_body_group, chord_json_values,
     group_json_values, custom_state, started_state,
     link_success, link_error_styles, link_error_on_chain,

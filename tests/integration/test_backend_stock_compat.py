@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 from celery import Celery, states
+from celery.app.task import Context
 from celery.result import AsyncResult, GroupResult
 
 from resultstore_backend.config import (
@@ -49,9 +50,18 @@ def _round_trip(ours: Celery, stock: Celery) -> None:
     group.save()
     restored = GroupResult.restore("grp-1", app=stock)
     assert restored is not None and [r.id for r in restored.results] == ["ok-1"]
+    # a row with our group_id/parent_id columns filled (a group member, a chain step)
+    member = Context(id="member-1", group="grp-1", parent_id="ok-1", task="rs.x", args=[2],
+                     kwargs={})
+    b.store_result("member-1", 9, states.SUCCESS, request=member)
+    assert s.get_task_meta("member-1")["result"] == 9
+    assert AsyncResult("member-1", app=stock).get(timeout=5) == 9
+    ids = b.get_task_meta("member-1", cache=False)
+    assert (ids["group_id"], ids["parent_id"]) == ("grp-1", "ok-1"), ids
     # and the other way round: stock writes, we read
     s.store_result("stock-1", [4, 5], states.SUCCESS)
     assert b.get_task_meta("stock-1")["result"] == [4, 5]
+    assert not {"group_id", "parent_id"} & set(b.get_task_meta("stock-1", cache=False))
     assert b.task_result_exists("stock-1")
 
 

@@ -77,3 +77,36 @@ def test_migrate_adopts_stock_table(tmp_path) -> None:  # type: ignore[no-untype
         cols = {c["name"] for c in sa.inspect(conn).get_columns("celery_taskmeta")}
         assert {"children", "stamps", "updated_at", "name"} <= cols
         assert conn.execute(sa.text("select status from celery_taskmeta")).scalar() == "X"
+
+
+def _downgrade_to_v1_sqlite(conn: sa.Connection) -> None:
+    """Turn a fresh store into exactly what version-1 code created (no id columns)."""
+    for column in ("group_id", "parent_id"):
+        conn.execute(sa.text(f"ALTER TABLE celery_taskmeta DROP COLUMN {column}"))
+    conn.execute(sa.text("DELETE FROM resultstore_schema_version WHERE version > 1"))
+    conn.commit()
+
+
+def test_migration_2_adds_group_and_parent_ids(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A version-1 store gains nullable group_id/parent_id, keeps its rows, records 2."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
+    names = TableNames()
+    with engine.connect() as conn:
+        migrate(conn, names)
+        _downgrade_to_v1_sqlite(conn)
+        assert current_version(conn, names) == 1
+        conn.execute(sa.text("INSERT INTO celery_taskmeta (task_id, status) VALUES ('a', 'X')"))
+        conn.commit()
+        assert migrate(conn, names) == SCHEMA_VERSION == 2
+        assert migrate(conn, names) == 2
+        cols = {c["name"]: c for c in sa.inspect(conn).get_columns("celery_taskmeta")}
+        for column in ("group_id", "parent_id"):
+            assert cols[column]["nullable"], column
+            assert getattr(cols[column]["type"], "length", None) == 155, cols[column]
+        row = conn.execute(sa.text(
+            "select status, group_id, parent_id from celery_taskmeta")).one()
+        assert tuple(row) == ("X", None, None)
+        described = conn.execute(sa.text(
+            "select version, description from resultstore_schema_version order by version"
+        )).all()
+        assert [v for v, _ in described] == [1, 2] and "group_id" in described[1][1]

@@ -1,0 +1,76 @@
+"""Schema migration 2 (task ``group_id`` / ``parent_id``) on PostgreSQL.
+
+A store created by version-1 code (the same tables, without the two columns) is upgraded
+in place by ``migrate``: the columns are added nullable, existing rows keep their values,
+the version table records 2, a second run changes nothing, and a least-privilege worker
+role (DML grants on the tables, none on columns) then stores and reads the ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from celery import Celery, states
+from celery.app.task import Context
+
+from resultstore_backend.schema import SCHEMA_VERSION, current_version, migrate
+from tests.integration.stores import create_role, create_store
+
+pytestmark = pytest.mark.integration
+
+
+def _columns(dsn: str) -> dict[str, tuple[str, int | None, str]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT column_name, data_type, character_maximum_length, is_nullable "
+            "FROM information_schema.columns WHERE table_schema = 'rs' "
+            "AND table_name = 'celery_taskmeta'").fetchall()
+    return {name: (kind, length, nullable) for name, kind, length, nullable in rows}
+
+
+def test_version_1_store_upgraded_in_place(pg_database: Any) -> None:
+    names = create_store(pg_database)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        # exactly what version-1 code left behind, with a row in it
+        conn.execute("ALTER TABLE rs.celery_taskmeta DROP COLUMN group_id, "
+                     "DROP COLUMN parent_id")
+        conn.execute("DELETE FROM rs.resultstore_schema_version WHERE version > 1")
+        conn.execute("INSERT INTO rs.celery_taskmeta (task_id, status) VALUES ('old', 'X')")
+    assert "group_id" not in _columns(pg_database.dsn())
+    engine = sa.create_engine(pg_database.url())
+    try:
+        with engine.connect() as conn:
+            assert current_version(conn, names) == 1
+            conn.commit()  # migrate() commits only a transaction of its own
+            assert migrate(conn, names) == SCHEMA_VERSION == 2
+            assert migrate(conn, names) == 2
+            versions = conn.execute(sa.text(
+                "SELECT version FROM rs.resultstore_schema_version ORDER BY version")).all()
+        assert [v for (v,) in versions] == [1, 2]
+    finally:
+        engine.dispose()
+    cols = _columns(pg_database.dsn())
+    for column in ("group_id", "parent_id"):
+        assert cols[column] == ("character varying", 155, "YES"), (column, cols[column])
+    with psycopg.connect(pg_database.dsn()) as conn:
+        assert conn.execute("SELECT status, group_id, parent_id FROM rs.celery_taskmeta "
+                            "WHERE task_id = 'old'").fetchone() == ("X", None, None)
+
+    # a worker role with table grants only stores and reads the new columns
+    role, password = create_role(pg_database, names)
+    url = "resultstore+" + pg_database.url(user=role, password=password) + "?schema=rs"
+    app = Celery("w", backend=url, set_as_current=False)
+    app.conf.resultstore_create_tables = False
+    try:
+        b = app.backend
+        request = Context(id="new", group="g-1", parent_id="p-1", task="rs.x")
+        b.store_result("new", 7, states.SUCCESS, request=request)
+        meta = b.get_task_meta("new", cache=False)
+        assert (meta["group_id"], meta["parent_id"]) == ("g-1", "p-1"), meta
+        old = b.get_task_meta("old", cache=False)
+        assert "group_id" not in old and "parent_id" not in old, old
+    finally:
+        app.close()
