@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 from celery import Celery, chain, chord, group
+from celery.exceptions import ChordError
 from celery.result import AsyncResult, GroupResult, ResultSet
 from celery.utils import uuid
 
@@ -385,6 +386,52 @@ def chord_failed_before_get(ctx: Ctx) -> Any:
             else shape(c.parent)}
 
 
+class _HeaderFailsAfterParentsCheck(AsyncResult):
+    """A chord body's result whose header fails right after ``get()`` looked at the
+    parents: a deterministic stand-in for that instant of a live run (the hook runs once,
+    in the caller, between Celery's own steps; nothing of the backend is replaced)."""
+
+    fail_header: Callable[[], None] | None = None
+
+    def _maybe_reraise_parent_error(self) -> None:
+        super()._maybe_reraise_parent_error()
+        hook, self.fail_header = self.fail_header, None
+        if hook is not None:
+            hook()
+
+
+def chord_header_fails_during_get(ctx: Ctx) -> Any:
+    """The header fails (and the body's ChordError is stored) after ``get()`` checked the
+    parents and before its first read of the body: the read finds the body ready, Celery's
+    drain loop (``while not p.ready``) then never calls ``on_interval``, and the Redis
+    backend raises the body's ChordError; so must resultstore. A later ``get()`` raises
+    the header's exception (its parents check finds the failed part)."""
+    app, backend = ctx.app, ctx.app.backend
+    ok, bad, body_id = uuid(), uuid(), uuid()
+    header = GroupResult(uuid(), [AsyncResult(ok, app=app), AsyncResult(bad, app=app)],
+                         app=app)
+    backend.store_result(ok, 2, "SUCCESS")
+    body = _HeaderFailsAfterParentsCheck(body_id, app=app, parent=header)
+
+    def fail() -> None:
+        exc = ValueError("header")
+        backend.mark_as_failure(bad, exc)
+        backend.mark_as_failure(body_id, ChordError(f"Dependency {bad} raised {exc!r}"))
+
+    body.fail_header = fail
+    during = outcome(lambda: body.get(timeout=TIMEOUT))
+    assert body.fail_header is None, "get() did not check the parents"
+    header_again = GroupResult(header.id, [AsyncResult(ok, app=app),
+                                           AsyncResult(bad, app=app)], app=app)
+    later = AsyncResult(body_id, app=app, parent=header_again)
+    backend._cache.pop(body_id, None)
+    # not describe(): stored here without a request, Redis keeps children None where
+    # resultstore reads [] (a difference of request-less stores, not of this instant)
+    return {"get_during": during, "get_later": outcome(lambda: later.get(timeout=TIMEOUT)),
+            "state": later.state, "result": norm(later.result),
+            "date_done": date_kind(later.date_done), "parent": parents(later)}
+
+
 def chord_header_retry(ctx: Ctx) -> Any:
     """A header part that retries counts once, when it finally succeeds."""
     t = ctx.t
@@ -727,7 +774,7 @@ SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (
     chord_header_task, chord_header_group, chord_header_chain, chord_header_one_chain,
     chord_fails_at_start, chord_fails_at_end, chord_nested, chord_body_chord,
     chord_of_groups, chord_body_chain, chord_failing_body, chord_error_errbacks,
-    chord_failed_before_get,
+    chord_failed_before_get, chord_header_fails_during_get,
     chord_header_retry, chord_empty_header, chord_body_group, chord_json_values,
     group_json_values, custom_state, started_state,
     link_success, link_error_styles, link_error_on_chain,
