@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from celery import Celery, states
 from celery.app.task import Context
 
-from resultstore_backend.schema import SCHEMA_VERSION, current_version, migrate
+from resultstore_backend.schema import SCHEMA_VERSION, TableNames, current_version, migrate
 from tests.integration.stores import create_role, create_store
 
 pytestmark = pytest.mark.integration
@@ -74,3 +74,45 @@ def test_version_1_store_upgraded_in_place(pg_database: Any) -> None:
         assert "group_id" not in old and "parent_id" not in old, old
     finally:
         app.close()
+
+
+def test_operator_upgrades_its_version_1_store(pg_database: Any) -> None:
+    """The operator's provisioning transaction on a store it provisioned at version 1:
+    migrated to 2 with its markers unchanged (ADD COLUMN rewrites the table's catalog row;
+    an object that existed before and is marked ours is no conflict)."""
+    from resultstore_operator import database as dbio
+    from resultstore_operator.builders import marker as m
+
+    owner = m.Owner("team-a", "orders", "aaaaaaaa-0000-0000-0000-000000000001")
+    names = TableNames("rs")
+    server = pg_database.server
+    target = dbio.Target(server.host, server.port, pg_database.name, "disable",
+                         connect_timeout=5)
+    admin = dbio.Credentials(server.superuser, server.password)
+
+    def provision(db: dbio.AdminSession) -> tuple[int, int]:
+        plan = m.assess(owner, db.inventory("rs", ()), names.all_tables(),
+                        names.all_sequences())
+        assert plan.conflict is None, plan.conflict
+        return db.migrate(names, plan)
+
+    def markers() -> list[tuple[str, str | None]]:
+        with psycopg.connect(pg_database.dsn()) as conn:
+            return conn.execute(
+                "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'rs' "
+                "AND c.relkind IN ('r', 'S') ORDER BY 1").fetchall()
+
+    with dbio.AdminSession(target, admin, owner) as db:
+        assert provision(db) == (0, SCHEMA_VERSION)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER TABLE rs.celery_taskmeta DROP COLUMN group_id, "
+                     "DROP COLUMN parent_id")
+        conn.execute("DELETE FROM rs.resultstore_schema_version WHERE version > 1")
+    before = markers()
+    assert before and all(comment and "team-a/orders" in comment for _, comment in before)
+    with dbio.AdminSession(target, admin, owner) as db:
+        assert provision(db) == (1, 2)
+        assert provision(db) == (2, 2)
+    assert markers() == before
+    assert {"group_id", "parent_id"} <= set(_columns(pg_database.dsn()))
