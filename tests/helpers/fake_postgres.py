@@ -115,10 +115,11 @@ class FakePostgres:
                 attempt.user = value.decode(errors="replace")
         if self.auth_code == TRUST:
             # "trust": no authentication, straight to ReadyForQuery (an impostor accepting
-            # anyone, to receive the DDL and role verifiers that would follow)
+            # anyone, to receive the DDL and role verifiers that would follow). Recorded
+            # before answering: the client may check the record as soon as it is in.
+            attempt.accepted = True
             conn.sendall(b"R" + struct.pack("!II", 8, TRUST) + b"Z" + struct.pack("!I", 5)
                          + b"I")
-            attempt.accepted = True
             conn.recv(1024)
             return
         if self.auth_code == MD5:
