@@ -176,6 +176,8 @@ class WebhookSettings:
     #: PEM CA file; when set, callers must present a client certificate it signed (mutual
     #: TLS: configure the API server's AdmissionConfiguration kubeConfigFile to send one).
     client_ca_file: str | None = None
+    #: Events' ``reportingInstance``: the pod's name (``HOSTNAME``), read once at start-up.
+    instance: str = COMPONENT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], operator_namespace: str) -> WebhookSettings:
@@ -222,6 +224,7 @@ class WebhookSettings:
             event_cache_size=int(_number(env, p + "EVENT_CACHE_SIZE", cls.event_cache_size,
                                          1, 1_000_000)),
             client_ca_file=text("CLIENT_CA_FILE"),
+            instance=(env.get("HOSTNAME", "").strip() or COMPONENT)[:128],
         )
 
     @property
@@ -507,7 +510,7 @@ def event_reason_for(admission: AdmissionRequest, plan: InjectionPlan,
 
 
 def build_event(namespace: str, store: str, reason: str, message: str, count: int = 1,
-                now: dt.datetime | None = None) -> dict[str, Any]:
+                now: dt.datetime | None = None, instance: str = COMPONENT) -> dict[str, Any]:
     """A Warning Event on the ResultStore saying why labelled pods went uninjected.
 
     The ResultStore (which exists: see :func:`event_reason_for`) is the involved object, not
@@ -526,7 +529,7 @@ def build_event(namespace: str, store: str, reason: str, message: str, count: in
         "type": "Warning",
         "source": {"component": COMPONENT},
         "reportingComponent": COMPONENT,
-        "reportingInstance": os.environ.get("HOSTNAME", COMPONENT)[:128],
+        "reportingInstance": instance[:128],
         "action": "Inject",
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
@@ -563,8 +566,9 @@ class EventAggregator:
     """
 
     def __init__(self, create: CreateFn, update: UpdateFn | None, window: float,
-                 max_keys: int = 1024) -> None:
+                 max_keys: int = 1024, instance: str = COMPONENT) -> None:
         self._create = create
+        self._instance = instance
         self._update = update
         self.window = window
         self.max_keys = max_keys
@@ -601,7 +605,7 @@ class EventAggregator:
                 try:
                     if entry.name is None:
                         body = build_event(entry.namespace, entry.store, entry.reason,
-                                           entry.message, count)
+                                           entry.message, count, instance=self._instance)
                         await self._create(body)
                         entry.name = body["metadata"]["name"]
                     elif self._update is not None:
@@ -758,7 +762,8 @@ class InjectionServer:
     def __post_init__(self) -> None:
         self.events = EventAggregator(self.emit, self.update,
                                       self.settings.event_dedup_seconds,
-                                      self.settings.event_cache_size)
+                                      self.settings.event_cache_size,
+                                      self.settings.instance)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024)

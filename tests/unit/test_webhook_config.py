@@ -181,6 +181,16 @@ def test_pod_description_quotes_only_kubernetes_names(metadata: dict[str, Any]) 
     assert ev["metadata"]["name"].startswith("orders.")
     assert ev["firstTimestamp"] == ev["lastTimestamp"] == "2026-01-02T03:04:05Z"
     assert ev["count"] == 3
+    assert ev["reportingInstance"] == "resultstore-webhook"
+    named = build_event("team", "orders", "ResultStoreNotReady", "m", instance="op-7f9c")
+    assert named["reportingInstance"] == "op-7f9c"
+
+
+def test_reporting_instance_is_read_once_into_the_settings() -> None:
+    from resultstore_operator.webhook import WebhookSettings
+
+    assert WebhookSettings.from_env({"HOSTNAME": "op-7f9c"}, "ns").instance == "op-7f9c"
+    assert WebhookSettings.from_env({}, "ns").instance == "resultstore-webhook"
 
 
 GENUINE = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
