@@ -200,7 +200,8 @@ class OperatorSettings:
         metrics_path = env.get(p + "METRICS_PATH", "").strip() or cls.metrics_path
         if not metrics_path.startswith("/") or any(ch.isspace() for ch in metrics_path):
             raise SettingsError(f"{p}METRICS_PATH must be a path starting with /")
-        snapshot = {k: v for k, v in env.items() if k.startswith(p)}
+        # the pod's name too: Events say which replica reported them
+        snapshot = {k: v for k, v in env.items() if k.startswith(p) or k == "HOSTNAME"}
         return cls(
             namespaces=namespaces,
             operator_namespace=operator_namespace,

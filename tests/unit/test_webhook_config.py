@@ -191,6 +191,11 @@ def test_reporting_instance_is_read_once_into_the_settings() -> None:
 
     assert WebhookSettings.from_env({"HOSTNAME": "op-7f9c"}, "ns").instance == "op-7f9c"
     assert WebhookSettings.from_env({}, "ns").instance == "resultstore-webhook"
+    from resultstore_operator.settings import OperatorSettings
+
+    op = OperatorSettings.from_env({"HOSTNAME": "op-7f9c", "PATH": "/bin"})
+    assert WebhookSettings.from_env(op.raw, op.operator_namespace).instance == "op-7f9c"
+    assert "PATH" not in op.raw
 
 
 GENUINE = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
