@@ -558,6 +558,14 @@ class _Watch:
     """A sink for one ``get_many`` call (hashable by identity)."""
 
 
+def _ids_of(result: Any) -> frozenset[str]:
+    """The task ids a wait on ``result`` (an AsyncResult or a ResultSet) is for."""
+    members = getattr(result, "results", None)
+    if members is None:
+        return frozenset([result.id])
+    return frozenset(r.id for r in members if getattr(r, "id", None))
+
+
 class ResultConsumer(BaseResultConsumer):
     """Celery's result consumer over the store: pushed by NOTIFY, polling as a safety net.
 
@@ -588,6 +596,9 @@ class ResultConsumer(BaseResultConsumer):
         self._subscribed: set[str] = set()
         self._active = 0
         self._rows: dict[str, Any] = {}
+        #: ids whose row could not be made into a meta (CorruptRowError...): the error,
+        #: kept for the wait on that id (see _read)
+        self._failed: dict[str, BaseException] = {}
         self._epoch_seen = -1
         self._last_full = time.monotonic()
         self._tls = threading.local()
@@ -670,13 +681,27 @@ class ResultConsumer(BaseResultConsumer):
         with self._lock:
             self._active += 1
         self._tls.on_message = on_message
+        ids = _ids_of(result)
+        waiting = super()._wait_for_pending(result, timeout=timeout, on_interval=on_interval,
+                                            on_message=on_message, **kwargs)
         try:
-            yield from super()._wait_for_pending(result, timeout=timeout,
-                                                 on_interval=on_interval,
-                                                 on_message=on_message, **kwargs)
+            for _ in waiting:
+                self._raise_failed(ids)
+                yield
         finally:
+            waiting.close()
             self._tls.on_message = None
             self._leave()
+
+    def _raise_failed(self, ids: frozenset[str]) -> None:
+        """Raise, in the wait for it, the error of a row of ``ids`` that could not be read."""
+        if not self._failed:
+            return
+        with self._lock:
+            for task_id in ids:
+                exc = self._failed.pop(task_id, None)
+                if exc is not None:
+                    raise exc
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
         # LISTEN first, then read: a result stored in between is notified, one
@@ -796,6 +821,7 @@ class ResultConsumer(BaseResultConsumer):
                 task_id = self._cancelled.pop()
                 self._wanted.discard(task_id)
                 self._rows.pop(task_id, None)
+                self._failed.pop(task_id, None)
             if listener is None:
                 return
             if self._active:
@@ -849,7 +875,20 @@ class ResultConsumer(BaseResultConsumer):
                 continue  # already delivered (a safety read or a duplicate notification)
             self._rows[task_id] = data
             changed = True
-            self.on_state_change(backend._meta_from_row(task_id, data), None)
+            try:
+                meta = backend._meta_from_row(task_id, data)
+            except Exception as exc:
+                # An undecodable row (CorruptRowError) is the problem of the wait for that
+                # id, which raises it (_raise_failed): this read may be for another result
+                # of the backend, or run in a greenlet drainer that an exception would end
+                # for every wait of the process. Read again only once the row changes.
+                with self._lock:
+                    self._failed[task_id] = exc
+                continue
+            if self._failed:
+                with self._lock:
+                    self._failed.pop(task_id, None)
+            self.on_state_change(meta, None)
         if changed and self._active > 1:
             listener = self.listener()
             if listener is not None:

@@ -384,6 +384,53 @@ def test_foreign_notifications_on_our_channel_are_ignored(
     assert out == [{"real": True}]
 
 
+def test_corrupt_row_notified_to_a_waiting_consumer_reaches_only_its_wait(
+        pg_store_url: str, pg_database: Any) -> None:
+    """A pending id whose row cannot be decoded, notified while another id is waited for:
+    the other wait returns its result, the listener stays connected, and the wait for the
+    corrupt id raises CorruptRowError."""
+    from resultstore_backend.backend import CorruptRowError
+
+    app, _ = make_app(pg_store_url)
+    backend = app.backend
+    bad_id, good_id = str(uuid.uuid4()), str(uuid.uuid4())
+    backend.store_result(bad_id, 1, states.SUCCESS)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE rs.celery_taskmeta SET result = '\\x00ff'::bytea "
+                     "WHERE task_id = %s", (bad_id,))
+    bad = app.AsyncResult(bad_id)
+    backend.add_pending_result(bad)  # pending in this backend: LISTENed during its waits
+    listener = backend.result_consumer.listener()
+    assert listener is not None
+    bad_channel = channel_for(backend._sql().channel_prefix, bad_id)
+    errors: list[BaseException] = []
+
+    def notify_bad_then_store_good() -> None:
+        try:
+            eventually(lambda: bad_channel in listener.listening or None, 30,
+                       "the pending corrupt id's channel LISTENed during the other wait")
+            received = listener.received
+            with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (bad_channel, f"rs1|SUCCESS|{bad_id}"))
+            eventually(lambda: listener.received > received or None, 30,
+                       "the notification of the corrupt id")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            app.backend.store_result(good_id, {"ok": True}, states.SUCCESS)  # this thread's
+    helper = threading.Thread(target=notify_bad_then_store_good, daemon=True)
+    helper.start()
+    try:
+        # the same backend (this thread's) waits for good_id with bad_id pending
+        assert app.AsyncResult(good_id).get(timeout=60) == {"ok": True}
+    finally:
+        helper.join(60)
+    assert not errors, errors
+    assert listener.connected
+    with pytest.raises(CorruptRowError, match=f"task {bad_id} .* column 'result'"):
+        bad.get(timeout=30)
+
+
 def test_notifications_off_store_answers_every_wait_by_polling(
         pg_database: Any, workers: WorkerFactory, redis_server: Any) -> None:
     url = "resultstore+" + pg_database.url() + "?schema=rs&notify=false"

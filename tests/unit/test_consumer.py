@@ -3,14 +3,17 @@ as pushed waits, with on_interval after every pass, timeouts, wait_for and get_m
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery, states
+from celery.backends.asynchronous import greenletDrainer
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
+from resultstore_backend.backend import CorruptRowError
 from resultstore_backend.consumer import DEFAULT_SQLITE_POLL_INTERVAL, ResultConsumer
 from resultstore_backend.engine import reset_registry
 
@@ -78,3 +81,82 @@ def test_group_join_native_and_get_many_poll(app: Celery) -> None:
     assert dict(b.get_many(ids, timeout=5)).keys() == set(ids)
     # one pass only, never a sleep, for Celery's ResultSet._iter_meta
     assert list(b.get_many(["absent"], max_iterations=1)) == []
+
+
+def _corrupt(app: Celery, task_id: str) -> None:
+    """Store ``task_id`` and overwrite its result column with bytes no decoder accepts."""
+    app.backend.store_result(task_id, 1, states.SUCCESS)
+    path = app.backend.holder.config.url.database
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE celery_taskmeta SET result = X'00ff' WHERE task_id = ?",
+                     (task_id,))
+    conn.close()
+
+
+def _store_later(app: Celery, task_id: str, value: Any) -> threading.Timer:
+    timer = threading.Timer(0.2, lambda: app.backend.store_result(task_id, value,
+                                                                  states.SUCCESS))
+    timer.start()
+    return timer
+
+
+def test_corrupt_row_is_raised_by_its_own_wait_only(app: Celery) -> None:
+    """A pending result whose row cannot be decoded does not break the backend's other waits:
+    every pass reads all pending ids, and the corrupt one used to raise in whichever wait
+    read it."""
+    _corrupt(app, "bad")
+    bad = app.AsyncResult("bad")
+    app.backend.add_pending_result(bad)  # pending in this backend, as a result not yet read
+    timer = _store_later(app, "good", 2)
+    try:
+        assert app.AsyncResult("good").get(timeout=10) == 2, "another result's wait broke"
+    finally:
+        timer.join()
+    group = app.GroupResult("grp", [app.AsyncResult("good"), app.AsyncResult("g2")])
+    timer = _store_later(app, "g2", 3)
+    try:
+        assert group.join_native(timeout=10) == [2, 3]
+    finally:
+        timer.join()
+    with pytest.raises(CorruptRowError, match="task bad .* column 'result'"):
+        bad.get(timeout=10)
+    with pytest.raises(CorruptRowError, match="task bad"):
+        app.GroupResult("g", [app.AsyncResult("bad")]).join_native(timeout=10)
+
+
+class _ThreadDrainer(greenletDrainer):
+    """Celery's eventlet/gevent drainer, its greenlet a thread: ``drain_events`` runs in a
+    loop of its own and waits block on its drain-complete event (neither library is a
+    dependency; this is the code path both take)."""
+
+    def spawn(self, func: Any) -> threading.Thread:
+        thread = threading.Thread(target=func, daemon=True, name="rs-test-drainer")
+        thread.start()
+        return thread
+
+    def _event(self) -> threading.Event:
+        return threading.Event()
+
+
+def test_waits_through_a_greenlet_style_drainer(app: Celery) -> None:
+    consumer = app.backend.result_consumer
+    drainer = consumer.drainer = _ThreadDrainer(consumer)
+    try:
+        _corrupt(app, "bad")
+        app.backend.add_pending_result(app.AsyncResult("bad"))
+        timer = _store_later(app, "t1", {"v": 1})
+        try:
+            assert app.AsyncResult("t1").get(timeout=10) == {"v": 1}
+        finally:
+            timer.join()
+        # the corrupt row read by the drainer ended neither it nor the next wait
+        assert drainer._exc is None and not drainer._shutdown.is_set(), drainer._exc
+        timer = _store_later(app, "t2", 5)
+        try:
+            assert app.GroupResult("g", [app.AsyncResult("t2")]).join_native(timeout=10) == [5]
+        finally:
+            timer.join()
+        with pytest.raises(CorruptRowError, match="task bad"):
+            app.AsyncResult("bad").get(timeout=10)
+    finally:
+        drainer.stop()
