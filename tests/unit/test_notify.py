@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from sqlalchemy.engine import make_url
 
 from resultstore_backend.config import (
@@ -19,6 +20,7 @@ from resultstore_backend.config import (
     read_binding_dir,
 )
 from resultstore_backend.consumer import listen_conninfo, through_pooler
+from resultstore_backend.engine import reset_registry
 from resultstore_backend.notify import (
     SHARDS,
     channel_for,
@@ -169,5 +171,13 @@ def test_resultstore_field_reaches_the_backend_through_celery_json(tmp_path: Pat
         for key, text in values.items():
             (d / key).write_text(text)
         assert read_binding_dir(d).notifications is expected
+        # and on to the backend a worker builds from that directory (nothing connects yet)
+        app = Celery("u", backend=f"resultstore://{d}", set_as_current=False)
+        try:
+            assert app.backend.notifications is expected
+            assert app.backend.result_consumer.push is expected
+        finally:
+            app.close()
+            reset_registry()
     with pytest.raises(SpecError, match="notifications"):
         parse_spec({**raw, "notifications": "yes"})
