@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -65,7 +66,7 @@ from .pickles import (
 )
 from .pickles import is_pickle as _is_pickle
 from .schema import TableNames
-from .sql import META_COLUMNS, Statements, statements
+from .sql import ID_COLUMNS, TASK_COLUMNS, Statements, statements
 
 __all__ = ["ResultStoreBackend"]
 
@@ -312,9 +313,12 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         self.result_consumer = consumer_mod.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages,
             push=self._notify,
-            poll_interval=float(conf.get("resultstore_poll_interval") or default_poll),
-            safety_interval=float(conf.get("resultstore_safety_interval")
-                                  or consumer_mod.DEFAULT_SAFETY_INTERVAL),
+            poll_interval=consumer_mod.interval_setting(
+                "resultstore_poll_interval", conf.get("resultstore_poll_interval"),
+                default_poll),
+            safety_interval=consumer_mod.interval_setting(
+                "resultstore_safety_interval", conf.get("resultstore_safety_interval"),
+                consumer_mod.DEFAULT_SAFETY_INTERVAL, consumer_mod.MAX_SAFETY_INTERVAL),
         )
 
     @property
@@ -346,9 +350,35 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
     def extended_result(self) -> bool:
         return bool(self.app.conf.find_value_for_key("extended", "result"))
 
+    #: False once a statement found the store still at schema version 1 (see
+    #: _use_version_1_columns); per backend object, so per thread
+    _id_columns = True
+
     def _sql(self) -> Statements:
         config = self._holder.config
-        return statements("sqlite" if config.is_sqlite else "postgresql", config.names)
+        return statements("sqlite" if config.is_sqlite else "postgresql", config.names,
+                          self._id_columns)
+
+    def _use_version_1_columns(self) -> None:
+        """Keep working on a store not migrated to schema version 2 yet.
+
+        A worker role has no DDL rights: when workers are upgraded before the operator
+        migrated their store, the store lacks ``group_id``/``parent_id``. Rather than
+        failing every store, write and read without them, as the previous release did
+        (metas then lack the two keys), until the process restarts after the migration.
+        """
+        self._id_columns = False
+        config = self._holder.config
+        label = self._table_label(config.names.task_table)
+        key = (config.url.host, config.url.port, config.url.database, label)
+        if key not in _VERSION_1_WARNED:
+            _VERSION_1_WARNED.add(key)
+            logger.warning(
+                "result store table %s (database %s) has no %s columns (schema version 1): "
+                "results are stored without them until the store is migrated (the "
+                "operator does it when it reconciles the store, or run `resultstore "
+                "migrate`) and this process restarts", label, config.url.database,
+                "/".join(ID_COLUMNS))
 
     @property
     def _is_sqlite(self) -> bool:
@@ -411,6 +441,9 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             try:
                 return func(*args, **kwargs)
             except Exception as exc:
+                if self._id_columns and _lacks_id_columns(exc):
+                    self._use_version_1_columns()
+                    continue
                 if not (self.always_retry and self.exception_safe_to_retry(exc)):
                     raise
                 now = time.monotonic()
@@ -488,6 +521,8 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
     def _upsert_task(self, params: tuple[Any, ...]) -> None:
         """The store: one statement, which also NOTIFYs waiters when notifications are on."""
         sql = self._sql()
+        if not sql.id_columns:
+            params = params[:_VERSION_1_PARAMS]
         if self._notify:
             task_id = params[0]
             params = (*params, channel_for(sql.channel_prefix, task_id), sql.lock_key,
@@ -930,23 +965,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         task_ids = [ident for kind, ident in split if kind == "task"]
         rows: dict[str, Any] = {}
         if task_ids:
-            sql = self._sql()
-            query = f"SELECT task_id, {', '.join(_META)} FROM " \
-                    f"{self._holder.config.names.qualified(self._holder.config.names.task_table)}"
-
-            def fetch() -> list[Any]:
-                with self._holder.connection() as conn:
-                    if sql.dialect == "postgresql":
-                        return list(conn.execute(query + " WHERE task_id = ANY(%s)",
-                                                 (task_ids,)).fetchall())
-                    out: list[Any] = []
-                    for i in range(0, len(task_ids), 500):
-                        chunk = task_ids[i:i + 500]
-                        out.extend(conn.execute(
-                            query + f" WHERE task_id IN ({sql.in_list(len(chunk))})", chunk
-                        ).fetchall())
-                    return out
-            rows = {r[0]: r[1:] for r in self._ensure_retryable(fetch)}
+            rows = {r[0]: r[1:] for r in self._ensure_retryable(self._fetch_metas, task_ids)}
         out = []
         for kind, ident in split:
             if kind == "task":
@@ -1003,7 +1022,24 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         return super().__reduce__(args, kwargs)
 
 
-_META = META_COLUMNS
+#: parameters of a store into a version-1 table (the id columns are the last ones)
+_VERSION_1_PARAMS = len(TASK_COLUMNS) - len(ID_COLUMNS)
+assert TASK_COLUMNS[_VERSION_1_PARAMS:] == ID_COLUMNS
+#: (host, port, database, task table) already warned about: once per process
+_VERSION_1_WARNED: set[tuple[Any, ...]] = set()
+
+
+def _lacks_id_columns(exc: BaseException) -> bool:
+    """Whether ``exc`` is a statement naming ``group_id``/``parent_id`` on a store still at
+    schema version 1 (PostgreSQL undefined_column; SQLite "no such column" / "has no
+    column named")."""
+    orig: BaseException = getattr(exc, "orig", None) or exc
+    text = str(orig)
+    if not any(column in text for column in ID_COLUMNS):
+        return False
+    if getattr(orig, "sqlstate", None) == "42703":
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and "column" in text
 
 
 class _SqliteTxn:

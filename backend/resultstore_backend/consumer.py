@@ -50,6 +50,7 @@ from typing import Any
 from celery import states
 from celery.backends import asynchronous as _celery_async
 from celery.backends.asynchronous import BaseResultConsumer
+from celery.exceptions import ImproperlyConfigured
 from kombu.utils.compat import detect_environment
 
 from .config import StoreConfig, redact
@@ -65,10 +66,12 @@ __all__ = [
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_SAFETY_INTERVAL",
     "DEFAULT_SQLITE_POLL_INTERVAL",
+    "MAX_SAFETY_INTERVAL",
     "Listener",
     "ResultConsumer",
     "close_listeners",
     "get_listener",
+    "interval_setting",
     "listen_conninfo",
     "through_pooler",
 ]
@@ -99,6 +102,31 @@ _SOCKET_SLICE = 1.0
 #: create_engine connect_args that are psycopg.connect options, not libpq conninfo
 _NOT_CONNINFO = frozenset({"prepare_threshold", "autocommit", "cursor_factory",
                            "row_factory", "context"})
+
+
+#: the largest safety interval accepted: it bounds how long a lost notification delays a wait
+MAX_SAFETY_INTERVAL = 60.0
+
+
+def interval_setting(name: str, value: Any, default: float,
+                     maximum: float | None = None) -> float:
+    """An interval app setting in seconds (None or absent: ``default``), checked once.
+
+    A wait sleeps or waits on the socket for these: zero, a negative number or infinity
+    would make every wait spin, fail in ``time.sleep`` or, for the safety interval, hang
+    on a lost notification, so they are refused at start-up, naming the setting.
+    """
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ImproperlyConfigured(f"{name}: expected a number of seconds, got {value!r}"
+                                   ) from None
+    if not 0 < seconds < float("inf") or (maximum is not None and seconds > maximum):
+        limit = f" and at most {maximum:g}" if maximum is not None else ""
+        raise ImproperlyConfigured(f"{name}: must be more than 0{limit} seconds, got {value!r}")
+    return seconds
 
 
 def listen_conninfo(config: StoreConfig) -> dict[str, Any]:

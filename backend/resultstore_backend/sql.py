@@ -27,12 +27,18 @@ META_COLUMNS = (
     "status", "result", "date_done", "traceback", "children", "name", "args", "kwargs",
     "worker", "retries", "queue", "stamps", "group_id", "parent_id",
 )
+#: added by schema version 2; a store still at version 1 is written without them and
+#: read with NULL in their place (``statements(..., id_columns=False)``)
+ID_COLUMNS = ("group_id", "parent_id")
 
 
 @dataclass(frozen=True)
 class Statements:
     dialect: str
     ph: str
+    #: whether the statements write and read ID_COLUMNS (False: a version-1 store; the
+    #: upsert then takes the first ``len(TASK_COLUMNS) - len(ID_COLUMNS)`` parameters)
+    id_columns: bool
     #: the store's part of its notification channel names (notify.py)
     channel_prefix: str
     #: first key of the store's presence advisory locks (notify.lock_key)
@@ -65,17 +71,20 @@ class Statements:
 
 
 @lru_cache(maxsize=32)
-def statements(dialect: str, names: TableNames) -> Statements:
+def statements(dialect: str, names: TableNames, id_columns: bool = True) -> Statements:
     pg = dialect == "postgresql"
     ph = "%s" if pg else "?"
     task = names.qualified(names.task_table)
     group = names.qualified(names.group_table)
     chord = names.qualified(names.chord_table)
     parts = names.qualified(names.chord_part_table)
-    cols = ", ".join(TASK_COLUMNS)
-    values = ", ".join([ph] * len(TASK_COLUMNS))
-    updates = ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS if c != "task_id")
-    meta_cols = ", ".join(META_COLUMNS)
+    written = TASK_COLUMNS if id_columns else tuple(
+        c for c in TASK_COLUMNS if c not in ID_COLUMNS)
+    cols = ", ".join(written)
+    values = ", ".join([ph] * len(written))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in written if c != "task_id")
+    meta_cols = ", ".join(c if id_columns or c not in ID_COLUMNS else f"NULL AS {c}"
+                          for c in META_COLUMNS)
     if pg:
         task_seq = names.qualified(names.task_sequence).replace("'", "''")
         group_seq = names.qualified(names.group_sequence).replace("'", "''")
@@ -132,6 +141,7 @@ def statements(dialect: str, names: TableNames) -> Statements:
     return Statements(
         dialect=dialect,
         ph=ph,
+        id_columns=id_columns,
         channel_prefix=channel_prefix(names),
         lock_key=lock_key(names),
         upsert_task=upsert_task,

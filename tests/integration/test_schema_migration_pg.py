@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery, states
 from celery.app.task import Context
+from celery.result import AsyncResult
 
 from resultstore_backend.schema import SCHEMA_VERSION, TableNames, current_version, migrate
 from tests.integration.stores import create_role, create_store
@@ -116,3 +117,42 @@ def test_operator_upgrades_its_version_1_store(pg_database: Any) -> None:
         assert provision(db) == (2, 2)
     assert markers() == before
     assert {"group_id", "parent_id"} <= set(_columns(pg_database.dsn()))
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["notify", "no-notify"])
+def test_new_worker_on_a_version_1_store_keeps_working(pg_database: Any, notify: bool,
+                                                       caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    """Workers upgraded before their store was migrated (no DDL rights): every store and
+    read works as with the previous release (no id keys), with one warning naming the
+    table; nothing fails."""
+    names = create_store(pg_database)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER TABLE rs.celery_taskmeta DROP COLUMN group_id, "
+                     "DROP COLUMN parent_id")
+        conn.execute("DELETE FROM rs.resultstore_schema_version WHERE version > 1")
+    role, password = create_role(pg_database, names)
+    url = "resultstore+" + pg_database.url(user=role, password=password) + "?schema=rs"
+    app = Celery("w", backend=url, set_as_current=False)
+    app.conf.update(resultstore_create_tables=False, resultstore_notify=notify)
+    caplog.set_level("WARNING", logger="resultstore_backend.backend")
+    try:
+        b = app.backend
+        request = Context(id="m1", group="g-1", parent_id="p-1", task="rs.x")
+        b.store_result("m1", 7, states.SUCCESS, request=request)
+        b.store_result("m2", None, states.STARTED, request=request)
+        b.store_result("m2", 8, states.SUCCESS, request=request)
+        meta = b.get_task_meta("m1", cache=False)
+        assert meta["result"] == 7 and not {"group_id", "parent_id"} & set(meta), meta
+        assert AsyncResult("m2", app=app).get(timeout=10) == 8
+        assert dict(b.get_many(["m1", "m2"], timeout=10))["m2"]["result"] == 8
+        assert b.decode(b.mget([b.get_key_for_task("m1")])[0])["result"] == 7
+        warnings = [r.getMessage() for r in caplog.records
+                    if "schema version 1" in r.getMessage()]
+        assert len(warnings) == 1 and "rs.celery_taskmeta" in warnings[0], warnings
+        assert password not in warnings[0]
+    finally:
+        app.close()
+    with psycopg.connect(pg_database.dsn()) as conn:
+        assert conn.execute("SELECT task_id, status FROM rs.celery_taskmeta ORDER BY 1"
+                            ).fetchall() == [("m1", "SUCCESS"), ("m2", "SUCCESS")]

@@ -88,3 +88,27 @@ def test_key_value_api_keeps_ids(tmp_path: Path) -> None:
     del meta["group_id"], meta["parent_id"]
     b.set(b.get_key_for_task("kv2"), b.encode(meta | {"task_id": "kv2"}))
     assert _ids(b.get_task_meta("kv2", cache=False)) == {}
+
+
+def test_version_1_sqlite_store_without_migration(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A store not migrated to version 2 (resultstore_create_tables off): stores and reads
+    work without the id columns, as with the previous release, after one warning."""
+    import sqlite3
+
+    _app(tmp_path, False).backend.store_result("warm", 1, states.SUCCESS)  # migrates
+    with sqlite3.connect(tmp_path / "ids.db") as conn:
+        for column in ("group_id", "parent_id"):
+            conn.execute(f"ALTER TABLE celery_taskmeta DROP COLUMN {column}")
+        conn.execute("DELETE FROM resultstore_schema_version WHERE version > 1")
+    reset_registry()
+    app = Celery("u", backend=f"resultstore+sqlite:///{tmp_path}/ids.db", set_as_current=False)
+    app.conf.resultstore_create_tables = False
+    caplog.set_level("WARNING", logger="resultstore_backend.backend")
+    b = app.backend
+    b.store_result("v1", 5, states.SUCCESS, request=REQUESTS["both"])
+    meta = b.get_task_meta("v1", cache=False)
+    assert meta["result"] == 5 and _ids(meta) == {}, meta
+    assert dict(b.get_many(["v1", "warm"], timeout=5))["warm"]["result"] == 1
+    warnings = [r.getMessage() for r in caplog.records if "schema version 1" in r.getMessage()]
+    assert len(warnings) == 1 and "celery_taskmeta" in warnings[0], warnings

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from celery import Celery, states
 from celery.backends.asynchronous import greenletDrainer
+from celery.exceptions import ImproperlyConfigured
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from resultstore_backend.backend import CorruptRowError
@@ -160,3 +161,24 @@ def test_waits_through_a_greenlet_style_drainer(app: Celery) -> None:
             app.AsyncResult("bad").get(timeout=10)
     finally:
         drainer.stop()
+
+
+def test_interval_settings_are_read_once_and_bounded(tmp_path: Path) -> None:
+    """The safety net cannot be switched off (a lost notification would hang a wait), and no
+    interval can make a wait spin or fail in time.sleep; errors name the setting."""
+    url = f"resultstore+sqlite:///{tmp_path}/r.db"
+    app = Celery("u", backend=url, set_as_current=False)
+    app.conf.update(resultstore_poll_interval="0.2", resultstore_safety_interval=5)
+    consumer = app.backend.result_consumer
+    assert (consumer.poll_interval, consumer.safety_interval) == (0.2, 5.0)
+    for name, value in (("resultstore_safety_interval", float("inf")),
+                        ("resultstore_safety_interval", 3600),
+                        ("resultstore_safety_interval", 0),
+                        ("resultstore_poll_interval", -1),
+                        ("resultstore_poll_interval", float("nan")),
+                        ("resultstore_poll_interval", "soon")):
+        bad = Celery("u", backend=url, set_as_current=False)
+        bad.conf.update({name: value})
+        with pytest.raises(ImproperlyConfigured, match=name):
+            bad.backend  # noqa: B018 (building the backend reads the settings)
+    reset_registry()
