@@ -178,8 +178,9 @@ def test_chord_whose_header_fails_raises_the_header_error(
 
 
 def test_postgres_restart_while_50_clients_wait(pg_store_url: str, postgres: Any,
-                                                workers: WorkerFactory,
-                                                redis_server: Any) -> None:
+                                                workers: WorkerFactory, redis_server: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="resultstore_backend.consumer")
     worker = workers.start(pg_store_url, pool="threads", concurrency=50)
     app, t = make_app(pg_store_url, broker=redis_server.url, queue=worker.queue)
     assert t.add.delay(1, 1).get(timeout=60) == 2  # listener and pools warm
@@ -213,6 +214,11 @@ def test_postgres_restart_while_50_clients_wait(pg_store_url: str, postgres: Any
         return (listener.connects > connects and listener.received > before) or None
     eventually(pushed_again, 60, "a wait answered by a notification after the restart")
     assert worker.proc.poll() is None
+    # one warning for the outage (not one per failed reconnect), naming the target only
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "resultstore_backend.consumer" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "LISTEN connection to 127.0.0.1:" in warnings[0], warnings
+    assert postgres.password not in warnings[0], "the listener logged the password"
 
 
 def test_threads_sharing_one_backend_all_wake(pg_store_url: str, workers: WorkerFactory,
