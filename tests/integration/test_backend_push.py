@@ -235,6 +235,57 @@ def test_threads_sharing_one_backend_all_wake(pg_store_url: str, workers: Worker
     assert listener is not None and listener.received > 0
 
 
+def test_one_listen_session_for_many_apps_and_exiting_threads(
+        pg_store_url: str, pg_database: Any) -> None:
+    """Five apps on one store, four waiting threads each (one backend per app and thread):
+    one LISTEN session for the process, and once the threads are gone the listener keeps
+    no subscription, inbox or consumer of theirs."""
+    import gc
+
+    from resultstore_backend import consumer as consumer_mod
+
+    apps = [make_app(pg_store_url)[0] for _ in range(5)]
+    ids = [[str(uuid.uuid4()) for _ in range(4)] for _ in apps]
+    consumers_before = len(consumer_mod._CONSUMERS)
+    fns = [lambda a=a, i=i: a.AsyncResult(i).get(timeout=60)
+           for a, group_ids in zip(apps, ids, strict=True) for i in group_ids]
+    listener = apps[0].backend.result_consumer.listener()
+    assert listener is not None and all(
+        a.backend.result_consumer.listener() is listener for a in apps), \
+        "apps of one store do not share the process's listener"
+    channels = {channel_for(apps[0].backend._sql().channel_prefix, i)
+                for group_ids in ids for i in group_ids}
+
+    def store_when_all_listen() -> None:
+        eventually(lambda: channels <= listener.listening or None, 30,
+                   "all 20 waits LISTENing")
+        sessions = _listen_sessions(pg_database)
+        assert len(sessions) == 1, f"{len(sessions)} LISTEN sessions: {sessions}"
+        for n, task_id in enumerate(i for group_ids in ids for i in group_ids):
+            apps[0].backend.store_result(task_id, n, states.SUCCESS)
+    errors: list[BaseException] = []
+    storer = threading.Thread(target=_capture, args=(store_when_all_listen, errors),
+                              daemon=True)
+    storer.start()
+    got = _wait_all(fns)
+    storer.join(60)
+    assert not errors, errors
+    assert got == list(range(20))
+    gc.collect()
+    with listener._lock:
+        subs, inbox = dict(listener._subs), dict(listener._inbox)
+    assert not subs and not inbox, f"left after the waits: subs {subs}, inboxes {inbox}"
+    alive = len(consumer_mod._CONSUMERS) - consumers_before
+    assert alive <= len(apps), f"{alive} consumers alive: those of exited threads leak"
+
+
+def _capture(fn: Any, errors: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # reported by the caller
+        errors.append(exc)
+
+
 def test_credential_rotation_while_clients_wait(pg_database: Any, workers: WorkerFactory,
                                                 redis_server: Any, tmp_path: Path) -> None:
     names = create_store(pg_database)
