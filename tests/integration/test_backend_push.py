@@ -352,6 +352,63 @@ def test_prefork_children_wait_inside_tasks(pg_store_url: str, pg_database: Any,
     assert "Traceback" not in log, log[-4000:]
 
 
+def test_forked_child_opens_its_own_listen_session_and_leaves_the_parents(
+        pg_store_url: str, pg_database: Any) -> None:
+    """A process with an open LISTEN session forks (as a prefork pool or multiprocessing
+    does after the parent waited): the child waits on a session of its own, and neither its
+    waits nor its exit touch the parent's session, whose waits are still pushed."""
+    import json
+    import os
+
+    app, _ = make_app(pg_store_url)
+    backend = app.backend
+    first = str(uuid.uuid4())
+    threading.Timer(0.3, lambda: backend.store_result(first, 1, states.SUCCESS)).start()
+    assert app.AsyncResult(first).get(timeout=30) == 1
+    listener = backend.result_consumer.listener()
+    assert listener is not None and listener.connected
+    parent_session = listener.backend_pid()
+    child_id = str(uuid.uuid4())
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it saw, never return into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            threading.Timer(0.3, lambda: app.backend.store_result(
+                child_id, "child", states.SUCCESS)).start()
+            value = app.AsyncResult(child_id).get(timeout=30)
+            own = app.backend.result_consumer.listener()
+            report = {"value": value, "same_listener": own is listener,
+                      "session": own.backend_pid() if own is not None else None,
+                      "received": own.received if own is not None else 0}
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        raw = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and raw, f"the child failed ({status})"
+    child = json.loads(raw)
+    assert child["value"] == "child" and not child["same_listener"], child
+    assert child["session"] not in (None, parent_session), \
+        f"the child used the parent's LISTEN session: {child}"
+    assert child["received"] > 0, f"the child's wait was not pushed: {child}"
+    # the parent's session survived the child's waits and exit, and still pushes
+    assert listener.connected and listener.backend_pid() == parent_session
+    before = listener.received
+    later = str(uuid.uuid4())
+    threading.Timer(0.3, lambda: backend.store_result(later, 2, states.SUCCESS)).start()
+    assert app.AsyncResult(later).get(timeout=30) == 2
+    assert listener.received > before and listener.backend_pid() == parent_session
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        alive = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                             (parent_session,)).fetchone()
+    assert alive == (1,), "the parent's LISTEN session is gone"
+
+
 def test_wait_for_a_result_stored_before_the_listen_began(
         pg_store_url: str, workers: WorkerFactory, redis_server: Any) -> None:
     worker = workers.start(pg_store_url, pool="threads", concurrency=2)
