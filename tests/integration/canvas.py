@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,8 @@ from celery import Celery, chain, chord, group
 from celery.exceptions import ChordError
 from celery.result import AsyncResult, GroupResult, ResultSet
 from celery.utils import uuid
+
+from tests.helpers import waiting
 
 TIMEOUT = 60.0
 BIG = 10 * 1024 * 1024
@@ -142,15 +143,9 @@ def describe_group(ctx: Ctx, result: GroupResult) -> dict[str, Any]:
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Poll ``check`` until it returns a true value; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    """Poll ``check`` until it returns a true value; fail naming ``what`` otherwise (the
+    tests' helper, in the scenarios' argument order and with a short interval)."""
+    return waiting.eventually(check, timeout, what, interval=0.05)
 
 
 def records(ctx: Ctx, count: int, key: str | None = None) -> list[Any]:
@@ -747,25 +742,23 @@ def join_inside_task(ctx: Ctx) -> Any:
     return {"get": outcome(lambda: r.get(timeout=TIMEOUT)), "result": describe(ctx, r)}
 
 
-def success_kept_on_rerun(ctx: Ctx) -> Any:
-    """The same task id runs again (redelivery, a manual re-send): what does it read?"""
-    t = ctx.t
+def _rerun(ctx: Ctx, first_task: Any) -> Any:
+    """``first_task`` runs, then the same task id runs again and succeeds: what is read?"""
     task_id = uuid()
-    first = t.stored.apply_async((ctx.tag, "first"), task_id=task_id)
+    first = first_task.apply_async((ctx.tag, "first"), task_id=task_id)
     got_first = outcome(lambda: first.get(timeout=TIMEOUT))
-    t.stored.apply_async((ctx.tag, "second"), task_id=task_id)
+    ctx.t.stored.apply_async((ctx.tag, "second"), task_id=task_id)
     eventually(lambda: counter(ctx, "stored") >= 2, "the second run's store")
     return {"first": got_first, "after_rerun": describe(ctx, fresh(ctx, task_id))}
+
+
+def success_kept_on_rerun(ctx: Ctx) -> Any:
+    """The same task id runs again (redelivery, a manual re-send): what does it read?"""
+    return _rerun(ctx, ctx.t.stored)
 
 
 def failure_replaced_on_rerun(ctx: Ctx) -> Any:
-    t = ctx.t
-    task_id = uuid()
-    first = t.stored_fail.apply_async((ctx.tag, "first"), task_id=task_id)
-    got_first = outcome(lambda: first.get(timeout=TIMEOUT))
-    t.stored.apply_async((ctx.tag, "second"), task_id=task_id)
-    eventually(lambda: counter(ctx, "stored") >= 2, "the second run's store")
-    return {"first": got_first, "after_rerun": describe(ctx, fresh(ctx, task_id))}
+    return _rerun(ctx, ctx.t.stored_fail)
 
 
 SCENARIOS: dict[str, Callable[[Ctx], Any]] = {f.__name__: f for f in (

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,26 @@ def _listen_sessions(pg_database: Any) -> dict[int, tuple[str, str]]:
     return {int(pid): (user, query) for pid, user, query in rows}
 
 
+@contextmanager
+def _shard_probe(pg_database: Any, backend: Any, task_id: str, *, presence: bool = True
+                 ) -> Iterator[tuple[psycopg.Connection[Any], str]]:
+    """A session of its own LISTENing to ``task_id``'s channel; with ``presence`` it also
+    holds the shard's presence lock, as a waiting process does (so a notifying store
+    NOTIFYs it)."""
+    channel = channel_for(backend._sql().channel_prefix, task_id)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
+        if presence:
+            probe.execute("SELECT pg_advisory_lock_shared(%s, %s)",
+                          (backend._sql().lock_key, shard_of(task_id)))
+        probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        yield probe, channel
+
+
+def _nothing_notified(probe: psycopg.Connection[Any]) -> bool:
+    probe.execute("SELECT 1")  # a round trip: whatever was sent has arrived
+    return list(probe.notifies(timeout=0.5)) == []
+
+
 # ----------------------------------------------------------------------------- the basics
 
 
@@ -86,24 +107,17 @@ def test_waits_are_pushed_and_callbacks_work_as_with_redis(
     # without a listener on the shard the store sends no NOTIFY at all (the global
     # commit lock of notifying transactions is not taken)
     quiet_id = str(uuid.uuid4())
-    with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
-        probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(
-            channel_for(backend._sql().channel_prefix, quiet_id))))
+    with _shard_probe(pg_database, backend, quiet_id, presence=False) as (probe, _):
         t.add.apply_async((5, 5), task_id=quiet_id)  # nobody in any process waits yet
         deadline = time.monotonic() + 60
         while backend.get_task_meta(quiet_id, cache=False)["status"] != states.SUCCESS:
             assert time.monotonic() < deadline, "the worker never stored the quiet task"
             time.sleep(0.05)
-        probe.execute("SELECT 1")
-        assert list(probe.notifies(timeout=0.5)) == [], "notified with nobody on the shard"
+        assert _nothing_notified(probe), "notified with nobody on the shard"
     # an independent session that LISTENs and holds the shard's presence lock sees the
     # store's notification (positive control of the notifications-off test below)
     probe_id = str(uuid.uuid4())
-    channel = channel_for(backend._sql().channel_prefix, probe_id)
-    with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
-        probe.execute("SELECT pg_advisory_lock_shared(%s, %s)",
-                      (backend._sql().lock_key, shard_of(probe_id)))
-        probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    with _shard_probe(pg_database, backend, probe_id) as (probe, channel):
         assert t.add.apply_async((1, 2), task_id=probe_id).get(timeout=60) == 3
         got = [(n.channel, n.payload) for n in probe.notifies(timeout=5, stop_after=1)]
     assert (channel, f"rs1|SUCCESS|{probe_id}") in got, got
@@ -553,15 +567,10 @@ def test_notifications_off_store_answers_every_wait_by_polling(
     backend = app.backend
     assert not backend.notifications and backend.result_consumer.listener() is None
     probe_id = str(uuid.uuid4())
-    channel = channel_for(backend._sql().channel_prefix, probe_id)
-    with psycopg.connect(pg_database.dsn(), autocommit=True) as probe:
-        # a listener on the shard, presence lock held: a notifying store would NOTIFY
-        probe.execute("SELECT pg_advisory_lock_shared(%s, %s)",
-                      (backend._sql().lock_key, shard_of(probe_id)))
-        probe.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    # a listener on the shard, presence lock held: a notifying store would NOTIFY
+    with _shard_probe(pg_database, backend, probe_id) as (probe, _):
         assert t.add.apply_async((2, 2), task_id=probe_id).get(timeout=60) == 4
-        probe.execute("SELECT 1")
-        assert list(probe.notifies(timeout=0.5)) == [], "a notifications-off store notified"
+        assert _nothing_notified(probe), "a notifications-off store notified"
     assert [t.add.delay(i, i).get(timeout=60) for i in range(5)] == [0, 2, 4, 6, 8]
     assert group(t.add.s(i, 1) for i in range(8)).apply_async().get(timeout=60) == \
         [i + 1 for i in range(8)]
