@@ -128,6 +128,7 @@ def test_waits_are_pushed_and_callbacks_work_as_with_redis(
         "a direct connection was taken for a pooler"
     before = listener.received
     assert [t.add.delay(i, i).get(timeout=60) for i in range(5)] == [0, 2, 4, 6, 8]
+    assert t.add.delay(3, 4).wait(timeout=60) == 7  # AsyncResult.wait: Celery's alias of get
     assert listener.received > before, "results arrived without a notification"
     # the last wait's channel is UNLISTENed shortly after (not per wait: one round trip)
     eventually(lambda: listener.listening == frozenset() or None, 10,

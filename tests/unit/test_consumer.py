@@ -182,3 +182,46 @@ def test_interval_settings_are_read_once_and_bounded(tmp_path: Path) -> None:
         with pytest.raises(ImproperlyConfigured, match=name):
             bad.backend  # noqa: B018 (building the backend reads the settings)
     reset_registry()
+
+
+def test_listener_that_cannot_connect_backs_off_and_warns_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A refused LISTEN connection (a closed port on 127.0.0.1): attempts are spaced by a
+    growing backoff capped at 2 s (a wait does not reconnect on every pass), one warning for
+    the whole outage, without the password."""
+    import logging
+
+    from resultstore_backend import consumer as consumer_mod
+    from resultstore_backend.config import parse_backend_url
+    from resultstore_backend.engine import EngineHolder
+    from resultstore_devtools.procs import free_port
+
+    caplog.set_level(logging.WARNING, logger="resultstore_backend.consumer")
+    source = parse_backend_url(
+        f"postgresql+psycopg://u:s3cret-pw@127.0.0.1:{free_port()}/db?schema=rs")
+    holder = EngineHolder(source, create_tables=False)
+    listener = consumer_mod.Listener(holder)
+    sink = object()
+    try:
+        listener.update(sink, add=["t1"])  # the first wait: one attempt, refused
+        assert not listener.connected
+        backoffs = []
+        for _ in range(8):
+            due = listener._next_attempt
+            listener.ensure_connected()  # not due yet: no new attempt
+            assert listener._next_attempt == due, "reconnected before the backoff ran out"
+            listener._next_attempt = 0.0  # the backoff ran out
+            listener.ensure_connected()
+            # an attempt was made (and refused): the next one is scheduled again
+            assert not listener.connected and listener._next_attempt > 0.0
+            backoffs.append(listener._backoff)
+        assert backoffs == sorted(backoffs) and backoffs[-1] == consumer_mod._BACKOFF_MAX, \
+            backoffs
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "cannot open the LISTEN connection" in warnings[0], \
+            warnings
+        assert "s3cret-pw" not in warnings[0]
+    finally:
+        listener.release(sink, ["t1"])
+        listener.close()
+        holder.dispose()
