@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -208,11 +209,10 @@ class LocalTarget:
             detail(f"command: {' '.join(self.runner.command())}")
             detail(f"CELERY_RESULT_BACKEND={self.runner.environment()['CELERY_RESULT_BACKEND']}")
             asked = self.runner.environment(translate=False)["CELERY_RESULT_BACKEND"]
-            detail(f"  (the pod asks for {asked}; its container runs here as a plain "
-                   "process, so this")
-            detail(f"  stand-in kubelet publishes the Secret volume under {pod_root} and "
-                   "rewrites the path;")
-            detail("  on a node the container reads the Secret mounted at that path itself)")
+            detail(_wrapped(f"(the pod asks for {asked}: its container runs here as a plain "
+                            "process, so this stand-in kubelet publishes the Secret volume "
+                            f"under {pod_root} and rewrites the path; on a node the "
+                            "container reads the Secret mounted at that path itself)"))
             eventually(lambda: "ready." in self.worker_log.read_text(errors="replace"), 90,
                        "the Celery worker to be ready")
         return worker_pod
@@ -233,6 +233,12 @@ class LocalTarget:
 
 
 # ------------------------------------------------------------------------------ the story
+
+
+def _wrapped(text: str) -> str:
+    """An explanation under a detail line, wrapped (paths are never broken)."""
+    return textwrap.fill(text, 88, initial_indent="  ", subsequent_indent="  ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -307,10 +313,11 @@ def _story(args: argparse.Namespace, work: Path) -> None:
         target.worker_ready(lambda: add.clone((0, 0)).delay())
 
         with step("Tasks, a group and a failing task through the injected backend"):
-            detail(f"client backend resultstore://{mirror.path}: this machine's kubelet-style "
-                   "mirror of the same Secret")
-            detail("(the database address rewritten to the one reachable from here), so the "
-                   "client follows a rotation as the worker does")
+            detail(f"client backend resultstore://{mirror.path}")
+            detail(_wrapped("(the demo's own client reads this machine's kubelet-style mirror "
+                            "of the same Secret, the database address rewritten to the one "
+                            "reachable from here, so it follows a rotation as the worker "
+                            "does)"))
             result = add.clone((2, 3)).delay()
             detail(f"add(2, 3) -> {result.get(timeout=120)}   (task {result.id})")
             started = time.monotonic()
