@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import psycopg
@@ -32,23 +31,27 @@ def _binding(user: str) -> Binding:
                    celery=CelerySettings(schema="s"))
 
 
-def test_reload_swaps_engine(tmp_path: Path) -> None:
+def test_reload_swaps_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A controlled clock: on a loaded machine real sleeps make "not yet checked" unreliable.
+    now = [1000.0]
+    monkeypatch.setattr("resultstore_backend.engine.time.monotonic", lambda: now[0])
     kd = KubeletDir(tmp_path)
     kd.write(render_binding(_binding("a")))
-    holder = EngineHolder(parse_backend_url(f"resultstore://{tmp_path}"), reload_interval=0.05)
+    holder = EngineHolder(parse_backend_url(f"resultstore://{tmp_path}"), reload_interval=5.0)
     first = holder.engine()
     assert first.url.username == "a"
     assert holder.engine() is first  # no change, same engine
     kd.write(render_binding(_binding("b")))
+    now[0] += 4.9
     assert holder.engine() is first  # checked at most every reload_interval
-    time.sleep(0.06)
+    now[0] += 0.2
     second = holder.engine()
     assert second is not first and second.url.username == "b" and holder.reloads == 1
     # invalid new content keeps the working engine
     data = render_binding(_binding("c"))
     data["celery.json"] = "{"
     kd.write(data)
-    time.sleep(0.06)
+    now[0] += 5.1
     assert holder.engine() is second
 
 
