@@ -52,7 +52,7 @@ PG_DRIVER = "postgresql+psycopg"
 SECRET_TYPE = "postgresql"
 SECRET_PROVIDER = "resultstore"
 
-# Secret keys (DESIGN.md, "The Secret the operator writes")
+# Secret keys (docs/CONTRACTS.md, "The Secret the operator writes")
 KEY_TYPE = "type"
 KEY_PROVIDER = "provider"
 KEY_HOST = "host"
@@ -197,7 +197,7 @@ def _query(sslmode: str, schema: str | None) -> str:
 
 
 def render_binding(b: Binding) -> dict[str, str]:
-    """Every Secret key of DESIGN.md, as strings, for the operator to write."""
+    """Every Secret key of docs/CONTRACTS.md, as strings, for the operator to write."""
     schema = b.celery.schema
     netloc = _netloc(b.username, b.password, b.host, b.port)
     db = quote(b.database, safe="")

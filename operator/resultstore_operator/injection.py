@@ -22,7 +22,7 @@ from typing import Any
 from .builders.names import config_dir as mount_path
 from .builders.names import secret_name
 
-# Public names (DESIGN.md "Pod injection").
+# Public names (docs/CONTRACTS.md "Pod injection").
 INJECT_LABEL = "resultstore.dev/inject"
 CONTAINERS_ANNOTATION = "resultstore.dev/containers"
 MODE_ANNOTATION = "resultstore.dev/mode"
@@ -101,7 +101,7 @@ def requested_store(pod: Mapping[str, Any]) -> RequestedStore | None:
 
 
 def backend_url(store: str) -> str:
-    """The config-directory URL the backend reads (DESIGN.md "Backend URLs")."""
+    """The config-directory URL the backend reads (docs/CONTRACTS.md "Backend URLs")."""
     return f"resultstore://{mount_path(store)}"
 
 

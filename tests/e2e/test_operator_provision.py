@@ -28,7 +28,7 @@ from tests.e2e.operator_support import (
     make_openv,
 )
 
-DESIGN_KEYS = {"type", "provider", "host", "port", "database", "username", "password",
+CONTRACT_KEYS = {"type", "provider", "host", "port", "database", "username", "password",
                "sslmode", "schema", "uri", "result_backend", "engine_options.json",
                "celery.json"}
 CLEANUP_JOB = {
@@ -72,10 +72,10 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
         assert {"reason", "message", "lastTransitionTime", "observedGeneration"} <= set(cond)
     assert status["credentials"]["phase"] == "Stable"
 
-    # the Secret: every DESIGN key, the binding type, owned by the store, readable by the backend
+    # the Secret: every contract key, the binding type, owned by the store, readable by the backend
     secret = env.cluster.secret(env.namespace, "orders-resultstore")
     assert secret is not None and secret["type"] == "servicebinding.io/postgresql"
-    assert set(secret["data"]) == DESIGN_KEYS
+    assert set(secret["data"]) == CONTRACT_KEYS
     owner = secret["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("ResultStore", uid, True)
     assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == \

@@ -24,3 +24,12 @@ def test_ruff_is_clean() -> None:
 def test_mypy_is_clean() -> None:
     result = _run(str(BIN / "mypy"), *PACKAGES)
     assert result.returncode == 0, f"mypy found problems:\n{result.stdout}{result.stderr}"
+
+
+def test_nothing_refers_to_files_outside_the_repository() -> None:
+    """A clone is all a newcomer has: contracts live in docs/, not in a sibling folder."""
+    result = _run("git", "grep", "-n", "-I", "-e", "../shared", "-e", "DESIGN.md", "--",
+                  ".", ":!tests/unit/test_code_quality.py")
+    assert result.returncode == 1, (
+        "files refer to documents outside the repository (use docs/CONTRACTS.md):\n"
+        f"{result.stdout}{result.stderr}")

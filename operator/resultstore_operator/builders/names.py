@@ -26,7 +26,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED_BY = "resultstore-operator"
 
 
-# DESIGN.md: the Secret `<store>-resultstore`, mounted at /var/run/resultstore/<store>.
+# docs/CONTRACTS.md: the Secret `<store>-resultstore`, mounted at /var/run/resultstore/<store>.
 SECRET_SUFFIX = "-resultstore"
 MOUNT_ROOT = "/var/run/resultstore"
 

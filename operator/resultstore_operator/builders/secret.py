@@ -1,4 +1,4 @@
-"""The binding Secret: every key of DESIGN.md, rendered by the backend's own config module.
+"""The binding Secret: every key of docs/CONTRACTS.md, rendered by the backend's own config module.
 
 The operator never formats connection strings itself: `render_binding` (resultstore_backend)
 is the single writer and `read_binding_dir` its reader, so the two cannot disagree. This
