@@ -59,11 +59,19 @@ def test_cleanup_cli_config_dir(pg_database: Any, tmp_path: Path) -> None:
 
 
 def test_cleanup_failure_exits_non_zero(pg_database: Any) -> None:
-    # no tables in this schema: the run fails, is reported, and exits 1
+    # no tables in this schema: nothing to clean yet, said as such (exit 3: not migrated),
+    # so the CronJob's Job fails with a reason instead of "no such table"
     url = pg_database.url() + "?schema=nothing_here"
     proc = _cli("cleanup", "--url", url)
-    assert proc.returncode == 1
-    assert "error" in proc.stderr and pg_database.server.password not in proc.stderr
+    assert proc.returncode == 3, proc.stderr
+    assert "not migrated" in proc.stderr and pg_database.server.password not in proc.stderr
+    # a server that refuses the connection: a plain failure (exit 1) naming host:port
+    password = pg_database.server.password
+    refused = _cli("cleanup", "--url",
+                   f"postgresql+psycopg://postgres:{password}@127.0.0.1:1/db?schema=rs")
+    assert refused.returncode == 1, refused.stderr
+    assert "error" in refused.stderr and "127.0.0.1:1" in refused.stderr
+    assert password not in refused.stderr
 
 
 def test_backend_cleanup_method(pg_store_url: str, pg_database: Any) -> None:
