@@ -62,6 +62,17 @@ def _wait_all(fns: list[Any], timeout: float = 180) -> list[Any]:
     return out
 
 
+def _wait_all_during(disrupt: Any, fns: list[Any], join_timeout: float) -> list[Any]:
+    """:func:`_wait_all` while ``disrupt()`` runs in a thread of its own (a restart, a
+    rotation), joined afterwards whatever the waits did."""
+    thread = threading.Thread(target=disrupt)
+    thread.start()
+    try:
+        return _wait_all(fns)
+    finally:
+        thread.join(join_timeout)
+
+
 def _listen_sessions(pg_database: Any) -> dict[int, tuple[str, str]]:
     """pid -> (role, last query) of the sessions whose last statement was a (UN)LISTEN."""
     with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
@@ -214,12 +225,7 @@ def test_postgres_restart_while_50_clients_wait(pg_store_url: str, postgres: Any
         time.sleep(1.0)
         postgres.restart()
 
-    restarter = threading.Thread(target=restart)
-    restarter.start()
-    try:
-        got = _wait_all([lambda i=i: waiter(i) for i in range(50)])
-    finally:
-        restarter.join(120)
+    got = _wait_all_during(restart, [lambda i=i: waiter(i) for i in range(50)], 120)
     assert got == list(range(50))
     # after the restart waits are pushed again (the waits above may all have been
     # answered by polling while the listener was still backing off)
@@ -330,12 +336,7 @@ def test_credential_rotation_while_clients_wait(pg_database: Any, workers: Worke
         started.set()
         return results[i].get(timeout=120)
 
-    rotator = threading.Thread(target=rotate)
-    rotator.start()
-    try:
-        got = _wait_all([lambda i=i: waiter(i) for i in range(20)])
-    finally:
-        rotator.join(60)
+    got = _wait_all_during(rotate, [lambda i=i: waiter(i) for i in range(20)], 60)
     assert got == list(range(20))
     assert t.add.delay(4, 4).get(timeout=60) == 8
     new_pid = listener.backend_pid()
