@@ -22,6 +22,12 @@ The ``result`` column holds a pickle of the prepared result, as stock Celery's
 PickleType column always did, so stock clients of every 5.x version read our
 rows. Unless the app accepts pickle content, results are pickled and unpickled
 through a restricted (de)serialiser that allows only the types JSON can carry.
+
+Why one module: it is the one Celery ``Backend`` subclass, whose contract is a single
+class with many overrides (tasks, groups, chords, key-value, waits) sharing the engine
+holder, the statements and the retry wrapper. What can stand alone already does: SQL
+in sql.py, connections in engine.py, push waits in consumer.py, pickles in pickles.py,
+cleanup in cleanup.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ Celery, so the operator can use it without the worker stack.
 
 Passwords never appear in reprs or error messages: every error is a
 :class:`ConfigError` that names the file (and JSON key) at fault.
+
+Why one module: the writing side (:func:`render_binding`) and the reading side
+(:func:`read_binding_dir`, :func:`parse_backend_url`) of the Secret are kept together on
+purpose, so key names, formats and their validation cannot drift apart between operator
+and backend.
 """
 
 from __future__ import annotations

@@ -32,6 +32,11 @@ Why this shape (the Redis backend's, on PostgreSQL's LISTEN/NOTIFY):
 - Reloaded credentials (config-directory mode): when the engine holder's config
   changes, the old role's LISTEN connection is closed and one with the new config
   is opened.
+
+Why one module: :class:`ResultConsumer` is the only client of :class:`Listener`, and the
+two share one hand-off protocol (``update``/``take``/``kick``/``wait`` under the
+listener's lock, the per-consumer inbox, ``epoch``); the fork hook resets both. Split,
+the protocol would be half in each file.
 """
 
 from __future__ import annotations

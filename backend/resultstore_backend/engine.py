@@ -31,6 +31,12 @@ before use; one older than ``pool_recycle`` goes back through the pool
 (which recycles it); a connection error drops the whole list with the pool;
 a reload closes the old engine's list; after fork the child never touches
 the parent's list.
+
+Why one module: the registry, the fork hook, the reload check and the connection cache
+share one lock and one :class:`_EngineSlot` per engine; apart they would have to reach
+into each other's state. The connection-error classification at the top
+(:func:`classify_connect_error`, :func:`is_transient_error`) is the separable part,
+kept here because it describes failures of the engines built here.
 """
 
 from __future__ import annotations

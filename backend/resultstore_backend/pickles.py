@@ -21,6 +21,12 @@ store. So, without pickle content:
   multiply memory either.
 
 Everything here is pure (no I/O) and independent of Celery, so it is tested on its own.
+
+Why one module: the writer (:class:`_JsonSafePickler`), the opcode pre-check and the
+restricted reader (:class:`_JsonSafeUnpickler` and its constructor table) are one trust
+boundary. The reader's allow-list must accept exactly what the writer emits, and the
+opcode check must know which opcodes the reader lets through; kept side by side, a change
+to one is reviewed against the other.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ The task and group tables keep the layout of Celery's stock
 sequence names, so that a stock ``db+`` client whose ``search_path`` points at
 the schema can read (and even write) the same rows. Columns of our own are
 only ever *added*.
+
+Why one module: the operator imports this file alone (SQLAlchemy Core, no Celery) to
+create and grant objects, and every migration is written against the tables defined
+here, so a new column, its migration and :data:`SCHEMA_VERSION` change in one place.
+Most of its length is the table definitions of :func:`tables_for`.
 """
 
 from __future__ import annotations
