@@ -207,63 +207,79 @@ def check_opcodes(data: bytes) -> None:
     decoded). Raises :class:`UnsafePickleError` for an unknown opcode, a length running
     past the end, a memo index larger than the payload (each memoised object takes at
     least one byte, so a legitimate index never is), or a missing STOP.
+
+    The common opcodes (fixed-size and 1-byte-length arguments) are skipped inline; the
+    rarer kinds that need checks go through one helper each, which returns the offset
+    after the argument (or -1 when the payload ends inside it).
     """
     n = len(data)
     kinds = _ARG_KIND
     i = 0
-    while i < n:
+    while 0 <= i < n:
         kind = kinds[data[i]]
         i += 1
         if kind >= 0:
             i += kind
-            continue
-        if kind == _LEN1:
-            if i < n:
-                i += 1 + data[i]
-            else:
-                break
+        elif kind == _LEN1:
+            i = i + 1 + data[i] if i < n else -1
         elif kind == _STOP_OP:
             return
         elif kind <= _LEN4 and kind >= _LEN8:
-            width = 8 if kind == _LEN8 else 4
-            size = int.from_bytes(data[i:i + width], "little", signed=(kind == _LEN4))
-            i += width
-            if size < 0 or size > n - i:
-                raise UnsafePickleError(
-                    f"declared length {size} at offset {i - width - 1} exceeds the "
-                    f"{max(0, n - i)} bytes left in the payload")
-            i += size
+            i = _skip_sized(data, i, kind)
         elif kind == _BOUNDED:
-            op = data[i - 1]
-            width = _BOUNDED_WIDTH[op]
-            value = int.from_bytes(data[i:i + width], "little")
-            if value > n:
-                what = "memo index" if op == _LONG_BINPUT else "frame length"
-                raise UnsafePickleError(
-                    f"{what} {value} at offset {i - 1} exceeds the payload size {n}")
-            i += width
+            i = _skip_bounded(data, i)
         elif kind == _UNKNOWN:
             raise UnsafePickleError(
                 f"unknown pickle opcode 0x{data[i - 1]:02x} at offset {i - 1}")
-        else:  # newline-terminated arguments
-            end = data.find(b"\n", i)
-            if end < 0:
-                break
-            if kind == _PUT_NL:
-                try:
-                    index = int(data[i:end])
-                except ValueError:
-                    raise UnsafePickleError(f"bad PUT index at offset {i - 1}") from None
-                if index > n:
-                    raise UnsafePickleError(
-                        f"memo index {index} at offset {i - 1} exceeds the payload size {n}")
-            i = end + 1
-            if kind == _NL2:
-                end = data.find(b"\n", i)
-                if end < 0:
-                    break
-                i = end + 1
+        else:
+            i = _skip_lines(data, i, kind)
     raise UnsafePickleError("pickle data was truncated (no STOP opcode)")
+
+
+def _skip_sized(data: bytes, i: int, kind: int) -> int:
+    """Skip a 4- or 8-byte length and its bytes, refusing a length the payload lacks."""
+    n = len(data)
+    width = 8 if kind == _LEN8 else 4
+    size = int.from_bytes(data[i:i + width], "little", signed=(kind == _LEN4))
+    i += width
+    if size < 0 or size > n - i:
+        raise UnsafePickleError(
+            f"declared length {size} at offset {i - width - 1} exceeds the "
+            f"{max(0, n - i)} bytes left in the payload")
+    return i + size
+
+
+def _skip_bounded(data: bytes, i: int) -> int:
+    """Skip a LONG_BINPUT index or FRAME length, refusing one larger than the payload."""
+    n = len(data)
+    op = data[i - 1]
+    width = _BOUNDED_WIDTH[op]
+    value = int.from_bytes(data[i:i + width], "little")
+    if value > n:
+        what = "memo index" if op == _LONG_BINPUT else "frame length"
+        raise UnsafePickleError(
+            f"{what} {value} at offset {i - 1} exceeds the payload size {n}")
+    return i + width
+
+
+def _skip_lines(data: bytes, i: int, kind: int) -> int:
+    """Skip newline-terminated arguments (two for GLOBAL/INST); check a PUT's memo index."""
+    end = data.find(b"\n", i)
+    if end < 0:
+        return -1
+    if kind == _PUT_NL:
+        try:
+            index = int(data[i:end])
+        except ValueError:
+            raise UnsafePickleError(f"bad PUT index at offset {i - 1}") from None
+        if index > len(data):
+            raise UnsafePickleError(
+                f"memo index {index} at offset {i - 1} exceeds the payload size {len(data)}")
+    if kind == _NL2:
+        end = data.find(b"\n", end + 1)
+        if end < 0:
+            return -1
+    return end + 1
 
 
 # ----------------------------------------------------------------------------- reading
