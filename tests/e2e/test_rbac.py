@@ -433,12 +433,59 @@ def workload(kind: str, name: str, store: str) -> dict[str, Any]:
 
 
 def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
-    """Everything the operator does with the API, step by step; raises ScenarioFailure."""
-    ns = f"rbac-{tag}"
-    store, schema = "s", f"rbac_{tag}"
-    secret = f"{store}-resultstore"
-    rig.core.create_namespace({"metadata": {"name": ns}})
+    """Everything the operator does with the API, step by step; raises ScenarioFailure.
+
+    Each phase is a method of :class:`Scenario`; ``steps`` names the last step begun, so a
+    failure (or a pass where a grant was removed) says how far the operator got.
+    """
+    scenario = Scenario(rig, tag, steps)
+    rig.core.create_namespace({"metadata": {"name": scenario.ns}})
     try:
+        scenario.provision()
+        scenario.check_provisioned()
+        scenario.check_webhook()
+        scenario.check_rollout()
+        scenario.check_update()
+        scenario.check_repair()
+        scenario.check_delete()
+        steps.append("done")
+    finally:
+        rig.clean_namespace(scenario.ns)
+
+
+class Scenario:
+    """One run of the scenario in its own namespace, with the probes its steps share."""
+
+    def __init__(self, rig: Rig, tag: str, steps: list[str]) -> None:
+        self.rig = rig
+        self.steps = steps
+        self.ns = f"rbac-{tag}"
+        self.store, self.schema = "s", f"rbac_{tag}"
+        self.secret = f"{self.store}-resultstore"
+
+    def cond(self, type_: str) -> dict[str, Any] | None:
+        obj = self.rig.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.ns, PLURAL, self.store)
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            if c.get("type") == type_:
+                return dict(c)
+        return None
+
+    def read_secret(self) -> Any:
+        try:
+            return self.rig.core.read_namespaced_secret(self.secret, self.ns)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def decoded(self, key: str) -> str:
+        s = self.read_secret()
+        return base64.b64decode((s.data or {}).get(key, "")).decode() if s else ""
+
+    def provision(self) -> None:
+        """The admin Secret, three opted-in workloads and the ResultStore."""
+        rig, ns, store = self.rig, self.ns, self.store
         eventually("default ServiceAccount",
                    lambda: rig.core.read_namespaced_service_account("default", ns), 30)
         user, password = rig.create_admin()
@@ -456,34 +503,18 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
             "spec": {"database": {"host": rig.pg.host, "port": rig.pg.port,
                                   "name": rig.database, "sslMode": "disable",
                                   "adminSecretRef": {"name": "pg-admin"}},
-                     "schema": schema, "engine": {"poolSize": 3},
+                     "schema": self.schema, "engine": {"poolSize": 3},
                      "deletionPolicy": "Delete"}})
 
-        def cond(type_: str) -> dict[str, Any] | None:
-            obj = rig.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, store)
-            for c in (obj.get("status") or {}).get("conditions") or []:
-                if c.get("type") == type_:
-                    return dict(c)
-            return None
-
-        def read_secret() -> Any:
-            try:
-                return rig.core.read_namespaced_secret(secret, ns)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-
-        def decoded(key: str) -> str:
-            s = read_secret()
-            return base64.b64decode((s.data or {}).get(key, "")).decode() if s else ""
-
+    def check_provisioned(self) -> None:
+        """Ready condition, binding Secret, cleanup CronJob and Events on the store."""
+        rig, ns, store, steps = self.rig, self.ns, self.store, self.steps
         steps.append("ready")
-        eventually("ready", lambda: (cond("Ready") or {}).get("status") == "True")
+        eventually("ready", lambda: (self.cond("Ready") or {}).get("status") == "True")
         steps.append("secret")
-        eventually("secret", lambda: read_secret() is not None
-                   and read_secret().type == "servicebinding.io/postgresql"
-                   and "uri" in (read_secret().data or {}))
+        eventually("secret", lambda: self.read_secret() is not None
+                   and self.read_secret().type == "servicebinding.io/postgresql"
+                   and "uri" in (self.read_secret().data or {}))
         steps.append("cronjob")
         eventually("cronjob", lambda: rig.batch.read_namespaced_cron_job(
             f"{store}-resultstore-cleanup", ns))
@@ -491,7 +522,10 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
         eventually("events", lambda: [e for e in rig.core.list_namespaced_event(ns).items
                                       if e.involved_object.name == store])
 
-        steps.append("webhook")
+    def check_webhook(self) -> None:
+        """A labelled pod is injected; pods it cannot inject give one counted Warning."""
+        rig, ns, store, secret = self.rig, self.ns, self.store, self.secret
+        self.steps.append("webhook")
 
         def injected_pod() -> bool:
             name = f"p-{uuid.uuid4().hex[:6]}"
@@ -508,7 +542,7 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
 
         eventually("webhook", injected_pod, interval=1.0)
 
-        steps.append("webhook events")
+        self.steps.append("webhook events")
         # Pods the webhook cannot inject (unknown mode) give one Warning Event on the store
         # whose count follows the repeats (create, then patch: not one Event per pod).
         for i in range(2):
@@ -521,7 +555,10 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
             if e.reason == "InvalidInjectionMode" and e.involved_object.name == store
             and (e.count or 0) >= 2])
 
-        steps.append("rollout")
+    def check_rollout(self) -> None:
+        """Opted-in workloads get the Secret's hash, also one created after the Secret."""
+        rig, ns, store = self.rig, self.ns, self.store
+        self.steps.append("rollout")
         readers = {"Deployment": rig.apps.read_namespaced_deployment,
                    "StatefulSet": rig.apps.read_namespaced_stateful_set,
                    "DaemonSet": rig.apps.read_namespaced_daemon_set}
@@ -532,7 +569,7 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
                 return "resultstore.dev/secret-hash" in annotations
             eventually(f"rollout {kind}", annotated)
 
-        steps.append("new workload")
+        self.steps.append("new workload")
         # A workload opted in after the Secret exists is annotated through the workload watch
         # (no Secret change triggers it).
         rig.apps.create_namespaced_deployment(ns, workload("Deployment", "w-late", store))
@@ -540,19 +577,24 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
             rig.apps.read_namespaced_deployment("w-late", ns).spec.template.metadata
             .annotations or {}))
 
-        steps.append("update")
-        rig.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, store, {"spec": {"engine": {"poolSize": 7}}},
+    def check_update(self) -> None:
+        """A spec change reaches the Secret."""
+        self.steps.append("update")
+        self.rig.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.ns, PLURAL, self.store, {"spec": {"engine": {"poolSize": 7}}},
             _content_type="application/merge-patch+json")
-        eventually("update", lambda: json.loads(decoded("engine_options.json") or "{}")
+        eventually("update", lambda: json.loads(self.decoded("engine_options.json") or "{}")
                    .get("pool_size") == 7)
 
-        steps.append("repair")
+    def check_repair(self) -> None:
+        """A tampered Secret (of another, immutable type) is deleted and re-created."""
+        rig, ns, secret = self.rig, self.ns, self.secret
+        self.steps.append("repair")
         # Someone replaces the Secret with an Opaque one that keeps its ownerReference (still
         # the store's own): its type is immutable, so the operator must delete (with uid
         # preconditions) and re-create it. A replacement without the reference would be a
         # foreign object, left alone (test_operator_k8s_ownership.py).
-        owners = read_secret().metadata.owner_references
+        owners = self.read_secret().metadata.owner_references
         for _ in range(5):
             rig.core.delete_namespaced_secret(secret, ns)
             try:
@@ -564,11 +606,14 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-        eventually("repair", lambda: read_secret() is not None
-                   and read_secret().type == "servicebinding.io/postgresql"
-                   and decoded("uri") != "postgresql://tampered")
+        eventually("repair", lambda: self.read_secret() is not None
+                   and self.read_secret().type == "servicebinding.io/postgresql"
+                   and self.decoded("uri") != "postgresql://tampered")
 
-        steps.append("delete")
+    def check_delete(self) -> None:
+        """Deleting the store runs the finalizer: the object and its schema go."""
+        rig, ns, store = self.rig, self.ns, self.store
+        self.steps.append("delete")
         rig.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, store)
 
         def gone() -> bool:
@@ -580,10 +625,7 @@ def run_scenario(rig: Rig, tag: str, steps: list[str]) -> None:
 
         eventually("delete", gone)
         eventually("delete", lambda: not rig.sql(
-            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)))
-        steps.append("done")
-    finally:
-        rig.clean_namespace(ns)
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)))
 
 
 #: Kopf's optional CRD observation (see test_crd_installed_after_the_operator_needs_a_restart):

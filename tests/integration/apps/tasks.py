@@ -91,6 +91,13 @@ class _MarksStored(Task):
 
 
 def define_differential_tasks(app: Celery) -> SimpleNamespace:
+    """Register the differential test's tasks on ``app``, one group of concerns at a time."""
+    return SimpleNamespace(**_value_tasks(app), **_failure_tasks(app), **_flow_tasks(app),
+                           **_errback_tasks(app))
+
+
+def _value_tasks(app: Celery) -> dict[str, Any]:
+    """Tasks returning values of every shape the serialisers must carry (or refuse)."""
     @app.task(shared=False, name="rs.d.echo")
     def echo(value: Any) -> Any:
         return value
@@ -141,6 +148,13 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
         block = "0123456789abcdef"
         return (block * (size // len(block) + 1))[:size]
 
+    return {"echo": echo, "shapes": shapes, "point": point, "a_tuple": a_tuple,
+            "a_datetime": a_datetime, "a_set": a_set, "an_object": an_object,
+            "unicode": unicode, "big": big}
+
+
+def _failure_tasks(app: Celery) -> dict[str, Any]:
+    """Tasks that fail, retry or return an exception."""
     @app.task(shared=False, name="rs.d.fail_after")
     def fail_after(message: str, seconds: float) -> None:
         time.sleep(seconds)
@@ -168,6 +182,24 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
             raise self.retry(exc=ValueError("gave up", 3), countdown=0)
         raise self.retry(countdown=0)
 
+    @app.task(shared=False, name="rs.d.raise_unserializable")
+    def raise_unserializable() -> None:
+        class LocalError(Exception):
+            """Not importable by the caller (defined inside the task)."""
+        raise LocalError({1, 2}, object(), "kept")
+
+    @app.task(shared=False, name="rs.d.return_exception")
+    def return_exception() -> Any:
+        return ValueError("returned, not raised")
+
+    return {"fail_after": fail_after, "raise_custom": raise_custom,
+            "raise_multi": raise_multi, "retry_then": retry_then,
+            "retry_exhaust": retry_exhaust, "raise_unserializable": raise_unserializable,
+            "return_exception": return_exception}
+
+
+def _flow_tasks(app: Celery) -> dict[str, Any]:
+    """Tasks the test synchronises with: stored marks, gates, joins and groups inside tasks."""
     @app.task(shared=False, name="rs.d.stored", base=_MarksStored)
     def stored(tag: str, value: Any) -> Any:
         return value
@@ -201,21 +233,17 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
             raise TimeoutError(f"gate {tag} never opened")
         return "opened"
 
-    @app.task(shared=False, name="rs.d.raise_unserializable")
-    def raise_unserializable() -> None:
-        class LocalError(Exception):
-            """Not importable by the caller (defined inside the task)."""
-        raise LocalError({1, 2}, object(), "kept")
-
-    @app.task(shared=False, name="rs.d.return_exception")
-    def return_exception() -> Any:
-        return ValueError("returned, not raised")
-
     @app.task(shared=False, name="rs.d.spawn")
     def spawn(n: int) -> Any:
         """Starts a group from inside a task: the group becomes this task's child."""
         return group(app.tasks["rs.add"].s(i, i) for i in range(n)).delay()
 
+    return {"stored": stored, "stored_fail": stored_fail, "mark": mark,
+            "join_inside": join_inside, "gated": gated, "started": started, "spawn": spawn}
+
+
+def _errback_tasks(app: Celery) -> dict[str, Any]:
+    """Error callbacks in the three signatures Celery accepts."""
     @app.task(shared=False, name="rs.d.errback_new")
     def errback_new(request: Any, exc: BaseException, traceback: Any, tag: str) -> None:
         _record(tag, {"style": "new", "request_id": request.id, "exc_type": type(exc).__name__,
@@ -229,15 +257,8 @@ def define_differential_tasks(app: Celery) -> SimpleNamespace:
     @app.task(shared=False, name="rs.d.errback_immutable")
     def errback_immutable(tag: str) -> None:
         _record(tag, {"style": "immutable"})
-
-    return SimpleNamespace(
-        echo=echo, shapes=shapes, point=point, a_tuple=a_tuple, a_datetime=a_datetime,
-        a_set=a_set, an_object=an_object, unicode=unicode, big=big, fail_after=fail_after,
-        raise_custom=raise_custom, raise_multi=raise_multi, retry_then=retry_then,
-        retry_exhaust=retry_exhaust, stored=stored, stored_fail=stored_fail, mark=mark,
-        join_inside=join_inside, errback_new=errback_new, errback_old=errback_old,
-        errback_immutable=errback_immutable, spawn=spawn, gated=gated, started=started,
-        raise_unserializable=raise_unserializable, return_exception=return_exception)
+    return {"errback_new": errback_new, "errback_old": errback_old,
+            "errback_immutable": errback_immutable}
 
 
 # ----------------------------------------------------------------------------- push waits
