@@ -56,6 +56,9 @@ KUBERNETES_MODULE = "k8s.io/kubernetes"
 ETCD_MODULE = "go.etcd.io/etcd/server/v3"
 HELM_MODULE = "helm.sh/helm/v3"
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kubectl")
+# The real node's binaries (resultstore_devtools.realnode): the same k8s.io/kubernetes build,
+# built on demand only, so a control-plane-only machine never pays for them.
+NODE_COMMANDS = ("kubelet", "kube-scheduler")
 
 Source = Literal["auto", "download", "build"]
 Progress = Callable[[str], None]
@@ -427,7 +430,8 @@ def _count_packages(workdir: Path, packages: Sequence[str]) -> int:
     return len(out.split())
 
 
-def build_kubernetes(cache_dir: Path, progress: Progress) -> None:
+def build_kubernetes(cache_dir: Path, progress: Progress,
+                     commands: Sequence[str] = KUBERNETES_COMMANDS) -> None:
     version = KUBERNETES_VERSION
     workdir = cache_dir / "build" / f"kubernetes-{version}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -435,14 +439,14 @@ def build_kubernetes(cache_dir: Path, progress: Progress) -> None:
     info = _module_download(KUBERNETES_MODULE, version, workdir.parent)
     gomod_text = Path(info["GoMod"]).read_text()
     (workdir / "go.mod").write_text(kubernetes_build_gomod(version, gomod_text))
-    packages = [f"{KUBERNETES_MODULE}/cmd/{name}" for name in KUBERNETES_COMMANDS]
+    packages = [f"{KUBERNETES_MODULE}/cmd/{name}" for name in commands]
     progress(f"kubernetes {version}: resolving dependencies (go get)")
     _run_go(["get", *(f"{p}@{version}" for p in packages)], workdir, progress, "go get")
     total = _count_packages(workdir, packages)
     out_dir = workdir / "out"
     out_dir.mkdir(exist_ok=True)
     progress(
-        f"kubernetes {version}: compiling {', '.join(KUBERNETES_COMMANDS)} "
+        f"kubernetes {version}: compiling {', '.join(commands)} "
         f"({total or 'many'} packages; the first build takes several minutes)"
     )
     ldflags = " ".join(kubernetes_ldflags(version, _release_time(info)))
@@ -453,8 +457,22 @@ def build_kubernetes(cache_dir: Path, progress: Progress) -> None:
         f"kubernetes {version}",
         total,
     )
-    for name in KUBERNETES_COMMANDS:
+    for name in commands:
         _install(out_dir / name, binary_path(cache_dir, name, version))
+
+
+def ensure_node(progress: Progress | None = None) -> dict[str, Path]:
+    """kubelet and kube-scheduler of the pinned version, built once (same module build)."""
+    report = progress or _stderr_progress
+    conf = settings()
+    paths = {name: binary_path(conf.cache_dir, name, KUBERNETES_VERSION) for name in NODE_COMMANDS}
+    if all(_usable(path) for path in paths.values()):
+        return paths
+    with _cache_lock(conf.cache_dir):
+        absent = [name for name, path in paths.items() if not _usable(path)]
+        if absent:
+            build_kubernetes(conf.cache_dir, report, absent)
+    return paths
 
 
 def build_etcd(cache_dir: Path, progress: Progress) -> None:
