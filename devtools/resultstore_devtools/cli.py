@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         from . import controlplane
 
         return int(controlplane.main(argv[1:]) or 0)
+    if argv and argv[0] == "pgbouncer":
+        from . import pgbouncer
+
+        sub = argparse.ArgumentParser(prog="resultstore-dev pgbouncer")
+        sub.add_argument("action", choices=["start", "stop", "status", "env"])
+        return pgbouncer.run_cli(sub.parse_args(argv[1:]).action, STATE_ROOT)
     parser = argparse.ArgumentParser(prog="resultstore-dev", description=__doc__)
     parser.add_argument("service", choices=["postgres", "redis", "controlplane"])
     parser.add_argument("action", choices=["start", "stop", "env"])
