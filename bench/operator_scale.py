@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                    store_body(name, pg, "bench"))
-            wait_for(lambda n=name: ready(custom, namespace, n), 60, name, interval=0.05)
+            wait_for(partial(ready, custom, namespace, name), 60, name, interval=0.05)
             singles.append(time.monotonic() - t0)
 
         names = [f"s{i:03d}" for i in range(args.stores)]

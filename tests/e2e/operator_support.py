@@ -48,17 +48,20 @@ def ensure_crd(api: client.ApiClient) -> None:
     name = body["metadata"]["name"]
     try:
         live = ext.read_custom_resource_definition(name)
+        assert live.metadata is not None
         body["metadata"]["resourceVersion"] = live.metadata.resource_version
-        ext.replace_custom_resource_definition(name, body)
+        ext.replace_custom_resource_definition(
+            name, client.V1CustomResourceDefinition.model_validate(body))
     except ApiException as exc:
         if exc.status != 404:
             raise
-        ext.create_custom_resource_definition(body)
+        ext.create_custom_resource_definition(
+            client.V1CustomResourceDefinition.model_validate(body))
 
     def established() -> bool:
         crd = ext.read_custom_resource_definition(name)
-        return any(c.type == "Established" and c.status == "True"
-                   for c in (crd.status.conditions or []))
+        conditions = (crd.status.conditions if crd.status else None) or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
 
     eventually(established, 30, "the ResultStore CRD to be established")
 

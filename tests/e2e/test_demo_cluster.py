@@ -33,6 +33,12 @@ from resultstore_devtools.procs import free_port
 OPERATOR_NS = "resultstore-system"
 
 
+def namespace_names(core: client.CoreV1Api) -> set[str]:
+    """The names of the cluster's namespaces (what the demo must leave as it found it)."""
+    return {n.metadata.name for n in core.list_namespace().items
+            if n.metadata is not None and n.metadata.name is not None}
+
+
 def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_server,
                                           tmp_path: Path) -> None:
     database = f"demo_{uuid.uuid4().hex[:8]}"
@@ -43,7 +49,7 @@ def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_serv
         conn.execute(f"GRANT CREATE ON DATABASE {database} TO demo_admin")
     namespace = f"demo-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api_client)
-    operator_ns_before = {n.metadata.name for n in core.list_namespace().items}
+    operator_ns_before = namespace_names(core)
 
     def kubeconfig_for(ns: str, account: str) -> Path:
         return kube.service_account_kubeconfig(ns, account, tmp_path / f"{ns}-{account}.conf",
@@ -95,7 +101,7 @@ def test_demo_against_an_existing_cluster(kube, api_client, postgres, redis_serv
 
     # The demo removed what it installed, and nothing else.
     # Gone, not Terminating: the next user of the cluster must be able to install again.
-    namespaces = {n.metadata.name for n in core.list_namespace().items}
+    namespaces = namespace_names(core)
     assert namespace not in namespaces, "the demo namespace was left behind"
     if OPERATOR_NS not in operator_ns_before:
         assert OPERATOR_NS not in namespaces, "the operator install was left behind"

@@ -59,12 +59,12 @@ def test_each_failure_has_a_distinct_reason_and_no_password_leaks(env: OpEnv) ->
     assert "CREATEROLE" in messages["weak"]
 
     # retried with a growing delay
-    def delays() -> list[float] | None:
+    def retry_delays() -> list[float] | None:
         found = [float(d) for d in re.findall(
             r"wrongpw: reconcile failed .*? retrying in (\d+)s", env.operator.text())]
         return found if len(found) >= 4 else None
 
-    delays = eventually(delays, 30, "four retries of the failing store")
+    delays = eventually(retry_delays, 30, "four retries of the failing store")
     assert len(delays) >= 3 and delays == sorted(delays) and delays[-1] > delays[0], delays
 
     # fixing the cause is enough: the retries pick it up

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,11 @@ def test_foreign_secret_is_left_as_it_was_and_survives_the_store(env: OpEnv) -> 
             "metadata": {"name": f"{store}-resultstore",
                          "labels": {"app.kubernetes.io/managed-by": "resultstore-operator"}},
             "type": "Opaque", "stringData": {"uri": f"postgresql://someone-else/{store}"}})
-    before = {s: env.cluster.secret(ns, f"{s}-resultstore") for s in ("orders", "billing")}
+    before: dict[str, dict[str, Any]] = {}
+    for store in ("orders", "billing"):
+        found = env.cluster.secret(ns, f"{store}-resultstore")
+        assert found is not None, f"{store}'s foreign Secret was not created"
+        before[store] = found
     env.create("orders", "s_orders")
     env.create("billing", "s_billing", deletionPolicy="Delete")
     for store in ("orders", "billing"):
@@ -72,7 +77,7 @@ def test_foreign_secret_is_left_as_it_was_and_survives_the_store(env: OpEnv) -> 
                                           timeout=45)
         assert "has no controller ownerReference" in cond["message"], cond
         assert f"Secret '{store}-resultstore' already exists" in cond["message"], cond
-        eventually(lambda s=store: warnings(env, s, "SecretNotOwned"), 30,
+        eventually(partial(warnings, env, store, "SecretNotOwned"), 30,
                    f"a Warning Event SecretNotOwned on {store}")
     reconciles_pass(env, "orders")
     for store in ("orders", "billing"):

@@ -106,7 +106,8 @@ def test_rotation_under_load_has_zero_failed_stores(env: OpEnv, tmp_path: Path) 
         creds = wait_rotations(env, "orders", 1)
         loop.wait_more(50)
         assert mirror.versions >= 2
-        assert env.cluster.condition(env.namespace, "orders", "Ready")["status"] == "True"
+        ready = env.cluster.condition(env.namespace, "orders", "Ready")
+        assert ready is not None and ready["status"] == "True", ready
     assert loop.failures == [], loop.failures[:5]
     new = env.binding("orders")
     assert new["username"] == creds["activeRole"] != old["username"]

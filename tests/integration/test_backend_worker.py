@@ -60,13 +60,14 @@ def test_worker_postgres(pool: str, pg_store_url: str, pg_database: Any, workers
     with psycopg.connect(pg_database.dsn()) as conn:
         rows = conn.execute(
             "SELECT status, count(*) FROM rs.celery_taskmeta GROUP BY status").fetchall()
-        counts = dict(rows)
+        counts: dict[str, int] = {status: n for status, n in rows}
         assert counts["SUCCESS"] >= 1 + 10 + 3 + 9 and counts["FAILURE"] == 1
         tz = conn.execute(
             "SELECT data_type FROM information_schema.columns WHERE table_schema='rs' "
             "AND table_name='celery_taskmeta' AND column_name='date_done'").fetchone()
         assert tz == ("timestamp with time zone",)
-        assert conn.execute("SELECT count(*) FROM rs.celery_tasksetmeta").fetchone()[0] >= 1
+        groups = conn.execute("SELECT count(*) FROM rs.celery_tasksetmeta").fetchone()
+        assert groups is not None and groups[0] >= 1
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -49,7 +50,7 @@ def test_stock_compatible_layout() -> None:
     assert any(ix.name == "ix_celery_taskmeta_date_done" for ix in t.task.indexes)
 
 
-def test_migrate_sqlite_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_migrate_sqlite_idempotent(tmp_path: Path) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
     names = TableNames()
     with engine.connect() as conn:
@@ -64,7 +65,7 @@ def test_migrate_sqlite_idempotent(tmp_path) -> None:  # type: ignore[no-untyped
             assert insp.has_table(table), table
 
 
-def test_migrate_adopts_stock_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_migrate_adopts_stock_table(tmp_path: Path) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
     with engine.begin() as conn:
         conn.execute(sa.text(
@@ -87,7 +88,7 @@ def _downgrade_to_v1_sqlite(conn: sa.Connection) -> None:
     conn.commit()
 
 
-def test_migration_2_adds_group_and_parent_ids(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_migration_2_adds_group_and_parent_ids(tmp_path: Path) -> None:
     """A version-1 store gains nullable group_id/parent_id, keeps its rows, records 2."""
     engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
     names = TableNames()
