@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import controlplane
 
         return int(controlplane.main(argv[1:]) or 0)
+    if argv and argv[0] == "node":
+        from . import realnode
+
+        return int(realnode.main(argv[1:]) or 0)
     if argv and argv[0] == "pgbouncer":
         from . import pgbouncer
 
