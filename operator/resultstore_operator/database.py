@@ -21,10 +21,10 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -608,3 +608,62 @@ class AdminSession:
                         exc.reason)
             self.disable_login(role)
             return False
+
+
+# --- the seam the controller depends on ----------------------------------------------------
+
+
+class Session(Protocol):
+    """The admin-session operations the controller uses (AdminSession is the one real
+    implementation; the controller's unit tests use an in-memory one)."""
+
+    @property
+    def tls_in_use(self) -> bool: ...
+
+    def check_capabilities(self, schema: str) -> None: ...
+
+    def inventory(self, schema: str, roles: Iterable[str]) -> m.Inventory: ...
+
+    def mark(self, marks: Iterable[tuple[str, str]], schema: str) -> None: ...
+
+    def migrate(self, names: TableNames, assessment: m.Assessment) -> tuple[int, int]: ...
+
+    def last_cleanup_run(self, names: TableNames) -> CleanupRun | None: ...
+
+    def teardown(self, plan: m.Teardown, schema: str) -> None: ...
+
+    def role_state(self, role: str) -> tuple[bool, bool]: ...
+
+    def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool: ...
+
+    def sync_privileges(self, names: TableNames, granted: Iterable[str],
+                        managed: Iterable[str], schema_ours: bool = True) -> list[str]: ...
+
+    def session_count(self, role: str) -> int: ...
+
+    def terminate_sessions(self, role: str) -> int: ...
+
+    def disable_login(self, role: str) -> bool: ...
+
+    def remove_role(self, role: str, names: TableNames) -> bool: ...
+
+
+class Database(Protocol):
+    """How the controller reaches PostgreSQL: one admin session per reconcile, and a login
+    check with a store role's password (both raise DatabaseError)."""
+
+    def session(self, target: Target, admin: Credentials,
+                owner: m.Owner) -> AbstractContextManager[Session]: ...
+
+    def check_login(self, target: Target, creds: Credentials) -> bool: ...
+
+
+class Postgres:
+    """The Database of a running operator: real connections (AdminSession, check_login)."""
+
+    def session(self, target: Target, admin: Credentials,
+                owner: m.Owner) -> AbstractContextManager[Session]:
+        return AdminSession(target, admin, owner)
+
+    def check_login(self, target: Target, creds: Credentials) -> bool:
+        return check_login(target, creds)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import reasons as r
+from .ownership import ADMIN_CREDENTIALS_LABEL
 
 Condition = dict[str, Any]
 
@@ -107,3 +108,37 @@ def phase_for(conditions: Iterable[Mapping[str, Any]] | None, rotation_phase: st
     if rotation_phase and rotation_phase != "Stable":
         return r.PHASE_ROTATING
     return r.PHASE_READY
+
+
+def ready_event(old: Mapping[str, Any] | None,
+                new: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """The Event (type, reason, message) for a change of Ready, or None.
+
+    Becoming ready is news, and so is ceasing to be; a store that was never ready and still
+    is not (Unknown -> False) already had its failure reported by the step that failed.
+    """
+    if old is not None and old.get("status") == new.get("status"):
+        return None
+    if new.get("status") == "True":
+        return "Normal", r.READY_REASON, "result store is ready"
+    if old is not None and old.get("status") == "True":
+        return ("Warning", str(new.get("reason")),
+                f"result store is no longer ready: {new.get('message')}")
+    return None
+
+
+_HINTS = {
+    r.ADMIN_SECRET_MISSING: "create the Secret named by spec.database.adminSecretRef",
+    r.ADMIN_AUTH_FAILED: "check the admin Secret's username and password",
+    r.DATABASE_UNREACHABLE: "check spec.database.host/port and the network",
+    r.ADMIN_CANNOT_CREATE_ROLE: "grant CREATEROLE to the admin role",
+    r.INSUFFICIENT_PRIVILEGE: "grant the admin role CREATE on the database",
+    r.ADMIN_SECRET_NOT_OPTED_IN: f"label the Secret {ADMIN_CREDENTIALS_LABEL}=true if it is "
+                                 f"meant for the operator",
+}
+
+
+def failure_message(reason: str, message: str) -> str:
+    """The message of a failure condition: what broke, then what to do (when we know)."""
+    hint = _HINTS.get(reason, "")
+    return f"{message} ({hint})" if hint else message

@@ -22,7 +22,7 @@ from typing import Any
 from ..settings import image_allowed
 from ..spec import CleanupJobSpec, ResultStoreSpec, SpecError
 from .names import config_dir, cronjob_name, labels, secret_name
-from .reasons import CLEANUP_JOB_REFUSED
+from .reasons import CLEANUP_JOB_REFUSED, CRONJOB_CREATED, CRONJOB_UPDATED
 
 CONTAINER_NAME = "cleanup"
 VOLUME_NAME = "resultstore-binding"
@@ -228,3 +228,22 @@ def cronjob_manifest(store: str, namespace: str, owner: Mapping[str, Any],
             },
         },
     }
+
+
+def cronjob_event(action: str | None, existed_before: bool, name: str,
+                  spec: ResultStoreSpec) -> tuple[str, str, str] | None:
+    """The Event (type, reason, message) for what the server-side apply did, or None.
+
+    A CronJob created although the status says one was scheduled before was deleted by
+    someone: a Warning, unlike the first creation.
+    """
+    if action == "created" and existed_before:
+        return "Warning", CRONJOB_CREATED, f"CronJob {name} was missing; recreated"
+    if action == "created":
+        return ("Normal", CRONJOB_CREATED,
+                f"created CronJob {name} ({spec.retention.schedule})")
+    if action == "updated":
+        return ("Normal", CRONJOB_UPDATED,
+                f"CronJob {name} brought to the spec (schedule {spec.retention.schedule}, "
+                f"batch size {spec.retention.batch_size})")
+    return None

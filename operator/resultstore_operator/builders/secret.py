@@ -13,7 +13,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from resultstore_backend.config import Binding, CelerySettings, EngineSettings, render_binding
+from resultstore_backend.config import (
+    KEY_PASSWORD,
+    KEY_USERNAME,
+    Binding,
+    CelerySettings,
+    EngineSettings,
+    render_binding,
+)
 
 from ..spec import GROUP, ResultStoreSpec
 from .names import labels, secret_name
@@ -109,7 +116,7 @@ def secret_manifest(store: str, namespace: str, owner: Mapping[str, Any],
             "labels": labels(store, "binding"),
             "annotations": {
                 ANNOTATION_DATA_HASH: data_hash(data),
-                ANNOTATION_ROLE: values.get("username", ""),
+                ANNOTATION_ROLE: values.get(KEY_USERNAME, ""),
             },
             "ownerReferences": [dict(owner)],
         },
@@ -145,12 +152,12 @@ def trusted_password(actual: Mapping[str, Any] | None, role: str) -> str | None:
     if not actual:
         return None
     values = decode_data(actual.get("data"))
-    if values.get("username") != role or not values.get("password"):
+    if values.get(KEY_USERNAME) != role or not values.get(KEY_PASSWORD):
         return None
     ann = (actual.get("metadata") or {}).get("annotations") or {}
     if ann.get(ANNOTATION_DATA_HASH) != data_hash(dict(actual.get("data") or {})):
         return None
-    return values["password"]
+    return values[KEY_PASSWORD]
 
 
 def candidate_password(actual: Mapping[str, Any] | None, role: str) -> str | None:
@@ -158,6 +165,6 @@ def candidate_password(actual: Mapping[str, Any] | None, role: str) -> str | Non
     if not actual:
         return None
     values = decode_data(actual.get("data"))
-    if values.get("username") != role:
+    if values.get(KEY_USERNAME) != role:
         return None
-    return values.get("password") or None
+    return values.get(KEY_PASSWORD) or None
