@@ -130,6 +130,78 @@ def _describe(kind: str, name: str) -> str:
     return f"{kind.lower()} {name}"
 
 
+class _Findings:
+    """What `assess` found so far: the objects to mark and the problems that refuse."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, str]] = []
+        self.problems: list[str] = []
+        #: every problem so far is an unmarked object of our names (Conflict.legacy_fixable)
+        self.fixable = True
+        self.other_owner: Owner | None = None
+
+    def refuse(self, kind: str, name: str, state: str, other: Owner | None) -> None:
+        what = _describe(kind, name)
+        if state == FOREIGN and other is not None:
+            self.problems.append(f"{what} belongs to ResultStore {other.label()}")
+            self.other_owner = self.other_owner or other
+            self.fixable = False
+        elif state == PREVIOUS and other is not None:
+            self.problems.append(f"{what} was created by an earlier ResultStore "
+                                 f"{other.label()} (uid {other.uid})")
+            self.fixable = False
+        else:
+            self.problems.append(f"{what} exists and was not created by this ResultStore")
+
+
+def _assess_schema(me: Owner, inv: Inventory, adopt: bool, legacy: bool,
+                   found: _Findings) -> bool:
+    """Whether the (existing or new) schema is ours; refuses or marks it as it goes."""
+    if not inv.schema_exists:
+        return True
+    state, other = verdict(me, inv.schema_comment)
+    if state == OURS:
+        return True
+    if state == FOREIGN or (state == PREVIOUS and not adopt):
+        found.refuse(SCHEMA, inv.schema, state, other)
+        return False
+    if state == PREVIOUS or (legacy and inv.schema_owned):
+        # PREVIOUS with adopt: re-marked when the admin owns it, otherwise used as someone
+        # else's schema; MISSING with proof of authorship: ours from before markers
+        if inv.schema_owned:
+            found.marks.append((SCHEMA, inv.schema))
+        return inv.schema_owned
+    # MISSING without proof (or not the admin's, e.g. pre-created by a DBA): a schema
+    # someone else made; usable only as `assess` sets out, and never dropped
+    return False
+
+
+def _assess_objects(me: Owner, inv: Inventory, ours: set[tuple[str, str]], adopt: bool,
+                    legacy: bool, found: _Findings) -> list[str]:
+    """Refuse or mark the objects of our names; return the others' (descriptions)."""
+    foreign: list[str] = []
+    for obj in inv.objects:
+        key = (obj.kind, obj.name)
+        state, other = verdict(me, obj.comment)
+        if key not in ours:
+            if state != OURS:
+                foreign.append(_describe(obj.kind, obj.name) if obj.kind != "OTHER"
+                               else obj.name)
+        elif state == FOREIGN or (state != OURS and not (legacy or adopt)):
+            found.refuse(obj.kind, obj.name, state, other)
+        elif state != OURS:
+            found.marks.append(key)
+    for role, comment in sorted(inv.roles.items()):
+        state, other = verdict(me, comment)
+        if state == OURS:
+            continue
+        if legacy and state == MISSING:
+            found.marks.append((ROLE, role))
+        else:
+            found.refuse(ROLE, role, state, other)
+    return foreign
+
+
 def assess(me: Owner, inv: Inventory, tables: Iterable[str], sequences: Iterable[str],
            policy: str = POLICY_EXCLUSIVE, legacy: bool = False) -> Assessment:
     """Decide whether the store may provision into `inv`, and what it must mark.
@@ -143,80 +215,17 @@ def assess(me: Owner, inv: Inventory, tables: Iterable[str], sequences: Iterable
     """
     ours = {(TABLE, t) for t in tables} | {(SEQUENCE, s) for s in sequences}
     adopt = policy == POLICY_ADOPT_EXISTING
-    marks: list[tuple[str, str]] = []
-    problems: list[str] = []
-    fixable = True
-    other_owner: Owner | None = None
-
-    def refuse(kind: str, name: str, state: str, other: Owner | None) -> None:
-        nonlocal fixable, other_owner
-        what = _describe(kind, name)
-        if state == FOREIGN and other is not None:
-            problems.append(f"{what} belongs to ResultStore {other.label()}")
-            other_owner = other_owner or other
-            fixable = False
-        elif state == PREVIOUS and other is not None:
-            problems.append(f"{what} was created by an earlier ResultStore {other.label()} "
-                            f"(uid {other.uid})")
-            fixable = False
-        else:
-            problems.append(f"{what} exists and was not created by this ResultStore")
-
-    schema_ours = False
+    found = _Findings()
     create = not inv.schema_exists
-    if create:
-        schema_ours = True
-    else:
-        state, other = verdict(me, inv.schema_comment)
-        if state == OURS:
-            schema_ours = True
-        elif state == FOREIGN:
-            refuse(SCHEMA, inv.schema, state, other)
-        elif state == PREVIOUS and adopt:
-            # re-marked when the admin owns it; otherwise used as someone else's schema
-            schema_ours = inv.schema_owned
-            if schema_ours:
-                marks.append((SCHEMA, inv.schema))
-        elif state == PREVIOUS:
-            refuse(SCHEMA, inv.schema, state, other)
-        elif legacy and inv.schema_owned:
-            schema_ours = True
-            marks.append((SCHEMA, inv.schema))
-        # MISSING without proof (or not the admin's, e.g. pre-created by a DBA): a schema
-        # someone else made; usable only as set out below, and never dropped
-
-    foreign: list[str] = []
-    for obj in inv.objects:
-        key = (obj.kind, obj.name)
-        state, other = verdict(me, obj.comment)
-        if key in ours:
-            if state == OURS:
-                continue
-            if state == FOREIGN:
-                refuse(obj.kind, obj.name, state, other)
-            elif legacy or adopt:
-                marks.append(key)
-            else:
-                refuse(obj.kind, obj.name, state, other)
-        elif state != OURS:
-            foreign.append(_describe(obj.kind, obj.name) if obj.kind != "OTHER" else obj.name)
-
-    for role, comment in sorted(inv.roles.items()):
-        state, other = verdict(me, comment)
-        if state == OURS:
-            continue
-        if legacy and state == MISSING:
-            marks.append((ROLE, role))
-        else:
-            refuse(ROLE, role, state, other)
-
-    if problems:
-        message = "; ".join(problems)
-        if fixable and not adopt:
+    schema_ours = _assess_schema(me, inv, adopt, legacy, found)
+    foreign = _assess_objects(me, inv, ours, adopt, legacy, found)
+    if found.problems:
+        message = "; ".join(found.problems)
+        if found.fixable and not adopt:
             message += (f" (set spec.schemaPolicy: {POLICY_ADOPT_EXISTING} to take over "
                         f"existing tables of the store's names, e.g. a stock Celery backend's)")
-        return Assessment(Conflict(CONFLICT_OWNER, message, other_owner,
-                                   legacy_fixable=fixable), schema_ours, create, ())
+        return Assessment(Conflict(CONFLICT_OWNER, message, found.other_owner,
+                                   legacy_fixable=found.fixable), schema_ours, create, ())
     if foreign and not schema_ours and not adopt:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
                                           if len(foreign) > 5 else "")
@@ -226,7 +235,7 @@ def assess(me: Owner, inv: Inventory, tables: Iterable[str], sequences: Iterable
             f"create ({shown}); choose another spec.schema, or set spec.schemaPolicy: "
             f"{POLICY_ADOPT_EXISTING} to share it (the store's role is then granted only the "
             f"store's own tables, and deletion drops only those)"), schema_ours, create, ())
-    return Assessment(None, schema_ours, create, tuple(marks))
+    return Assessment(None, schema_ours, create, tuple(found.marks))
 
 
 @dataclass(frozen=True)
