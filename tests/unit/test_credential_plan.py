@@ -72,7 +72,7 @@ def plan(obs: cp.Observation, store: cp.Store = STORE) -> cp.CredentialPlan:
     return cp.plan(store, obs, NOW, FRESH)
 
 
-# --- the active role: keep, set, create, reset -------------------------------------------------
+# --- the active role: keep, set, create, reset -----------------------------------------------
 
 LIVE = {
     "none": None,
@@ -166,7 +166,7 @@ def test_draining_grants_the_previous_role_too() -> None:
     assert step.write is None
 
 
-# --- what the handler must observe ---------------------------------------------------------------
+# --- what the handler must observe -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(("creds", "live", "role", "verify"), [
@@ -184,7 +184,7 @@ def test_role_and_password_to_observe(creds: rot.CredentialState, live: dict[str
     assert cp.password_to_verify(creds, live) == verify
 
 
-# --- a rotation in progress: prepare the next role, switch the Secret ---------------------------
+# --- a rotation in progress: prepare the next role, switch the Secret ------------------------
 
 
 @pytest.mark.parametrize(("live", "exists", "logs_in", "action", "password", "writes"), [
@@ -222,7 +222,7 @@ def test_rotation_switches_the_secret_to_the_next_role(
     assert step.granted == (ROLE_B, ROLE_A) and step.write is None and step.reset is None
 
 
-# --- refused before anything is touched -----------------------------------------------------------
+# --- refused before anything is touched ------------------------------------------------------
 
 
 def _head(refs: list[dict[str, Any]], labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -257,7 +257,7 @@ def test_foreign_secret_is_refused(head: dict[str, Any] | None, conditions: Any,
     assert "orders-resultstore" in refused.message
 
 
-# --- draining the previous role ---------------------------------------------------------------------
+# --- draining the previous role --------------------------------------------------------------
 
 SWITCHED_AT = NOW - timedelta(seconds=100)
 DRAIN = rot.secret_switched(ROTATING, SWITCHED_AT, 600)   # deadline: NOW + 500 s
