@@ -5,6 +5,10 @@ One source of truth: manifests/crd.yaml (and the chart's crds/) are generated wi
 committed files match what this module builds. Validation lives in the schema (types, ranges,
 enums, patterns) and in CEL rules (identifier shape, immutability) so that a bad spec is
 refused by the API server at `kubectl apply` time instead of failing later in the operator.
+
+Why one module: it is one document, the CRD's OpenAPI schema, written top to bottom in the
+order `kubectl explain` shows it; split by section, a reviewer could no longer compare it
+with manifests/crd.yaml field by field.
 """
 
 from __future__ import annotations

@@ -18,23 +18,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# Public names (docs/CONTRACTS.md "Pod injection"), defined once in api.py.
+from .api import (
+    CONTAINERS_ANNOTATION,
+    INJECT_LABEL,
+    MODE_ANNOTATION,
+    OVERRIDE_ENV_ANNOTATION,
+    STATUS_ANNOTATION,
+)
+
 # One definition of the Secret's name and mount path, shared with the Secret/CronJob builders.
 from .builders.names import config_dir as mount_path
 from .builders.names import secret_name
-
-# Public names (docs/CONTRACTS.md "Pod injection").
-INJECT_LABEL = "resultstore.dev/inject"
-CONTAINERS_ANNOTATION = "resultstore.dev/containers"
-MODE_ANNOTATION = "resultstore.dev/mode"
-OVERRIDE_ENV_ANNOTATION = "resultstore.dev/override-env"
-STATUS_ANNOTATION = "resultstore.dev/injected"
+from .settings import TRUTHY
+from .views import meta, section
 
 ENV_NAME = "CELERY_RESULT_BACKEND"
 STOCK_KEY = "result_backend"
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_TRUE = frozenset({"true", "1", "yes", "on"})
 
 JsonPatch = list[dict[str, Any]]
 
@@ -91,8 +94,7 @@ class RequestedStore:
 
 def requested_store(pod: Mapping[str, Any]) -> RequestedStore | None:
     """The ResultStore named by the pod's inject label (None when the pod is not labelled)."""
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    raw = labels.get(INJECT_LABEL)
+    raw = meta(pod).labels.get(INJECT_LABEL)
     if raw is None:
         return None
     name = str(raw).strip()
@@ -154,12 +156,12 @@ def _is_ours_env(entry: Mapping[str, Any], store: str) -> bool:
     """True when an existing CELERY_RESULT_BACKEND entry is one this webhook writes (any mode)."""
     if entry.get("value") == backend_url(store):
         return True
-    ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
+    ref = section(section(entry, "valueFrom"), "secretKeyRef")
     return bool(ref.get("name") == secret_name(store) and ref.get("key") == STOCK_KEY)
 
 
 def _is_our_volume(volume: Mapping[str, Any], store: str) -> bool:
-    return (volume.get("secret") or {}).get("secretName") == secret_name(store)
+    return section(volume, "secret").get("secretName") == secret_name(store)
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
@@ -176,6 +178,106 @@ def _skip(store: str | None, message: str, reason: str | None = None) -> Injecti
     return InjectionPlan(store=store, warnings=(message,), event_reason=reason)
 
 
+_NOT_READY_WHY = {
+    StoreState.MISSING: ("not found", "ResultStoreNotFound"),
+    StoreState.NOT_READY: ("is not Ready", "ResultStoreNotReady"),
+    StoreState.UNKNOWN: ("could not be read", "ResultStoreUnknown"),
+}
+
+Target = tuple[str, int, Mapping[str, Any]]  # (containers | initContainers, index, container)
+
+
+def _unusable(requested: RequestedStore, lookup: StoreLookup) -> InjectionPlan | None:
+    """The plan when the label names no usable store (None: the store is Ready)."""
+    store = requested.name
+    if not requested.valid:
+        return _skip(
+            None, f"label {INJECT_LABEL}={store!r} is not a ResultStore name; nothing injected",
+            "InvalidResultStoreName",
+        )
+    if lookup.state is StoreState.READY:
+        return None
+    why, reason = _NOT_READY_WHY[lookup.state]
+    detail = f" ({lookup.detail})" if lookup.detail else ""
+    return _skip(store, f"ResultStore {store!r} {why}{detail}; pod admitted without injection",
+                 reason)
+
+
+def _targets(spec: Mapping[str, Any], annotations: Mapping[str, str],
+             warnings: list[str]) -> list[Target]:
+    """Every regular container, or exactly those the annotation names (which may include
+    init containers, for a migration step that needs the store); names not found warn."""
+    containers: Sequence[Mapping[str, Any]] = spec.get("containers") or []
+    if CONTAINERS_ANNOTATION not in annotations:
+        return [("containers", i, c) for i, c in enumerate(containers)]
+    init_containers: Sequence[Mapping[str, Any]] = spec.get("initContainers") or []
+    wanted = [n.strip() for n in annotations[CONTAINERS_ANNOTATION].split(",") if n.strip()]
+    by_name: dict[str, Target] = {}
+    for kind, entries in (("initContainers", init_containers), ("containers", containers)):
+        for i, c in enumerate(entries):
+            by_name.setdefault(str(c.get("name")), (kind, i, c))
+    targets: list[Target] = []
+    for name in wanted:
+        if name not in by_name:
+            warnings.append(f"container {name!r} named in {CONTAINERS_ANNOTATION} not found")
+        elif by_name[name] not in targets:
+            targets.append(by_name[name])
+    return targets
+
+
+def _add(patch: JsonPatch, parent: Mapping[str, Any], key: str, path: str,
+         value: Any) -> None:
+    """Append `value` to the list `parent[key]`, creating the list when it is absent."""
+    if parent.get(key) is not None:
+        patch.append({"op": "add", "path": f"{path}/{key}/-", "value": value})
+    else:
+        patch.append({"op": "add", "path": f"{path}/{key}", "value": [value]})
+
+
+def _container_patch(target: Target, store: str, want_env: Mapping[str, Any],
+                     override: bool, patch: JsonPatch, warnings: list[str]) -> None:
+    """The mount and the variable for one container, unless it conflicts (then a warning)."""
+    kind, index, container = target
+    cname = container.get("name")
+    base = f"/spec/{kind}/{index}"
+    vname, path = volume_name(store), mount_path(store)
+    mounts: Sequence[Mapping[str, Any]] = container.get("volumeMounts") or []
+    at_path = [m for m in mounts if m.get("mountPath") == path]
+    if at_path and at_path[0].get("name") != vname:
+        # Two mounts on one path would make the API server reject the pod: skip instead.
+        warnings.append(f"container {cname!r} already mounts {path}; container skipped")
+        return
+    if not at_path:
+        _add(patch, container, "volumeMounts", base, desired_mount(store))
+    env: Sequence[Mapping[str, Any]] = container.get("env") or []
+    found = [(j, e) for j, e in enumerate(env) if e.get("name") == ENV_NAME]
+    if not found:
+        _add(patch, container, "env", base, dict(want_env))
+        return
+    j, current = found[-1]  # the last definition is the one the kubelet uses
+    if dict(current) == want_env:
+        return
+    if _is_ours_env(current, store) or override:
+        patch.append({"op": "replace", "path": f"{base}/env/{j}", "value": dict(want_env)})
+    else:
+        warnings.append(
+            f"container {cname!r} sets {ENV_NAME} explicitly; kept "
+            f"(annotate {OVERRIDE_ENV_ANNOTATION}: \"true\" to replace it)"
+        )
+
+
+def _status_patch(pod: Mapping[str, Any], store: str) -> JsonPatch:
+    """The annotation saying which store was injected (nothing when it already says so)."""
+    annotations = section(pod.get("metadata"), "annotations")
+    if annotations.get(STATUS_ANNOTATION) == store:
+        return []
+    if section(pod, "metadata").get("annotations") is None:
+        return [{"op": "add", "path": "/metadata/annotations",
+                 "value": {STATUS_ANNOTATION: store}}]
+    return [{"op": "add", "path": f"/metadata/annotations/{_escape(STATUS_ANNOTATION)}",
+             "value": store}]
+
+
 def plan_injection(pod: Mapping[str, Any], lookup: StoreLookup) -> InjectionPlan:
     """Compute the JSONPatch that gives ``pod`` its ResultStore, or say why nothing is done.
 
@@ -183,31 +285,14 @@ def plan_injection(pod: Mapping[str, Any], lookup: StoreLookup) -> InjectionPlan
     controller creates). The plan never refuses: conflicts become warnings and the pod is
     admitted as the user wrote it (or with the parts that do not conflict).
     """
-    metadata = pod.get("metadata") or {}
-    annotations: Mapping[str, str] = metadata.get("annotations") or {}
+    annotations: Mapping[str, str] = meta(pod).annotations
     requested = requested_store(pod)
     if requested is None:
         return InjectionPlan(store=None)
+    unusable = _unusable(requested, lookup)
+    if unusable is not None:
+        return unusable
     store = requested.name
-    if not requested.valid:
-        return _skip(
-            None, f"label {INJECT_LABEL}={store!r} is not a ResultStore name; nothing injected",
-            "InvalidResultStoreName",
-        )
-    if lookup.state is not StoreState.READY:
-        why = {
-            StoreState.MISSING: f"ResultStore {store!r} not found",
-            StoreState.NOT_READY: f"ResultStore {store!r} is not Ready",
-            StoreState.UNKNOWN: f"ResultStore {store!r} could not be read",
-        }[lookup.state]
-        detail = f" ({lookup.detail})" if lookup.detail else ""
-        reason = {
-            StoreState.MISSING: "ResultStoreNotFound",
-            StoreState.NOT_READY: "ResultStoreNotReady",
-            StoreState.UNKNOWN: "ResultStoreUnknown",
-        }[lookup.state]
-        return _skip(store, f"{why}{detail}; pod admitted without injection", reason)
-
     mode = pod_mode(annotations)
     if mode is None:
         return _skip(
@@ -216,31 +301,10 @@ def plan_injection(pod: Mapping[str, Any], lookup: StoreLookup) -> InjectionPlan
             f"'resultstore' or 'stock'; nothing injected",
             "InvalidInjectionMode",
         )
-    override = annotations.get(OVERRIDE_ENV_ANNOTATION, "").strip().lower() in _TRUE
-    spec = pod.get("spec") or {}
+    override = str(annotations.get(OVERRIDE_ENV_ANNOTATION, "")).strip().lower() in TRUTHY
+    spec = section(pod, "spec")
     warnings: list[str] = []
-    patch: JsonPatch = []
-
-    # Which containers: every regular container, or exactly those the annotation names
-    # (which may include init containers, for a migration step that needs the store).
-    containers: Sequence[Mapping[str, Any]] = spec.get("containers") or []
-    init_containers: Sequence[Mapping[str, Any]] = spec.get("initContainers") or []
-    targets: list[tuple[str, int, Mapping[str, Any]]]
-    if CONTAINERS_ANNOTATION in annotations:
-        wanted = [n.strip() for n in annotations[CONTAINERS_ANNOTATION].split(",") if n.strip()]
-        by_name: dict[str, tuple[str, int, Mapping[str, Any]]] = {}
-        for kind, items in (("initContainers", init_containers), ("containers", containers)):
-            for i, c in enumerate(items):
-                by_name.setdefault(str(c.get("name")), (kind, i, c))
-        targets = []
-        for name in wanted:
-            if name in by_name:
-                if by_name[name] not in targets:
-                    targets.append(by_name[name])
-            else:
-                warnings.append(f"container {name!r} named in {CONTAINERS_ANNOTATION} not found")
-    else:
-        targets = [("containers", i, c) for i, c in enumerate(containers)]
+    targets = _targets(spec, annotations, warnings)
     if not targets:
         return InjectionPlan(
             store=store, warnings=(*warnings, "no container selected; nothing injected")
@@ -255,57 +319,12 @@ def plan_injection(pod: Mapping[str, Any], lookup: StoreLookup) -> InjectionPlan
             store, f"volume {vname!r} already exists with another source; nothing injected",
             "InjectionConflict",
         )
+    patch: JsonPatch = []
     if not existing:
-        if "volumes" in spec and spec["volumes"] is not None:
-            patch.append({"op": "add", "path": "/spec/volumes/-", "value": desired_volume(store)})
-        else:
-            patch.append({"op": "add", "path": "/spec/volumes", "value": [desired_volume(store)]})
-
-    path = mount_path(store)
+        _add(patch, spec, "volumes", "/spec", desired_volume(store))
     want_env = desired_env(store, mode)
-    for kind, index, container in targets:
-        cname = container.get("name")
-        base = f"/spec/{kind}/{index}"
-        mounts: Sequence[Mapping[str, Any]] = container.get("volumeMounts") or []
-        at_path = [m for m in mounts if m.get("mountPath") == path]
-        if at_path and at_path[0].get("name") != vname:
-            # Two mounts on one path would make the API server reject the pod: skip instead.
-            warnings.append(f"container {cname!r} already mounts {path}; container skipped")
-            continue
-        if not at_path:
-            if container.get("volumeMounts") is not None:
-                patch.append({"op": "add", "path": f"{base}/volumeMounts/-",
-                              "value": desired_mount(store)})
-            else:
-                patch.append({"op": "add", "path": f"{base}/volumeMounts",
-                              "value": [desired_mount(store)]})
-
-        env: Sequence[Mapping[str, Any]] = container.get("env") or []
-        found = [(j, e) for j, e in enumerate(env) if e.get("name") == ENV_NAME]
-        if not found:
-            if container.get("env") is not None:
-                patch.append({"op": "add", "path": f"{base}/env/-", "value": want_env})
-            else:
-                patch.append({"op": "add", "path": f"{base}/env", "value": [want_env]})
-            continue
-        j, current = found[-1]  # the last definition is the one the kubelet uses
-        if dict(current) == want_env:
-            continue
-        if _is_ours_env(current, store) or override:
-            patch.append({"op": "replace", "path": f"{base}/env/{j}", "value": want_env})
-        else:
-            warnings.append(
-                f"container {cname!r} sets {ENV_NAME} explicitly; kept "
-                f"(annotate {OVERRIDE_ENV_ANNOTATION}: \"true\" to replace it)"
-            )
-
+    for target in targets:
+        _container_patch(target, store, want_env, override, patch, warnings)
     if patch:
-        if annotations.get(STATUS_ANNOTATION) != store:
-            if metadata.get("annotations") is None:
-                patch.append({"op": "add", "path": "/metadata/annotations",
-                              "value": {STATUS_ANNOTATION: store}})
-            else:
-                patch.append({"op": "add",
-                              "path": f"/metadata/annotations/{_escape(STATUS_ANNOTATION)}",
-                              "value": store})
+        patch += _status_patch(pod, store)
     return InjectionPlan(store=store, patch=patch, warnings=tuple(warnings))

@@ -1,27 +1,40 @@
 """`resultstore-operator`: Kopf with our handlers, namespaces, liveness, metrics and webhook.
 
 Wraps `kopf.run` rather than `kopf run <file>` so that the handler module, the watched
-namespaces and the peering mode come from one place (OperatorSettings, read once here) and
-the optional parts (the injection webhook, the stock-mode rollout) plug in through their
-`register(registry=...)` functions when their modules are installed.
+namespaces and the peering mode come from one place (OperatorSettings, read once here).
+Every part of the operator (the ResultStore handlers, the metrics endpoint, the injection
+webhook, the stock-mode rollout) is registered here explicitly, through one signature
+(`Part`): no module is discovered by import tricks, and an error inside a `register` is an
+error, not a reason to call it again differently.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .settings import ENV_PREFIX, OperatorSettings, SettingsError, parse_listen_address
 
 log = logging.getLogger("resultstore.operator")
 
-#: Optional modules with a `register(registry=..., [operator_settings=...])` hook.
-PLUGIN_MODULES = ("resultstore_operator.webhook", "resultstore_operator.rollout")
+
+
+class Part(Protocol):
+    """A part of the operator: adds its Kopf handlers to `registry`, configured by `settings`.
+
+    (The handlers' `register` also returns its Controller; a Protocol's `None` return
+    accepts that.)
+    """
+
+    def __call__(self, registry: Any, settings: OperatorSettings, /) -> object: ...
+
+
+#: Parts `--no-plugins` leaves out (the operator runs without them; tests use it).
+OPTIONAL_PARTS = ("webhook", "rollout")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="serve Prometheus metrics on http://HOST:PORT/metrics "
                              "('' disables; default: RESULTSTORE_METRICS_ADDRESS)")
     parser.add_argument("--no-plugins", action="store_true",
-                        help="do not load the webhook/rollout modules")
+                        help="run without the optional parts (the webhook, the rollout)")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
@@ -66,25 +79,17 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> OperatorSet
     return settings.with_overrides(**overrides) if overrides else settings
 
 
-def load_plugins(registry: Any, settings: OperatorSettings) -> list[str]:
-    """Import the optional modules and let them add their handlers to our registry."""
-    loaded = []
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        register = getattr(module, "register", None)
-        if register is None:
-            continue
-        try:
-            register(registry=registry, operator_settings=settings)
-        except TypeError:
-            register(registry=registry)
-        loaded.append(name.rsplit(".", 1)[-1])
-    return loaded
+def parts(with_optional: bool) -> list[tuple[str, Part]]:
+    """The parts to register, by name, in order (imported here: Kopf loads only on run)."""
+    from . import handlers, metrics, rollout, webhook
+
+    every: list[tuple[str, Part]] = [
+        ("handlers", handlers.register),
+        ("metrics", metrics.register),
+        ("webhook", webhook.register),
+        ("rollout", rollout.register),
+    ]
+    return [(n, p) for n, p in every if with_optional or n not in OPTIONAL_PARTS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,8 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import kopf
 
-    from . import handlers, metrics
-
     kopf.configure(verbose=args.verbose or settings.log_level == "DEBUG", debug=args.debug,
                    log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("resultstore").setLevel(settings.log_level)
@@ -108,9 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, settings)
-    metrics.register(registry, settings)
-    plugins = [] if args.no_plugins else load_plugins(registry, settings)
+    registered = []
+    for name, register in parts(with_optional=not args.no_plugins):
+        register(registry, settings)
+        registered.append(name)
+    plugins = [n for n in registered if n in OPTIONAL_PARTS]
     log.info("resultstore-operator starting: namespaces=%s standalone=%s plugins=%s "
              "metrics=%s", ",".join(settings.namespaces) or "*", settings.standalone,
              ",".join(plugins) or "-", settings.metrics_address or "-")

@@ -12,7 +12,8 @@ Only env-consumed keys are hashed: an engine-option change rewrites ``engine_opt
 which file-mode workers reload by themselves, and must not restart every stock worker.
 
 Pure: :func:`secret_hash`, :func:`store_of_secret`, :func:`workload_store`,
-:func:`rollout_patch`. I/O: :class:`RolloutGateway`. Wiring: :func:`register` (Kopf event
+:func:`rollout_patch`. I/O: through the operator's one client (:class:`~resultstore_operator.
+kube.Kube`, the :class:`WorkloadClient` calls). Wiring: :func:`register` (Kopf event
 handlers, which store no state on the user's objects).
 """
 
@@ -23,24 +24,42 @@ import binascii
 import hashlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
+from .api import (
+    BINDING_SECRET_TYPE,
+    CORE_VERSION,
+    HASH_ANNOTATION,
+    INJECT_LABEL,
+    ROLLOUT_ANNOTATION,
+    WORKLOAD_PLURALS,
+)
 from .builders.names import SECRET_SUFFIX, secret_name
 from .builders.ownership import controller_of, is_resultstore_ref
-from .injection import INJECT_LABEL, STOCK_KEY
+from .injection import STOCK_KEY
+from .kube import WORKLOAD_CLIENT_NAMES, Kube, meta, new_api_client, pod_template
+from .settings import TRUTHY, OperatorSettings
 
 log = logging.getLogger("resultstore.rollout")
 
-ROLLOUT_ANNOTATION = "resultstore.dev/rollout"
-HASH_ANNOTATION = "resultstore.dev/secret-hash"
+__all__ = ["HASH_ANNOTATION", "ROLLOUT_ANNOTATION", "WORKLOAD_CLIENT_NAMES", "WORKLOAD_KINDS",
+           "WorkloadClient", "register", "roll_workloads_for_secret", "rollout_patch",
+           "secret_hash", "store_of_secret", "sync_workload", "workload_store"]
+
 HASHED_KEYS = (STOCK_KEY,)
-BINDING_TYPE = "servicebinding.io/postgresql"
-WORKLOAD_KINDS = ("deployments", "statefulsets", "daemonsets")
-# kubernetes-client method suffixes per plural (list_namespaced_<x>, patch_namespaced_<x>).
-_CLIENT_NAMES = {"deployments": "deployment", "statefulsets": "stateful_set",
-                 "daemonsets": "daemon_set"}
-_TRUE = frozenset({"true", "1", "yes", "on"})
-MERGE_PATCH = "application/merge-patch+json"
+WORKLOAD_KINDS = WORKLOAD_PLURALS
+
+
+class WorkloadClient(Protocol):
+    """The calls of :class:`~resultstore_operator.kube.Kube` the rollout makes (the seam a
+    unit test fills with an in-memory stand-in)."""
+
+    def read_secret(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
+
+    def list_workloads(self, namespace: str, plural: str) -> list[dict[str, Any]]: ...
+
+    def patch_workload(self, plural: str, namespace: str, name: str,
+                       patch: Mapping[str, Any]) -> None: ...
 
 
 def secret_hash(data: Mapping[str, str] | None) -> str | None:
@@ -70,8 +89,8 @@ def store_of_secret(secret: Mapping[str, Any]) -> str | None:
     Secret must also be controlled by the ResultStore of that name, as the operator's own
     Secrets are. A foreign Secret of the same name never rolls anybody's workers.
     """
-    name = str((secret.get("metadata") or {}).get("name") or "")
-    if secret.get("type") != BINDING_TYPE or not name.endswith(SECRET_SUFFIX):
+    name = meta(secret).name
+    if secret.get("type") != BINDING_SECRET_TYPE or not name.endswith(SECRET_SUFFIX):
         return None
     store = name[: -len(SECRET_SUFFIX)]
     controller = controller_of(secret)
@@ -83,12 +102,10 @@ def store_of_secret(secret: Mapping[str, Any]) -> str | None:
 
 def workload_store(workload: Mapping[str, Any]) -> str | None:
     """The store an opted-in workload's pods are injected with (None: not opted in)."""
-    annotations = (workload.get("metadata") or {}).get("annotations") or {}
-    if str(annotations.get(ROLLOUT_ANNOTATION, "")).strip().lower() not in _TRUE:
+    annotations = meta(workload).annotations
+    if str(annotations.get(ROLLOUT_ANNOTATION, "")).strip().lower() not in TRUTHY:
         return None
-    template = (workload.get("spec") or {}).get("template") or {}
-    labels = (template.get("metadata") or {}).get("labels") or {}
-    store = labels.get(INJECT_LABEL)
+    store = meta(pod_template(workload)).labels.get(INJECT_LABEL)
     if store is None:
         return None
     return str(store).strip() or None
@@ -98,106 +115,69 @@ def rollout_patch(workload: Mapping[str, Any], digest: str | None) -> dict[str, 
     """The merge patch that records ``digest`` on the pod template, or None if up to date."""
     if digest is None or workload_store(workload) is None:
         return None
-    template = (workload.get("spec") or {}).get("template") or {}
-    current = ((template.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    current = meta(pod_template(workload)).annotations.get(HASH_ANNOTATION)
     if current == digest:
         return None
     return {"spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: digest}}}}}
 
 
-class RolloutGateway:
-    """Reads Secrets, lists and patches workloads (sync: Kopf runs sync handlers in threads)."""
-
-    def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
-
-        self._api: Any = api_client
-        self._core: Any = client.CoreV1Api(api_client)
-        self._apps: Any = client.AppsV1Api(api_client)
-
-    def secret(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            secret = self._core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(self._api.sanitize_for_serialization(secret))
-
-    def workloads(self, namespace: str) -> list[tuple[str, dict[str, Any]]]:
-        out: list[tuple[str, dict[str, Any]]] = []
-        for kind in WORKLOAD_KINDS:
-            listing = getattr(self._apps, f"list_namespaced_{_CLIENT_NAMES[kind]}")(namespace)
-            for item in listing.items:
-                out.append((kind, self._api.sanitize_for_serialization(item)))
-        return out
-
-    def patch(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> None:
-        getattr(self._apps, f"patch_namespaced_{_CLIENT_NAMES[kind]}")(
-            name, namespace, dict(body), _content_type=MERGE_PATCH)
-
-
-def roll_workloads_for_secret(gateway: RolloutGateway, namespace: str, store: str,
+def roll_workloads_for_secret(kube: WorkloadClient, namespace: str, store: str,
                               data: Mapping[str, str] | None) -> list[str]:
     """Annotate every opted-in workload of ``store`` with the Secret's hash; return their names."""
     digest = secret_hash(data)
     if digest is None:
         return []
     rolled = []
-    for kind, workload in gateway.workloads(namespace):
-        if workload_store(workload) != store:
-            continue
-        patch = rollout_patch(workload, digest)
-        if patch is not None:
-            name = workload["metadata"]["name"]
-            gateway.patch(kind, namespace, name, patch)
-            rolled.append(f"{kind}/{name}")
+    for kind in WORKLOAD_KINDS:
+        for workload in kube.list_workloads(namespace, kind):
+            if workload_store(workload) != store:
+                continue
+            patch = rollout_patch(workload, digest)
+            if patch is not None:
+                name = meta(workload).name
+                kube.patch_workload(kind, namespace, name, patch)
+                rolled.append(f"{kind}/{name}")
     return rolled
 
 
-def sync_workload(gateway: RolloutGateway, kind: str, workload: Mapping[str, Any]) -> bool:
+def sync_workload(kube: WorkloadClient, kind: str, workload: Mapping[str, Any]) -> bool:
     """Bring one opted-in workload's hash up to date with its store's Secret; True if patched."""
     store = workload_store(workload)
     if store is None:
         return False
-    metadata = workload.get("metadata") or {}
-    namespace = str(metadata.get("namespace") or "")
-    secret = gateway.secret(namespace, secret_name(store))
+    m = meta(workload)
+    secret = kube.read_secret(m.namespace, secret_name(store))
     if secret is None or store_of_secret(secret) != store:
         return False  # absent, or a Secret of that name the operator did not write
     patch = rollout_patch(workload, secret_hash(secret.get("data")))
     if patch is None:
         return False
-    gateway.patch(kind, namespace, str(metadata.get("name")), patch)
+    kube.patch_workload(kind, m.namespace, m.name, patch)
     return True
 
 
-def register(registry: Any = None, operator_settings: Any = None) -> None:
+def register(registry: Any, settings: OperatorSettings) -> None:
     """Add the rollout's Kopf event handlers (Secrets and the three workload kinds).
 
-    ``operator_settings`` is accepted for the uniform plug-in hook of ``main.py``; the
-    rollout has no settings of its own (it follows the namespaces Kopf watches).
+    The rollout has no settings of its own (it follows the namespaces Kopf watches); it takes
+    `settings` for the one registration signature of main.py.
 
     Event handlers rather than create/update handlers: they keep no progress annotations on
     the users' workloads and are naturally level-triggered (initial listing included).
     """
     import kopf
 
-    from .kube import new_api_client
+    holder: dict[str, Kube] = {}
 
-    holder: dict[str, RolloutGateway] = {}
-
-    def gateway() -> RolloutGateway:
-        if "g" not in holder:
-            holder["g"] = RolloutGateway(new_api_client())
-        return holder["g"]
+    def client() -> Kube:
+        if "k" not in holder:
+            holder["k"] = Kube(new_api_client())
+        return holder["k"]
 
     def is_store_secret(body: Mapping[str, Any], **_: Any) -> bool:
         return store_of_secret(body) is not None
 
-    @kopf.on.event("v1", "secrets", registry=registry, when=is_store_secret,
+    @kopf.on.event(CORE_VERSION, "secrets", registry=registry, when=is_store_secret,
                    id="resultstore-rollout-secret")
     def _on_secret(body: Mapping[str, Any], type: str | None, namespace: str | None,
                    **_: Any) -> None:
@@ -205,10 +185,10 @@ def register(registry: Any = None, operator_settings: Any = None) -> None:
             return
         store = store_of_secret(body)
         assert store is not None
-        rolled = roll_workloads_for_secret(gateway(), namespace, store, body.get("data"))
+        rolled = roll_workloads_for_secret(client(), namespace, store, body.get("data"))
         if rolled:
-            log.info("Secret %s/%s changed: rolling %s", namespace,
-                     body["metadata"]["name"], ", ".join(rolled))
+            log.info("Secret %s/%s changed: rolling %s", namespace, meta(body).name,
+                     ", ".join(rolled))
 
     def opted_in(body: Mapping[str, Any], **_: Any) -> bool:
         return workload_store(body) is not None
@@ -218,9 +198,10 @@ def register(registry: Any = None, operator_settings: Any = None) -> None:
                          **_: Any) -> None:
             if type == "DELETED":
                 return
-            if sync_workload(gateway(), kind, body):
+            if sync_workload(client(), kind, body):
+                m = meta(body)
                 log.info("%s %s/%s: pod template annotated with the Secret hash", kind,
-                         body["metadata"].get("namespace"), body["metadata"].get("name"))
+                         m.namespace, m.name)
 
         kopf.on.event("apps", "v1", kind, registry=registry, when=opted_in,
                       id=f"resultstore-rollout-{kind}")(_on_workload)

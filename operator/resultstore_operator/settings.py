@@ -8,6 +8,7 @@ differently per handler. Everything tunable lives here and is fixed for the proc
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -19,7 +20,19 @@ class SettingsError(ValueError):
     """A malformed operator setting (names the variable, never echoes secret values)."""
 
 
-def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+#: The words a boolean setting (or a `"true"` annotation) may be spelt with; one set for
+#: every part of the operator.
+TRUTHY = frozenset({"1", "true", "yes", "on"})
+FALSY = frozenset({"0", "false", "no", "off"})
+
+
+def env_text(env: Mapping[str, str], key: str) -> str | None:
+    """The stripped value of `key`, None when unset or blank."""
+    value = env.get(key, "").strip()
+    return value or None
+
+
+def env_int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
     raw = env.get(key, "").strip()
     if not raw:
         return default
@@ -32,7 +45,8 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> in
     return value
 
 
-def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+def env_float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0,
+              maximum: float | None = None) -> float:
     raw = env.get(key, "").strip()
     if not raw:
         return default
@@ -40,20 +54,27 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.
         value = float(raw)
     except ValueError as exc:
         raise SettingsError(f"{key} must be a number, got {raw!r}") from exc
+    if maximum is not None and not minimum <= value <= maximum:
+        raise SettingsError(f"{key} must be within [{minimum}, {maximum}], got {value}")
     if value < minimum:
         raise SettingsError(f"{key} must be >= {minimum}, got {value}")
     return value
 
 
-def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+def env_flag(env: Mapping[str, str], key: str, default: bool) -> bool:
     raw = env.get(key, "").strip().lower()
     if not raw:
         return default
-    if raw in ("1", "true", "yes", "on"):
+    if raw in TRUTHY:
         return True
-    if raw in ("0", "false", "no", "off"):
+    if raw in FALSY:
         return False
     raise SettingsError(f"{key} must be true or false, got {raw!r}")
+
+
+def env_list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(n.strip() for n in env.get(key, "").split(",") if n.strip())
 
 
 def parse_image_allowlist(key: str, raw: str) -> tuple[str, ...]:
@@ -109,13 +130,133 @@ def parse_listen_address(key: str, raw: str) -> tuple[str, int] | None:
     return host or "0.0.0.0", port
 
 
+# --- the pod-injection webhook --------------------------------------------------------------
+
+WEBHOOK_PATH = "/mutate-pods"
+WEBHOOK_COMPONENT = "resultstore-webhook"
+DEFAULT_WEBHOOK_CONFIG_NAME = "resultstore-injector"
+DEFAULT_WEBHOOK_SERVICE = "resultstore-webhook"
+DEFAULT_WEBHOOK_TLS_SECRET = "resultstore-webhook-tls"
+#: Namespaces the webhook never mutates, whatever the settings say.
+ALWAYS_EXCLUDED = ("kube-system",)
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    """Where the API server reaches the webhook in-cluster (a Service in front of the operator)."""
+
+    namespace: str
+    name: str = DEFAULT_WEBHOOK_SERVICE
+    port: int = 443
+    path: str = WEBHOOK_PATH
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Webhook settings, parsed once at start-up with the operator's (`OperatorSettings.webhook`).
+
+    ``url`` set (``RESULTSTORE_WEBHOOK_URL``, e.g. ``https://127.0.0.1:9443/mutate-pods``)
+    selects URL mode for local control planes; otherwise the configuration points at the
+    Service ``service_name`` in ``operator_namespace``. ``cert_file``/``key_file`` set selects
+    externally managed certificates (cert-manager); otherwise a self-signed CA is kept in the
+    Secret ``tls_secret``. ``manage_config`` false leaves the configuration to the installer.
+    """
+
+    operator_namespace: str = "resultstore-system"
+    enabled: bool = True
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 9443
+    config_name: str = DEFAULT_WEBHOOK_CONFIG_NAME
+    manage_config: bool = True
+    url: str | None = None
+    service_name: str = DEFAULT_WEBHOOK_SERVICE
+    service_port: int = 443
+    tls_secret: str = DEFAULT_WEBHOOK_TLS_SECRET
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    cert_dir: str | None = None
+    timeout_seconds: int = 5
+    lookup_timeout: float = 2.0
+    excluded_namespaces: tuple[str, ...] = ()
+    resync_interval: float = 300.0
+    event_dedup_seconds: float = 60.0
+    #: Distinct (namespace, store, reason) Event aggregates kept in memory (oldest dropped).
+    event_cache_size: int = 1024
+    #: PEM CA file; when set, callers must present a client certificate it signed (mutual
+    #: TLS: configure the API server's AdmissionConfiguration kubeConfigFile to send one).
+    client_ca_file: str | None = None
+    #: Events' ``reportingInstance``: the pod's name (``HOSTNAME``), read once at start-up.
+    instance: str = WEBHOOK_COMPONENT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], operator_namespace: str) -> WebhookSettings:
+        """Parse ``RESULTSTORE_WEBHOOK_*`` (and ``HOSTNAME``) from the start-up snapshot."""
+        p = ENV_PREFIX + "WEBHOOK_"
+        url = env_text(env, p + "URL")
+        if url is not None:
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme != "https" or not parsed.hostname:
+                raise SettingsError(f"{p}URL must be an https:// URL, got {url!r}")
+        cert_file, key_file = env_text(env, p + "CERT_FILE"), env_text(env, p + "KEY_FILE")
+        if (cert_file is None) != (key_file is None):
+            raise SettingsError(f"{p}CERT_FILE and {p}KEY_FILE go together")
+        timeout = int(env_float(env, p + "TIMEOUT_SECONDS", cls.timeout_seconds, 1, 30))
+        return cls(
+            operator_namespace=operator_namespace,
+            enabled=env_flag(env, p + "ENABLED", cls.enabled),
+            listen_host=env_text(env, p + "HOST") or cls.listen_host,
+            listen_port=int(env_float(env, p + "PORT", cls.listen_port, 1, 65535)),
+            config_name=env_text(env, p + "CONFIG_NAME") or cls.config_name,
+            manage_config=env_flag(env, p + "MANAGE_CONFIG", cls.manage_config),
+            url=url,
+            service_name=env_text(env, p + "SERVICE_NAME") or cls.service_name,
+            service_port=int(env_float(env, p + "SERVICE_PORT", cls.service_port, 1, 65535)),
+            tls_secret=env_text(env, p + "TLS_SECRET") or cls.tls_secret,
+            cert_file=cert_file,
+            key_file=key_file,
+            ca_file=env_text(env, p + "CA_FILE"),
+            cert_dir=env_text(env, p + "CERT_DIR"),
+            timeout_seconds=timeout,
+            # Leave a margin inside the API server's timeout for the reply itself.
+            lookup_timeout=env_float(env, p + "LOOKUP_TIMEOUT", min(2.0, timeout * 0.6),
+                                     0.1, 30),
+            excluded_namespaces=env_list(env, p + "EXCLUDED_NAMESPACES"),
+            resync_interval=env_float(env, p + "RESYNC_INTERVAL", cls.resync_interval, 1,
+                                      86400),
+            event_dedup_seconds=env_float(env, p + "EVENT_DEDUP_SECONDS",
+                                          cls.event_dedup_seconds, 0, 86400),
+            event_cache_size=int(env_float(env, p + "EVENT_CACHE_SIZE", cls.event_cache_size,
+                                           1, 1_000_000)),
+            client_ca_file=env_text(env, p + "CLIENT_CA_FILE"),
+            instance=(env_text(env, "HOSTNAME") or WEBHOOK_COMPONENT)[:128],
+        )
+
+    @property
+    def external_certs(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def excluded(self) -> frozenset[str]:
+        """Namespaces never mutated: kube-system, the operator's own, and any configured."""
+        return frozenset((*ALWAYS_EXCLUDED, self.operator_namespace, *self.excluded_namespaces))
+
+    def service_ref(self) -> ServiceRef | None:
+        if self.url is not None:
+            return None
+        return ServiceRef(self.operator_namespace, self.service_name, self.service_port)
+
+
+# --- the operator ----------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """Everything the operator needs to know about its environment.
 
-    `namespaces` empty means cluster-wide. Intervals are seconds. `raw` is a read-only
-    snapshot of every RESULTSTORE_* variable so that optional modules (the webhook) can parse
-    their own settings from the same start-up snapshot instead of reading os.environ later.
+    `namespaces` empty means cluster-wide. Intervals are seconds. `webhook` is the injection
+    webhook's part. `raw` is a read-only snapshot of every RESULTSTORE_* variable (and
+    HOSTNAME) taken at the same moment, for a part that needs the start-up environment.
     """
 
     namespaces: tuple[str, ...] = ()
@@ -149,6 +290,8 @@ class OperatorSettings:
     workers: int = 16
     db_connect_timeout: int = 5
     log_level: str = "INFO"
+    #: The injection webhook's settings (RESULTSTORE_WEBHOOK_*), parsed with the rest.
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
     raw: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -182,9 +325,7 @@ class OperatorSettings:
         """Parse settings from an environment mapping (os.environ by default)."""
         env = os.environ if env is None else env
         p = ENV_PREFIX
-        namespaces = tuple(
-            ns.strip() for ns in env.get(p + "WATCH_NAMESPACES", "").split(",") if ns.strip()
-        )
+        namespaces = env_list(env, p + "WATCH_NAMESPACES")
         operator_namespace = (
             env.get(p + "OPERATOR_NAMESPACE", "").strip()
             or env.get("POD_NAMESPACE", "").strip()
@@ -205,24 +346,26 @@ class OperatorSettings:
         return cls(
             namespaces=namespaces,
             operator_namespace=operator_namespace,
-            tick_interval=_float(env, p + "TICK_INTERVAL", cls.tick_interval, 0.2),
-            drift_interval=_float(env, p + "DRIFT_INTERVAL", cls.drift_interval, 0.5),
-            rotation_grace=_float(env, p + "ROTATION_GRACE", cls.rotation_grace, 0.0),
-            retry_backoff_base=_float(env, p + "RETRY_BACKOFF_BASE", cls.retry_backoff_base, 0.1),
-            retry_backoff_max=_float(env, p + "RETRY_BACKOFF_MAX", cls.retry_backoff_max, 0.1),
+            tick_interval=env_float(env, p + "TICK_INTERVAL", cls.tick_interval, 0.2),
+            drift_interval=env_float(env, p + "DRIFT_INTERVAL", cls.drift_interval, 0.5),
+            rotation_grace=env_float(env, p + "ROTATION_GRACE", cls.rotation_grace, 0.0),
+            retry_backoff_base=env_float(env, p + "RETRY_BACKOFF_BASE", cls.retry_backoff_base,
+                                         0.1),
+            retry_backoff_max=env_float(env, p + "RETRY_BACKOFF_MAX", cls.retry_backoff_max, 0.1),
             cleanup_image=env.get(p + "CLEANUP_IMAGE", "").strip() or cls.cleanup_image,
             cleanup_image_pull_policy=pull_policy,
             cleanup_image_allowlist=parse_image_allowlist(
                 p + "CLEANUP_IMAGE_ALLOWLIST", env.get(p + "CLEANUP_IMAGE_ALLOWLIST", "")),
-            cleanup_allow_service_account=_flag(
+            cleanup_allow_service_account=env_flag(
                 env, p + "CLEANUP_ALLOW_SERVICE_ACCOUNT", cls.cleanup_allow_service_account),
             health_address=env.get(p + "HEALTH_ADDRESS", cls.health_address).strip(),
             metrics_address=metrics_address,
             metrics_path=metrics_path,
             peering_name=env.get(p + "PEERING", "").strip(),
-            workers=_int(env, p + "WORKERS", cls.workers, 1),
-            db_connect_timeout=_int(env, p + "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 1),
+            workers=env_int(env, p + "WORKERS", cls.workers, 1),
+            db_connect_timeout=env_int(env, p + "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 1),
             log_level=(env.get(p + "LOG_LEVEL", "").strip() or cls.log_level).upper(),
+            webhook=WebhookSettings.from_env(env, operator_namespace),
             raw=MappingProxyType(snapshot),
         )
 

@@ -4,6 +4,10 @@ The API server already applies the CRD's defaults and validation (crd.py builds 
 from the constants below), but the operator parses again because an object may have been
 stored before a CRD upgrade, or by a server with validation disabled: a handler must be able
 to trust every field it reads. Limits and defaults live here once; crd.py reads them.
+
+Why one module: the limits, the typed sections and their parsers are one contract (the
+CRD's fields, as crd.py renders them); each section's parser sits next to the limits it
+checks, and parse_spec only calls them in the spec's order.
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# --- shared limits and defaults (crd.py builds the OpenAPI schema from these) -------------
+# The API's names, defined once in api.py; re-exported because handlers and crd.py read
+# them from here.
+from .api import (  # noqa: F401
+    ANNOTATION_ROTATE,
+    ANNOTATION_SKIP_DB_CLEANUP,
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+)
 
-GROUP = "resultstore.dev"
-VERSION = "v1alpha1"
-KIND = "ResultStore"
-PLURAL = "resultstores"
-SINGULAR = "resultstore"
-SHORT_NAMES = ("rstore",)
-API_VERSION = f"{GROUP}/{VERSION}"
+# --- shared limits and defaults (crd.py builds the OpenAPI schema from these) -------------
 
 #: PostgreSQL identifiers are at most 63 bytes; role names are `rs_<schema>_<8 hex>_<a|b>`,
 #: so the schema name keeps room for that decoration.
@@ -83,9 +93,6 @@ STATEMENT_TIMEOUT_RANGE = (0.001, 86_400.0)
 EXPIRES_RANGE = (0.0, 365 * 86_400.0)
 ROTATE_EVERY_RANGE = (10.0, 365 * 86_400.0)
 DRAIN_TIMEOUT_RANGE = (0.0, 86_400.0)
-
-ANNOTATION_ROTATE = f"{GROUP}/rotate"
-ANNOTATION_SKIP_DB_CLEANUP = f"{GROUP}/skip-database-cleanup"
 
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -312,10 +319,7 @@ def validate_schema_name(value: str, path: str = "spec.schema") -> str:
     return value
 
 
-def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
-    """Validate and type a ResultStore's `.spec`; raise SpecError naming the bad field."""
-    if not isinstance(raw, Mapping):
-        raise SpecError("spec: expected an object")
+def _database(raw: Mapping[str, Any]) -> DatabaseSpec:
     db = _obj(raw, "database", "spec")
     if not db:
         raise SpecError("spec.database is required")
@@ -343,9 +347,10 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
     )
     if len(database.name.encode()) > 63:
         raise SpecError("spec.database.name must be at most 63 bytes")
+    return database
 
-    schema = validate_schema_name(_str(raw, "schema", "spec", required=True))
 
+def _tables(raw: Mapping[str, Any]) -> TablesSpec:
     tables_raw = _obj(raw, "tables", "spec")
     tables = TablesSpec(
         task_table=_str(tables_raw, "taskTable", "spec.tables", DEFAULT_TASK_TABLE),
@@ -356,7 +361,10 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
             raise SpecError(f"spec.tables.{key} must match {TABLE_PATTERN}")
     if tables.task_table == tables.group_table:
         raise SpecError("spec.tables.taskTable and spec.tables.groupTable must differ")
+    return tables
 
+
+def _engine(raw: Mapping[str, Any]) -> EngineSpec:
     eng = _obj(raw, "engine", "spec")
     statement_timeout = _duration(eng, "statementTimeout", "spec.engine", None,
                                   STATEMENT_TIMEOUT_RANGE)
@@ -376,17 +384,22 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
     )
     if len(engine.application_name) > 63:
         raise SpecError("spec.engine.applicationName must be at most 63 characters")
+    return engine
 
+
+def _retention(raw: Mapping[str, Any]) -> RetentionSpec:
     ret = _obj(raw, "retention", "spec")
     schedule = _str(ret, "schedule", "spec.retention", DEFAULT_SCHEDULE)
     if not re.fullmatch(CRON_PATTERN, schedule.strip()):
         raise SpecError("spec.retention.schedule must be a cron expression (5 fields or @hourly)")
-    retention = RetentionSpec(
+    return RetentionSpec(
         expires=_duration(ret, "expires", "spec.retention", DEFAULT_EXPIRES, EXPIRES_RANGE) or 0.0,
         schedule=schedule.strip(),
         batch_size=_int(ret, "batchSize", "spec.retention", DEFAULT_BATCH_SIZE, BATCH_SIZE_RANGE),
     )
 
+
+def _credentials(raw: Mapping[str, Any]) -> CredentialsSpec:
     cred = _obj(raw, "credentials", "spec")
     credentials = CredentialsSpec(
         rotate_every=_duration(cred, "rotateEvery", "spec.credentials", None,
@@ -394,11 +407,13 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
         drain_timeout=_duration(cred, "drainTimeout", "spec.credentials", DEFAULT_DRAIN_TIMEOUT,
                                 DRAIN_TIMEOUT_RANGE) or 0.0,
     )
-
     if (credentials.rotate_every is not None
             and credentials.rotate_every <= credentials.drain_timeout):
         raise SpecError("spec.credentials.rotateEvery must be longer than drainTimeout")
+    return credentials
 
+
+def _cleanup_job(raw: Mapping[str, Any]) -> CleanupJobSpec:
     job = _obj(raw, "cleanupJob", "spec")
     tolerations = job.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
@@ -415,7 +430,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
     if pull is not None and pull not in PULL_POLICIES:
         raise SpecError("spec.cleanupJob.imagePullPolicy must be one of "
                         + ", ".join(PULL_POLICIES))
-    cleanup_job = CleanupJobSpec(
+    return CleanupJobSpec(
         image=_str(job, "image", "spec.cleanupJob") or None,
         image_pull_policy=pull,
         resources=dict(resources),
@@ -429,6 +444,22 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
         suspend=_bool(job, "suspend", "spec.cleanupJob", False),
     )
 
+
+def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
+    """Validate and type a ResultStore's `.spec`; raise SpecError naming the bad field.
+
+    Sections are parsed in the order the spec lists them, so that the first error reported
+    is the first bad field a reader meets.
+    """
+    if not isinstance(raw, Mapping):
+        raise SpecError("spec: expected an object")
+    database = _database(raw)
+    schema = validate_schema_name(_str(raw, "schema", "spec", required=True))
+    tables = _tables(raw)
+    engine = _engine(raw)
+    retention = _retention(raw)
+    credentials = _credentials(raw)
+    cleanup_job = _cleanup_job(raw)
     return ResultStoreSpec(
         database=database,
         schema=schema,

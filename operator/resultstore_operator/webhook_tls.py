@@ -9,7 +9,8 @@ its names change or it nears expiry. With cert-manager (the chart), files are mo
 and this module only reads them.
 
 Generation and validation are pure; :func:`ensure_tls_secret` is the only I/O (read the Secret,
-keep it when valid, otherwise create or replace it with optimistic concurrency).
+keep it when valid, otherwise create or replace it with optimistic concurrency), through the
+operator's one client, :class:`resultstore_operator.kube.Kube`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from kubernetes.client.exceptions import ApiException
+
+from .api import LABEL_COMPONENT, LABEL_NAME, TLS_SECRET_TYPE
+from .kube import Conflict, Kube, meta
 
 log = logging.getLogger("resultstore.webhook.tls")
 
@@ -36,7 +39,7 @@ CA_VALIDITY = dt.timedelta(days=3650)
 SERVING_VALIDITY = dt.timedelta(days=365)
 RENEW_BEFORE = dt.timedelta(days=30)
 
-SECRET_TYPE = "kubernetes.io/tls"
+SECRET_TYPE = TLS_SECRET_TYPE
 KEY_CA_CRT = "ca.crt"
 KEY_CA_KEY = "ca.key"
 KEY_TLS_CRT = "tls.crt"
@@ -233,43 +236,37 @@ def build_tls_secret(name: str, namespace: str, bundle: TlsBundle,
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "resultstore-operator",
-                                "app.kubernetes.io/component": "webhook", **(labels or {})}},
+                     "labels": {LABEL_NAME: "resultstore-operator",
+                                LABEL_COMPONENT: "webhook", **(labels or {})}},
         "type": SECRET_TYPE,
         "data": bundle.to_secret_data(),
     }
 
 
-def ensure_tls_secret(core: Any, namespace: str, name: str, names: ServingNames,
+def ensure_tls_secret(kube: Kube, namespace: str, name: str, names: ServingNames,
                       attempts: int = 5) -> TlsBundle:
     """Read the TLS Secret, keep it if valid, otherwise create/replace it; return the bundle.
 
-    ``core`` is a ``kubernetes.client.CoreV1Api``. Several operator replicas (or a restart racing
-    the old pod) may do this at once: creation uses 409 AlreadyExists and replacement uses the
-    resourceVersion, and a loser re-reads and adopts the winner's bundle.
+    Several operator replicas (or a restart racing the old pod) may do this at once:
+    creation answers Conflict (AlreadyExists) and replacement carries the resourceVersion
+    (Conflict when someone wrote in between), and a loser re-reads and adopts the winner's
+    bundle.
     """
     for _ in range(attempts):
-        try:
-            secret = core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            secret = None
-        current = TlsBundle.from_secret_data(secret.data if secret is not None else None)
+        secret = kube.read_secret(namespace, name)
+        current = TlsBundle.from_secret_data(secret.get("data") if secret is not None else None)
         bundle, why = reconcile_bundle(current, names)
         if why is None:
             return bundle
         body = build_tls_secret(name, namespace, bundle)
         try:
             if secret is None:
-                core.create_namespaced_secret(namespace, body)
+                kube.create_secret(namespace, body)
             else:
-                body["metadata"]["resourceVersion"] = secret.metadata.resource_version
-                core.replace_namespaced_secret(name, namespace, body)
-        except ApiException as exc:
-            if exc.status in (409,):
-                continue  # somebody else wrote it first: adopt theirs on the next pass
-            raise
+                body["metadata"]["resourceVersion"] = meta(secret).resource_version
+                kube.replace_secret(namespace, name, body)
+        except Conflict:
+            continue  # somebody else wrote it first: adopt theirs on the next pass
         log.info("webhook TLS Secret %s/%s %s", namespace, name, why)
         return bundle
     raise RuntimeError(f"could not settle the webhook TLS Secret {namespace}/{name}")

@@ -19,7 +19,7 @@ import yaml
 
 from resultstore_devtools import binaries
 from resultstore_operator import crd
-from resultstore_operator.webhook import WebhookSettings
+from resultstore_operator.webhook import WebhookSettings, configuration_for
 from tests.unit.test_manifests import container, env_values, find, manifest_objects
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def test_webhook_configuration_matches_the_operator_in_any_namespace() -> None:
     settings = WebhookSettings.from_env(env_values(container(deployment)), "platform-ops")
     shipped = find(chart, "MutatingWebhookConfiguration")
     assert shipped["metadata"]["name"] == settings.config_name == "rs-resultstore-injector"
-    assert shipped["webhooks"] == settings.configuration(ca_bundle=None)["webhooks"]
+    assert shipped["webhooks"] == configuration_for(settings, ca_bundle=None)["webhooks"]
     hook = shipped["webhooks"][0]
     assert hook["timeoutSeconds"] == 3
     assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == [

@@ -24,6 +24,7 @@ from resultstore_operator.webhook import (
     ServiceRef,
     WebhookSettings,
     build_webhook_configuration,
+    configuration_for,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,7 +170,7 @@ def test_webhook_configuration_equals_the_operators_builder() -> None:
     c = container(find(objects, "Deployment"))
     settings = WebhookSettings.from_env(env_values(c), OPERATOR_NAMESPACE)
     shipped = find(objects, "MutatingWebhookConfiguration")
-    built = settings.configuration(ca_bundle=None)
+    built = configuration_for(settings, ca_bundle=None)
     assert shipped["metadata"]["name"] == settings.config_name
     assert shipped["webhooks"] == built["webhooks"]
     assert built["webhooks"] == build_webhook_configuration(

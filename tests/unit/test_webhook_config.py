@@ -15,12 +15,14 @@ from resultstore_operator.webhook import (
     ServiceRef,
     WebhookSettings,
     WebhookSettingsError,
-    _configuration_matches,
     build_event,
     build_webhook_configuration,
+    configuration_for,
+    configuration_matches,
     event_reason_for,
     pod_description,
     review_response,
+    serving_names,
     store_lookup_from_object,
 )
 
@@ -84,9 +86,9 @@ def test_configuration_matches_ignores_server_defaults() -> None:
     stored = json.loads(json.dumps(body))
     stored["metadata"]["resourceVersion"] = "7"
     stored["webhooks"][0]["objectSelector"]["matchLabels"] = None
-    assert _configuration_matches(stored, body)
+    assert configuration_matches(stored, body)
     stored["webhooks"][0]["failurePolicy"] = "Fail"
-    assert not _configuration_matches(stored, body)
+    assert not configuration_matches(stored, body)
 
 
 def test_settings_from_env() -> None:
@@ -97,13 +99,13 @@ def test_settings_from_env() -> None:
         "RESULTSTORE_WEBHOOK_EXCLUDED_NAMESPACES": "a, b",
     }, "ops")
     assert s.listen_port == 18443 and s.service_ref() is None
-    assert s.serving_names().ips == ("127.0.0.1",)
+    assert serving_names(s).ips == ("127.0.0.1",)
     assert s.excluded == frozenset({"kube-system", "ops", "a", "b"})
-    hook = s.configuration("QQ==")["webhooks"][0]
+    hook = configuration_for(s, "QQ==")["webhooks"][0]
     assert hook["clientConfig"]["url"] == "https://127.0.0.1:18443/mutate-pods"
     d = WebhookSettings.from_env({}, "ops")
     assert d.service_ref() == ServiceRef("ops")
-    assert "resultstore-webhook.ops.svc" in d.serving_names().dns
+    assert "resultstore-webhook.ops.svc" in serving_names(d).dns
     assert d.timeout_seconds == 5 and d.lookup_timeout < d.timeout_seconds
 
 
@@ -172,7 +174,8 @@ def test_pod_description_quotes_only_kubernetes_names(metadata: dict[str, Any]) 
     text = pod_description({"metadata": metadata})
     assert text == "a pod", text
     ev = build_event("team", "orders", "ResultStoreNotReady", "a pod of Job job admitted",
-                     count=3, now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+                     count=3, now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+                     instance="resultstore-webhook")
     assert ev["type"] == "Warning" and ev["reason"] == "ResultStoreNotReady"
     assert ev["involvedObject"] == {"apiVersion": "resultstore.dev/v1alpha1",
                                     "kind": "ResultStore", "name": "orders",
@@ -182,7 +185,8 @@ def test_pod_description_quotes_only_kubernetes_names(metadata: dict[str, Any]) 
     assert ev["firstTimestamp"] == ev["lastTimestamp"] == "2026-01-02T03:04:05Z"
     assert ev["count"] == 3
     assert ev["reportingInstance"] == "resultstore-webhook"
-    named = build_event("team", "orders", "ResultStoreNotReady", "m", instance="op-7f9c")
+    named = build_event("team", "orders", "ResultStoreNotReady", "m", instance="op-7f9c",
+                        now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
     assert named["reportingInstance"] == "op-7f9c"
 
 
@@ -194,6 +198,7 @@ def test_reporting_instance_is_read_once_into_the_settings() -> None:
     from resultstore_operator.settings import OperatorSettings
 
     op = OperatorSettings.from_env({"HOSTNAME": "op-7f9c", "PATH": "/bin"})
+    assert op.webhook.instance == "op-7f9c"
     assert WebhookSettings.from_env(op.raw, op.operator_namespace).instance == "op-7f9c"
     assert "PATH" not in op.raw
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -90,25 +91,30 @@ def test_rollout_patch_only_when_hash_differs() -> None:
 def test_client_method_names_exist() -> None:
     from kubernetes import client
 
-    from resultstore_operator.rollout import _CLIENT_NAMES, WORKLOAD_KINDS
+    from resultstore_operator.rollout import WORKLOAD_CLIENT_NAMES, WORKLOAD_KINDS
 
     for kind in WORKLOAD_KINDS:
         for verb in ("list", "patch"):
-            assert hasattr(client.AppsV1Api, f"{verb}_namespaced_{_CLIENT_NAMES[kind]}")
+            assert hasattr(client.AppsV1Api, f"{verb}_namespaced_{WORKLOAD_CLIENT_NAMES[kind]}")
 
 
 class _Gateway:
-    """The rollout's one I/O seam, in memory: one Secret, records the patches."""
+    """The rollout's calls of the Kubernetes client (rollout.WorkloadClient), in memory:
+    one Secret, no listed workloads, records the patches."""
 
     def __init__(self, secret: dict[str, Any] | None) -> None:
         self._secret = secret
         self.patches: list[tuple[str, str, str, dict[str, Any]]] = []
 
-    def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._secret
 
-    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> None:
-        self.patches.append((kind, namespace, name, body))
+    def list_workloads(self, namespace: str, plural: str) -> list[dict[str, Any]]:
+        return []
+
+    def patch_workload(self, plural: str, namespace: str, name: str,
+                       patch: Mapping[str, Any]) -> None:
+        self.patches.append((plural, namespace, name, dict(patch)))
 
 
 @pytest.mark.parametrize("owner,patched", [("orders", True), (None, False), ("billing", False)])

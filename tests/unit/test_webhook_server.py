@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import os
 import ssl
@@ -21,10 +22,10 @@ import aiohttp
 
 from resultstore_devtools.procs import free_port, port_open
 from resultstore_operator.injection import INJECT_LABEL, StoreLookup, StoreState
+from resultstore_operator.kube import Forbidden, Kube
 from resultstore_operator.webhook import (
     WEBHOOK_PATH,
     InjectionServer,
-    KubeGateway,
     WebhookRuntime,
     WebhookSettings,
     server_ssl_context,
@@ -34,7 +35,6 @@ from resultstore_operator.webhook_tls import (
     TlsBundle,
     ca_bundle_b64,
     new_bundle,
-    reconcile_bundle,
     write_bundle_files,
 )
 
@@ -139,22 +139,43 @@ def test_server_contract(tmp_path: Path) -> None:
 
 
 class RecordingGateway:
-    """Stands in for the API only in this lifecycle unit test (e2e uses the real API)."""
+    """The Kube calls of the webhook runtime, in memory, only in this lifecycle unit test
+    (tests/e2e/test_webhook.py runs the runtime against a real API server): one TLS Secret,
+    the MutatingWebhookConfiguration writes recorded, Forbidden until `fail_apply` is off."""
 
     def __init__(self) -> None:
-        self.secret: TlsBundle | None = None
+        self.stored: dict[str, Any] | None = None
         self.applied: list[Mapping[str, Any]] = []
         self.fail_apply = True
+        self._configuration: dict[str, Any] | None = None
 
-    def ensure_tls(self, namespace: str, name: str, names: ServingNames) -> TlsBundle:
-        self.secret, _ = reconcile_bundle(self.secret, names)
-        return self.secret
+    @property
+    def secret(self) -> TlsBundle | None:
+        return TlsBundle.from_secret_data(self.stored["data"]) if self.stored else None
 
-    def apply_configuration(self, body: Mapping[str, Any]) -> bool:
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.stored)
+
+    def create_secret(self, namespace: str, body: Mapping[str, Any]) -> None:
+        self.stored = copy.deepcopy(dict(body))
+
+    def replace_secret(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        self.stored = copy.deepcopy(dict(body))
+
+    def read_webhook_configuration(self, name: str) -> dict[str, Any] | None:
         if self.fail_apply:
-            raise RuntimeError("forbidden")
+            raise Forbidden("read MutatingWebhookConfiguration: API answered 403", 403)
+        return copy.deepcopy(self._configuration)
+
+    def create_webhook_configuration(self, body: Mapping[str, Any]) -> None:
+        self._configuration = {**copy.deepcopy(dict(body)),
+                               "metadata": {**body["metadata"], "resourceVersion": "1"}}
         self.applied.append(body)
-        return True
+
+    def patch_webhook_configuration(self, name: str, patch: Mapping[str, Any]) -> None:
+        assert self._configuration is not None
+        self._configuration["webhooks"] = copy.deepcopy(patch["webhooks"])
+        self.applied.append(copy.deepcopy(self._configuration))
 
 
 def test_runtime_serves_without_configuration_and_keeps_ca(tmp_path: Path) -> None:
@@ -164,8 +185,8 @@ def test_runtime_serves_without_configuration_and_keeps_ca(tmp_path: Path) -> No
                                cert_dir=str(tmp_path))
     gateway = RecordingGateway()
 
-    async def main() -> None:
-        first = WebhookRuntime(settings, cast(KubeGateway, gateway))
+    async def main() -> bool:
+        first = WebhookRuntime(settings, cast(Kube, gateway))
         await first.start()
         try:
             assert first.serving and port_open(port, "127.0.0.1")  # apply failed, still serving
@@ -173,14 +194,16 @@ def test_runtime_serves_without_configuration_and_keeps_ca(tmp_path: Path) -> No
             await first._try_apply_configuration()
         finally:
             await first.stop()
-        second = WebhookRuntime(settings, cast(KubeGateway, gateway))
+        second = WebhookRuntime(settings, cast(Kube, gateway))
         await second.start()  # a restart: the CA comes back from the kept Secret
         await second.stop()
+        return second._config_ok
 
-    asyncio.run(main())
+    assert asyncio.run(main()), "the restarted runtime could not check the configuration"
     assert gateway.secret is not None
     bundles = [b["webhooks"][0]["clientConfig"]["caBundle"] for b in gateway.applied]
-    assert bundles == [ca_bundle_b64(gateway.secret)] * 2
+    # One write: the restart found the registered caBundle still the kept CA's.
+    assert bundles == [ca_bundle_b64(gateway.secret)]
 
 
 def test_external_certificates_are_reloaded_when_files_change(tmp_path: Path) -> None:
@@ -211,7 +234,7 @@ def test_external_certificates_are_reloaded_when_files_change(tmp_path: Path) ->
             return False
 
     async def main() -> None:
-        runtime = WebhookRuntime(settings, cast(KubeGateway, gateway))
+        runtime = WebhookRuntime(settings, cast(Kube, gateway))
         await runtime.start()
         try:
             assert await handshake(first.ca_crt)
@@ -292,7 +315,7 @@ def test_aggregator_is_bounded_and_writes_at_most_once_per_window() -> None:
         updates.append(count)
 
     async def main() -> EventAggregator:
-        agg = EventAggregator(create, update, window=3600, max_keys=3)
+        agg = EventAggregator(create, update, window=3600, max_keys=3, instance="op-0")
         for i in range(50):
             agg.record("ns", "s", "R", f"occurrence {i}")
         for store in ("a", "b", "c", "d"):
@@ -313,7 +336,7 @@ def test_aggregator_is_bounded_and_writes_at_most_once_per_window() -> None:
     created.clear()
 
     async def later() -> None:
-        agg = EventAggregator(create, update, window=0.2)
+        agg = EventAggregator(create, update, window=0.2, instance="op-0")
         agg.record("ns", "s", "R", "m")
         await asyncio.sleep(0.05)  # the create went out
         for _ in range(99):

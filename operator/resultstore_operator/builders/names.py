@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import hashlib
 
-from ..spec import GROUP
+from ..api import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_STORE
 
 ROLE_SUFFIXES = ("a", "b")
-LABEL_STORE = f"{GROUP}/store"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED_BY = "resultstore-operator"
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..spec import API_VERSION, GROUP, KIND
-from .names import LABEL_MANAGED_BY, MANAGED_BY
+from ..api import ADMIN_CREDENTIALS_LABEL, API_VERSION, GROUP, KIND, LABEL_MANAGED_BY
+from .names import MANAGED_BY
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def foreign_owner(obj: Mapping[str, Any], uid: str) -> str | None:
 #: The label an admin Secret must carry before the operator reads its data. Without it, a
 #: ResultStore could name *any* Secret of its namespace as `adminSecretRef` and have the
 #: operator send that Secret's values to a host of its choosing.
-ADMIN_CREDENTIALS_LABEL = f"{GROUP}/admin-credentials"
+# ADMIN_CREDENTIALS_LABEL (imported above from api.py)
 
 
 #: Server-side label selector of the operator's Secret watch (the stock-mode rollout): only

@@ -22,12 +22,10 @@ from resultstore_backend.config import (
     render_binding,
 )
 
-from ..spec import GROUP, ResultStoreSpec
+from ..api import ANNOTATION_DATA_HASH, ANNOTATION_ROLE
+from ..api import BINDING_SECRET_TYPE as SECRET_TYPE
+from ..spec import ResultStoreSpec
 from .names import labels, secret_name
-
-SECRET_TYPE = "servicebinding.io/postgresql"
-ANNOTATION_DATA_HASH = f"{GROUP}/data-hash"
-ANNOTATION_ROLE = f"{GROUP}/role"
 
 
 def engine_settings(spec: ResultStoreSpec) -> EngineSettings:
