@@ -86,6 +86,12 @@ def pgbouncer_version(binary: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3] or 0)
 
 
+def prepared_statements_in(version: tuple[int, ...]) -> bool:
+    """Whether a PgBouncer of ``version`` keeps protocol-level prepared statements in
+    transaction mode (``max_prepared_statements``, 1.21)."""
+    return tuple(version[:2]) >= PREPARED_STATEMENTS_SINCE
+
+
 def _quote_auth(value: str) -> str:
     """An auth_file field: double quotes, a literal quote doubled."""
     return '"' + value.replace('"', '""') + '"'
@@ -182,7 +188,7 @@ class PgBouncer:
     def supports_prepared_statements(self) -> bool:
         """Whether this PgBouncer keeps protocol-level prepared statements in transaction
         mode (1.21's ``max_prepared_statements``); when not, clients must not prepare."""
-        return self.version[:2] >= PREPARED_STATEMENTS_SINCE
+        return prepared_statements_in(self.version)
 
     @property
     def config_file(self) -> Path:

@@ -19,6 +19,7 @@ import pytest
 from celery import Celery
 
 from resultstore_backend.engine import reset_registry
+from resultstore_devtools.pgbouncer import PgBouncer
 from tests.integration.apps.tasks import define_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,51 @@ def _fresh_engines() -> Iterator[None]:
 def pg_store_url(pg_database: Any) -> str:
     """A direct-DSN backend URL on a fresh database, schema ``rs``."""
     return "resultstore+" + pg_database.url() + "?schema=rs"
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: Any) -> Iterator[PgBouncer]:
+    """Debian's PgBouncer in transaction mode in front of the session's PostgreSQL.
+
+    Fails (FileNotFoundError naming scripts/bootstrap) when pgbouncer is not installed:
+    the pooler tests are acceptance tests of issue 17 and never skip.
+    """
+    bouncer = PgBouncer(postgres, pool_mode="transaction")
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.destroy()
+
+
+@pytest.fixture
+def pooled_database(pg_database: Any, pgbouncer: PgBouncer) -> Any:
+    """``pg_database``, reachable through ``pgbouncer`` too (its auth_query function)."""
+    pgbouncer.install_lookup(pg_database.name)
+    return pg_database
+
+
+@pytest.fixture
+def pooled_store_url(pooled_database: Any, pgbouncer: PgBouncer) -> str:
+    """``pg_store_url`` with stores and reads through PgBouncer (transaction mode); the
+    LISTEN connection stays direct."""
+    return ("resultstore+" + pooled_database.url()
+            + f"?schema=rs&pooler={pgbouncer.host}:{pgbouncer.port}&pooler_mode=transaction")
+
+
+def pytest_report_header(config: Any) -> str:
+    """The PgBouncer the pooler tests run against (the version decides prepared
+    statements: PgBouncer >= 1.21 keeps them in transaction mode)."""
+    try:
+        from resultstore_devtools.pgbouncer import pgbouncer_version, prepared_statements_in
+        from resultstore_devtools.procs import find_binary
+
+        version = pgbouncer_version(find_binary("pgbouncer", ["/usr/sbin", "/usr/bin"]))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return f"pgbouncer: not usable ({exc})"
+    supported = "yes" if prepared_statements_in(version) else "no (before 1.21)"
+    return (f"pgbouncer: {'.'.join(map(str, version))}; prepared statements in transaction "
+            f"mode: {supported}")
 
 
 @pytest.fixture

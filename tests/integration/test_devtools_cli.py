@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from resultstore_devtools.procs import port_open
@@ -67,3 +68,35 @@ def test_started_service_outlives_the_command(service: str, variable: str,
         assert restarted.returncode == 0, restarted.stderr
     finally:
         assert _dev(state_dir, service, "stop").returncode == 0
+
+
+def test_pgbouncer_in_front_of_the_dev_postgres(state_dir: Path) -> None:
+    """`resultstore-dev pgbouncer start` needs the dev postgres, outlives the command, lets
+    the superuser log in with SCRAM in transaction mode, and `stop` leaves nothing behind."""
+    refused = _dev(state_dir, "pgbouncer", "start")
+    assert refused.returncode == 1 and "postgres start" in refused.stderr
+    assert _dev(state_dir, "postgres", "start").returncode == 0
+    try:
+        started = _dev(state_dir, "pgbouncer", "start")
+        assert started.returncode == 0, started.stderr
+        record = json.loads((state_dir / "pgbouncer.json").read_text())
+        port = int(record["port"])
+        assert port_open(port), f"pgbouncer died when `start` returned:\n{started.stderr}"
+        status = _dev(state_dir, "pgbouncer", "status")
+        assert status.returncode == 0 and "pool_mode=transaction" in status.stdout
+        assert record["admin_password"] not in status.stdout
+        env = _dev(state_dir, "pgbouncer", "env")
+        url = env.stdout.split("RESULTSTORE_PGBOUNCER_URL='", 1)[1].split("'", 1)[0]
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
+                             autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            # PgBouncer hands the client a made-up process id (BackendKeyData)
+            assert row is not None and row[0] != conn.info.backend_pid
+        again = _dev(state_dir, "pgbouncer", "start")
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stopped = _dev(state_dir, "pgbouncer", "stop")
+        _dev(state_dir, "postgres", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not port_open(port), f"pgbouncer still listens on {port} after stop"
+    assert not (state_dir / "pgbouncer.json").exists()
