@@ -34,6 +34,7 @@ from .builders import reasons as r
 from .builders import rotation as rot
 from .settings import OperatorSettings
 from .spec import SpecError
+from .views import condition, meta, section
 
 log = logging.getLogger("resultstore.metrics")
 
@@ -119,19 +120,19 @@ def _epoch(text: Any) -> float | None:
 
 def snapshot_of(body: Mapping[str, Any]) -> StoreSnapshot:
     """Read a ResultStore object (as the API returns it) into a :class:`StoreSnapshot`."""
-    meta = body.get("metadata") or {}
-    status = body.get("status") or {}
+    m = meta(body)
+    status = section(body, "status")
+    ready_condition = condition(body, r.READY)
     ready = "Unknown"
-    for cond in status.get("conditions") or []:
-        if isinstance(cond, Mapping) and cond.get("type") == r.READY:
-            value = cond.get("status")
-            ready = value if value in READY_STATUSES else "Unknown"
-    phase = (status.get("credentials") or {}).get("phase")
-    cleanup = status.get("lastCleanup") or {}
+    if ready_condition is not None:
+        value = ready_condition.get("status")
+        ready = value if value in READY_STATUSES else "Unknown"
+    phase = section(status, "credentials").get("phase")
+    cleanup = section(status, "lastCleanup")
     succeeded = cleanup.get("succeeded")
     return StoreSnapshot(
-        namespace=str(meta.get("namespace") or ""),
-        name=str(meta.get("name") or ""),
+        namespace=m.namespace,
+        name=m.name,
         ready=ready,
         rotating=phase in (rot.ROTATING, rot.DRAINING),
         cleanup_succeeded=succeeded if isinstance(succeeded, bool) else None,
