@@ -1,44 +1,61 @@
 """The per-store timer leaves a store to its change handlers until one of them has run.
 
 Found through the reconcile metrics: a new (invalid) store was attempted twice, once by a
-tick that fired before the create handler took the store's lock.
+tick that fired before the create handler took the store's lock. The controller runs over
+the in-memory API server (fake_kube.py): a reconcile is seen as a read of the store.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Iterator
 
+import pytest
+
+from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
+from resultstore_operator.database import Credentials
 from resultstore_operator.handlers import Controller
 from resultstore_operator.settings import OperatorSettings
+from tests.unit.fake_database import FakeDatabase
+from tests.unit.fake_kube import FakeKube
 
 BODY = {"metadata": {"uid": "u1", "namespace": "ns", "name": "orders", "generation": 1},
         "spec": {}, "status": {}}
 
 
-def _controller(calls: list[str]) -> Controller:
-    ctl = Controller(OperatorSettings())
-
-    async def fake_reconcile(state: Any, namespace: str, name: str, why: str,
-                             handler: str) -> None:
-        calls.append(handler)
-        return None
-
-    ctl._reconcile_locked = fake_reconcile  # type: ignore[method-assign]
-    return ctl
+@pytest.fixture
+def kube() -> FakeKube:
+    fake = FakeKube()
+    fake.add_store(BODY)  # an invalid spec: each reconcile reads it and fails permanently
+    return fake
 
 
-def test_tick_before_any_change_handler_does_nothing() -> None:
-    calls: list[str] = []
-    ctl = _controller(calls)
+@pytest.fixture
+def ctl(kube: FakeKube) -> Iterator[Controller]:
+    controller = Controller(OperatorSettings(), kube=kube,
+                            database=FakeDatabase(Credentials("postgres", "x")))
+    try:
+        yield controller
+    finally:
+        controller.executor.shutdown(wait=True)
+
+
+def test_tick_before_any_change_handler_does_nothing(ctl: Controller, kube: FakeKube) -> None:
     asyncio.run(ctl.tick(BODY))
-    assert calls == [], "the timer reconciled a store no change handler has seen yet"
+    assert kube.calls == [], "the timer reconciled a store no change handler has seen yet"
 
 
-def test_tick_after_create_reconciles_when_work_is_due() -> None:
-    calls: list[str] = []
-    ctl = _controller(calls)
-    asyncio.run(ctl.reconcile(BODY, "create", "create"))
-    # Credentials status is missing, so work is due: the tick reconciles.
-    asyncio.run(ctl.tick(BODY))
-    assert calls == ["create", "timer"], calls
+def test_tick_after_create_reconciles_when_work_is_due(ctl: Controller,
+                                                        kube: FakeKube) -> None:
+    kube.add_secret({"metadata": {"name": "pg-admin", "namespace": "ns",
+                                  "labels": {ADMIN_CREDENTIALS_LABEL: "true"}},
+                     "data": {"username": "cG9zdGdyZXM=", "password": "eA=="}})  # postgres/x
+    spec = {"database": {"host": "db.example", "name": "app",
+                         "adminSecretRef": {"name": "pg-admin"}}, "schema": "orders"}
+    kube.stores[("ns", "orders")]["spec"] = spec
+    body = {**BODY, "spec": spec}
+    asyncio.run(ctl.reconcile(body, "create", "create"))
+    assert ctl.states["u1"].failures == 0 and kube.calls.count("read_store") == 1
+    # The cached body has no credentials status yet, so work is due: the tick reconciles.
+    asyncio.run(ctl.tick(body))
+    assert kube.calls.count("read_store") == 2, "the due tick did not reconcile"
