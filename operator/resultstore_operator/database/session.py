@@ -1,30 +1,26 @@
-"""PostgreSQL I/O through the admin connection: migrate, roles, grants, drain, teardown.
+"""The admin session: schema migration, roles, grants, drain and teardown of one store.
 
 Each reconcile opens one short-lived admin session (no pool: the operator talks to a
 database for a fraction of a second per store per interval, and a pool per store would hold
 hundreds of idle connections at scale). Statements come from builders.sql; this module only
-executes them and turns driver errors into `DatabaseError`s with a distinct reason per cause
-(admin password wrong, host unreachable, role lacks CREATEROLE, ...). Messages are redacted:
-no password can reach a log line, an Event or the status through an exception.
+executes them. Nothing is altered, granted, revoked, terminated or dropped unless the object
+carries this store's ownership marker (builders.marker); every such method checks the marker
+itself, right before acting.
 
-The admin connection never sends a password the server could read: libpq is told
-`require_auth=scram-sha-256` (a server, or an impostor on the named host, asking for a
-cleartext or MD5 password gets nothing), and channel binding is required whenever TLS is
-(`connection_security`). Nothing is altered, granted, revoked, terminated or dropped unless
-the object carries this store's ownership marker (builders.marker); every such method checks
-the marker itself, right before acting.
+Why one class of about 400 lines: every method runs on the same connection and error
+mapping, and the ownership checks (`_owned_role_state`, the marker re-read in `migrate`)
+must sit next to the statements they guard; split across modules they would be easy to
+bypass.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -32,173 +28,25 @@ from psycopg import sql
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from resultstore_backend.config import redact
 from resultstore_backend.schema import SCHEMA_VERSION, TableNames, current_version, migrate
 
-from .builders import marker as m
-from .builders import reasons as r
-from .builders import sql as q
+from ..builders import marker as m
+from ..builders import reasons as r
+from ..builders import sql as q
+from .connection import CaFile, Credentials, DatabaseError, Target, classify, connect_args
 
 log = logging.getLogger(__name__)
 
 
-class DatabaseError(Exception):
-    """A failure with a user-facing reason; the message never contains a password."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where to connect (the store's database) and how (sslmode, CA, timeout).
-
-    `tls_pinned`: an earlier admin session to this server ran over TLS (recorded in the
-    store's status), so a `prefer`/`allow` connection now insists on it.
-    """
-
-    host: str
-    port: int
-    database: str
-    sslmode: str = "prefer"
-    ca_cert: str | None = field(default=None, repr=False)
-    connect_timeout: int = 5
-    tls_pinned: bool = False
-
-
-#: the only password exchange the operator takes part in: the password never leaves
-REQUIRE_AUTH = "scram-sha-256"
-_TLS_MODES = ("require", "verify-ca", "verify-full")
-
-
-def connection_security(sslmode: str, tls_pinned: bool = False) -> dict[str, str]:
-    """libpq options for a connection that may carry a password.
-
-    - SCRAM-SHA-256 always (`require_auth`): the password itself is never sent.
-    - A mode that demands TLS also demands channel binding (SCRAM-SHA-256-PLUS), so a
-      man in the middle holding some certificate cannot relay the exchange.
-    - `prefer` (the default) and `allow` mean "TLS when the server offers it": libpq
-      tries TLS first, with channel binding when the exchange supports it; once a TLS
-      session has been seen (`tls_pinned`) they behave as `require`, so a later downgrade
-      to plaintext is refused instead of followed. `allow` is not tried plaintext-first
-      for the admin connection.
-    - `disable` is for servers without TLS (local development): SCRAM still applies.
-    """
-    if sslmode in _TLS_MODES:
-        return {"sslmode": sslmode, "channel_binding": "require", "require_auth": REQUIRE_AUTH}
-    if sslmode in ("prefer", "allow"):
-        if tls_pinned:
-            return {"sslmode": "require", "channel_binding": "require",
-                    "require_auth": REQUIRE_AUTH}
-        return {"sslmode": "prefer", "channel_binding": "prefer",
-                "require_auth": REQUIRE_AUTH}
-    return {"sslmode": "disable", "channel_binding": "disable", "require_auth": REQUIRE_AUTH}
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str = field(repr=False)
-
-
 @dataclass(frozen=True)
 class CleanupRun:
+    """The cleanup job's own record of its last run (the store's status shows it)."""
+
     started_at: datetime
     duration_seconds: float
     rows_deleted: int
     success: bool
     error: str | None
-
-
-def _message_of(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    base = orig if isinstance(orig, BaseException) else exc
-    text = str(base).strip().replace("\n", " ")
-    return " ".join(text.split())
-
-
-def classify(exc: BaseException, *secrets: str | None) -> DatabaseError:
-    """Map a driver/SQLAlchemy exception onto one of the documented reasons."""
-    orig = getattr(exc, "orig", None)
-    base = orig if isinstance(orig, BaseException) else exc
-    message = redact(_message_of(exc), *secrets)
-    lowered = message.lower()
-    sqlstate = getattr(base, "sqlstate", None)
-    if sqlstate == "42501" or "permission denied" in lowered or "must be" in lowered and (
-            "superuser" in lowered or "createrole" in lowered):
-        return DatabaseError(r.INSUFFICIENT_PRIVILEGE, message)
-    if isinstance(base, psycopg.OperationalError | psycopg.InterfaceError) or isinstance(
-            exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-        if ("authentication method requirement" in lowered
-                or "channel binding" in lowered
-                or "server does not support ssl" in lowered):
-            return DatabaseError(
-                r.INSECURE_CONNECTION,
-                f"{message} (the operator only authenticates with SCRAM-SHA-256, with "
-                f"channel binding over TLS; nothing was sent)")
-        if ("password authentication failed" in lowered
-                or "no pg_hba.conf entry" in lowered
-                or ("role" in lowered and "does not exist" in lowered)
-                or "authentication failed" in lowered):
-            return DatabaseError(r.ADMIN_AUTH_FAILED, message)
-        if "database" in lowered and "does not exist" in lowered:
-            return DatabaseError(r.DATABASE_UNREACHABLE, message)
-        return DatabaseError(r.DATABASE_UNREACHABLE, message)
-    return DatabaseError(r.DATABASE_ERROR, message)
-
-
-class _CaFile:
-    """The CA certificate as a file for libpq's sslrootcert, removed on close."""
-
-    def __init__(self, pem: str | None) -> None:
-        self.path: str | None = None
-        if pem:
-            fd, path = tempfile.mkstemp(prefix="resultstore-ca-", suffix=".crt")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(pem)
-            self.path = path
-
-    def close(self) -> None:
-        if self.path:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.path = None
-
-
-def _connect_args(target: Target, ca: _CaFile) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        **connection_security(target.sslmode, target.tls_pinned),
-        "connect_timeout": target.connect_timeout,
-        "application_name": "resultstore-operator",
-    }
-    if ca.path:
-        args["sslrootcert"] = ca.path
-    return args
-
-
-def check_login(target: Target, creds: Credentials) -> bool:
-    """True when `creds` can log in; False on an authentication failure.
-
-    Other failures (host down) raise DatabaseError: "cannot tell" must not be mistaken for
-    "wrong password", or the operator would reset a valid password during an outage.
-    """
-    ca = _CaFile(target.ca_cert)
-    try:
-        with psycopg.connect(host=target.host, port=target.port, dbname=target.database,
-                             user=creds.username, password=creds.password,
-                             **_connect_args(target, ca)):
-            return True
-    except psycopg.Error as exc:
-        err = classify(exc, creds.password)
-        if err.reason == r.ADMIN_AUTH_FAILED:
-            return False
-        raise err from None
-    finally:
-        ca.close()
 
 
 class OwnershipError(DatabaseError):
@@ -221,7 +69,7 @@ class AdminSession:
         self.target = target
         self.admin = admin
         self.owner = owner
-        self._ca = _CaFile(target.ca_cert)
+        self._ca = CaFile(target.ca_cert)
         self._engine: sa.Engine | None = None
         self._conn: sa.Connection | None = None
 
@@ -232,7 +80,7 @@ class AdminSession:
                          password=self.admin.password, host=self.target.host,
                          port=self.target.port, database=self.target.database)
         self._engine = sa.create_engine(url, poolclass=NullPool,
-                                        connect_args=_connect_args(self.target, self._ca))
+                                        connect_args=connect_args(self.target, self._ca))
         try:
             self._conn = self._engine.connect()
         except Exception as exc:
@@ -609,61 +457,3 @@ class AdminSession:
             self.disable_login(role)
             return False
 
-
-# --- the seam the controller depends on ----------------------------------------------------
-
-
-class Session(Protocol):
-    """The admin-session operations the controller uses (AdminSession is the one real
-    implementation; the controller's unit tests use an in-memory one)."""
-
-    @property
-    def tls_in_use(self) -> bool: ...
-
-    def check_capabilities(self, schema: str) -> None: ...
-
-    def inventory(self, schema: str, roles: Iterable[str]) -> m.Inventory: ...
-
-    def mark(self, marks: Iterable[tuple[str, str]], schema: str) -> None: ...
-
-    def migrate(self, names: TableNames, assessment: m.Assessment) -> tuple[int, int]: ...
-
-    def last_cleanup_run(self, names: TableNames) -> CleanupRun | None: ...
-
-    def teardown(self, plan: m.Teardown, schema: str) -> None: ...
-
-    def role_state(self, role: str) -> tuple[bool, bool]: ...
-
-    def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool: ...
-
-    def sync_privileges(self, names: TableNames, granted: Iterable[str],
-                        managed: Iterable[str], schema_ours: bool = True) -> list[str]: ...
-
-    def session_count(self, role: str) -> int: ...
-
-    def terminate_sessions(self, role: str) -> int: ...
-
-    def disable_login(self, role: str) -> bool: ...
-
-    def remove_role(self, role: str, names: TableNames) -> bool: ...
-
-
-class Database(Protocol):
-    """How the controller reaches PostgreSQL: one admin session per reconcile, and a login
-    check with a store role's password (both raise DatabaseError)."""
-
-    def session(self, target: Target, admin: Credentials,
-                owner: m.Owner) -> AbstractContextManager[Session]: ...
-
-    def check_login(self, target: Target, creds: Credentials) -> bool: ...
-
-
-class Postgres:
-    """The Database of a running operator: real connections (AdminSession, check_login)."""
-
-    def session(self, target: Target, admin: Credentials,
-                owner: m.Owner) -> AbstractContextManager[Session]:
-        return AdminSession(target, admin, owner)
-
-    def check_login(self, target: Target, creds: Credentials) -> bool:
-        return check_login(target, creds)
