@@ -419,6 +419,21 @@ def _terminate(proc: _Proc, timeout: float = 20.0) -> None:
             pass
 
 
+def _https_ok(url: str) -> bool:
+    """A health endpoint behind a self-signed serving certificate answers 200."""
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -599,6 +614,15 @@ class RealNode:
         self._spawn("kube-scheduler", scheduler_command(tools["kube-scheduler"], layout, ports))
         self._write_state(ports)
         self._wait(self._ready, READY_TIMEOUT, f"node {self.node_name} Ready")
+        # The kubelet registers with the not-ready taint; on a real cluster the node-lifecycle
+        # controller lifts it once the node is Ready. The local control plane runs no such
+        # controller, so the node does it, once.
+        untaint = self._kubectl("taint", "node", self.node_name,
+                                "node.kubernetes.io/not-ready:NoSchedule-")
+        if untaint.returncode != 0 and "not found" not in untaint.stderr:
+            raise NodeError(f"could not lift the not-ready taint: {untaint.stderr.strip()}")
+        self._wait(lambda: _https_ok(f"https://{LOOPBACK}:{ports.scheduler}/readyz"), 60,
+                   "kube-scheduler /readyz")
         self.timings["kubelet_ready"] = time.monotonic() - step
         self.timings["total"] = time.monotonic() - started
         self._write_state(ports)
