@@ -33,7 +33,7 @@ from ..api import (
 from ..builders.conditions import timestamp
 from ..builders.ownership import foreign_owner, is_owned_by
 from ..views import meta
-from .errors import NotOwnedError, api_errors
+from .errors import NotFound, NotOwnedError, api_errors
 
 log = logging.getLogger("resultstore_operator.kube")
 
@@ -89,8 +89,6 @@ class Kube:
     def _get(self, call: Any, what: str, *args: Any, timeout: float = REQUEST_TIMEOUT,
              **kwargs: Any) -> dict[str, Any] | None:
         """One read as raw JSON; None when the API answers 404."""
-        from .errors import NotFound
-
         try:
             with api_errors(what):
                 return self._json(call(*args, _preload_content=False,
@@ -215,8 +213,6 @@ class Kube:
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """JSON merge patch of the status subresource (None values delete keys)."""
-        from .errors import NotFound
-
         try:
             with api_errors(f"patch status of {name}"):
                 self.custom.patch_namespaced_custom_object_status(
