@@ -18,7 +18,7 @@ from resultstore_operator.builders import conditions as c
 from resultstore_operator.builders import reasons as r
 from resultstore_operator.builders import rotation as rot
 from resultstore_operator.builders import sql as q
-from resultstore_operator.builders.cronjob import cronjob_manifest
+from resultstore_operator.builders.cronjob import cronjob_event, cronjob_manifest
 from resultstore_operator.builders.names import (
     cronjob_name,
     legacy_role_base,
@@ -412,3 +412,50 @@ def test_rotation_walks_through_its_steps() -> None:
         rot.secret_switched(s3, NOW, 60)
     s4 = rot.secret_switched(rot.start_rotation(s3, NOW, None), NOW, 0)
     assert s4.active_role == f"{BASE}_a"  # alternates back
+
+
+# --- events and messages decided from status (handlers apply them) ---------------------------
+
+TRUE = {"type": r.READY, "status": "True", "reason": r.READY_REASON}
+FALSE = {"type": r.READY, "status": "False", "reason": r.DATABASE_UNREACHABLE,
+         "message": "refused"}
+UNKNOWN = {"type": r.READY, "status": "Unknown", "reason": r.PENDING}
+
+
+@pytest.mark.parametrize(("old", "new", "event"), [
+    (None, TRUE, ("Normal", r.READY_REASON, "result store is ready")),
+    (FALSE, TRUE, ("Normal", r.READY_REASON, "result store is ready")),
+    (TRUE, TRUE, None),
+    (TRUE, FALSE, ("Warning", r.DATABASE_UNREACHABLE,
+                   "result store is no longer ready: refused")),
+    (None, FALSE, None),       # never ready: the failing step reported it already
+    (UNKNOWN, FALSE, None),
+    (FALSE, FALSE, None),
+])
+def test_ready_event(old: dict[str, Any] | None, new: dict[str, Any],
+                     event: tuple[str, str, str] | None) -> None:
+    assert c.ready_event(old, new) == event
+
+
+@pytest.mark.parametrize(("action", "existed", "event"), [
+    ("created", False, ("Normal", r.CRONJOB_CREATED, "created CronJob cj (0 * * * *)")),
+    ("created", True, ("Warning", r.CRONJOB_CREATED, "CronJob cj was missing; recreated")),
+    ("updated", True, ("Normal", r.CRONJOB_UPDATED,
+                       "CronJob cj brought to the spec (schedule 0 * * * *, batch size 500)")),
+    (None, True, None),
+])
+def test_cronjob_event(action: str | None, existed: bool,
+                       event: tuple[str, str, str] | None) -> None:
+    store = spec(retention={"schedule": "0 * * * *", "batchSize": 500})
+    assert cronjob_event(action, existed, "cj", store) == event
+
+
+@pytest.mark.parametrize(("reason", "message"), [
+    (r.ADMIN_AUTH_FAILED, "no (check the admin Secret's username and password)"),
+    (r.ADMIN_SECRET_NOT_OPTED_IN,
+     "no (label the Secret resultstore.dev/admin-credentials=true if it is meant for the "
+     "operator)"),
+    (r.MIGRATION_FAILED, "no"),  # no hint known: the server's message alone
+])
+def test_failure_message_adds_the_hint(reason: str, message: str) -> None:
+    assert c.failure_message(reason, "no") == message

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.database import Credentials
 from resultstore_operator.handlers import Controller
+from resultstore_operator.handlers.controller import work_due
 from resultstore_operator.settings import OperatorSettings
+from resultstore_operator.spec import ANNOTATION_ROTATE
 from tests.unit.fake_database import FakeDatabase
 from tests.unit.fake_kube import FakeKube
 
@@ -59,3 +63,29 @@ def test_tick_after_create_reconciles_when_work_is_due(ctl: Controller,
     # The cached body has no credentials status yet, so work is due: the tick reconciles.
     asyncio.run(ctl.tick(body))
     assert kube.calls.count("read_store") == 2, "the due tick did not reconcile"
+
+
+# --- the timer's decision from the cached body (handlers.controller.work_due) ---------------
+
+NOW = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+STABLE = {"roleBase": "rs_x", "activeRole": "rs_x_a", "phase": "Stable",
+          "lastRotationTime": "2026-05-06T06:08:09Z", "handledRotateRequest": "r1"}
+VALID = {"database": {"host": "db.example", "name": "app",
+                      "adminSecretRef": {"name": "pg-admin"}}, "schema": "orders"}
+
+
+@pytest.mark.parametrize(("credentials", "annotation", "spec", "due"), [
+    (None, None, VALID, True),                                   # never provisioned
+    (STABLE, None, VALID, False),                                # nothing to do
+    ({**STABLE, "phase": "Draining"}, None, VALID, True),        # rotation in progress
+    (STABLE, "r2", VALID, True),                                 # a new rotate request
+    (STABLE, "r1", VALID, False),                                # already handled
+    (STABLE, None, {**VALID, "credentials": {"rotateEvery": "30m"}}, True),  # scheduled
+    (STABLE, None, {**VALID, "credentials": {"rotateEvery": "2h"}}, False),  # not yet
+    (STABLE, None, {"schema": "Not A Schema!"}, False),          # invalid: change handlers
+])
+def test_work_due(credentials: dict[str, Any] | None, annotation: str | None,
+                  spec: dict[str, Any], due: bool) -> None:
+    body = {"metadata": {"annotations": {ANNOTATION_ROTATE: annotation} if annotation else {}},
+            "spec": spec, "status": {"credentials": credentials} if credentials else {}}
+    assert work_due(body, NOW) is due
