@@ -138,7 +138,7 @@ def test_server_contract(tmp_path: Path) -> None:
                                            "namespace": "team"}
 
 
-class RecordingGateway:
+class MemoryKube:
     """The Kube calls of the webhook runtime, in memory, only in this lifecycle unit test
     (tests/e2e/test_webhook.py runs the runtime against a real API server): one TLS Secret,
     the MutatingWebhookConfiguration writes recorded, Forbidden until `fail_apply` is off."""
@@ -183,7 +183,7 @@ def test_runtime_serves_without_configuration_and_keeps_ca(tmp_path: Path) -> No
     settings = WebhookSettings(operator_namespace="ops", listen_host="127.0.0.1",
                                listen_port=port, url=f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
                                cert_dir=str(tmp_path))
-    gateway = RecordingGateway()
+    gateway = MemoryKube()
 
     async def main() -> bool:
         first = WebhookRuntime(settings, cast(Kube, gateway))
@@ -221,7 +221,7 @@ def test_external_certificates_are_reloaded_when_files_change(tmp_path: Path) ->
         operator_namespace="ops", listen_host="127.0.0.1", listen_port=port,
         url=f"https://127.0.0.1:{port}{WEBHOOK_PATH}", cert_file=str(tmp_path / "tls.crt"),
         key_file=str(tmp_path / "tls.key"), ca_file=str(tmp_path / "ca.crt"))
-    gateway = RecordingGateway()
+    gateway = MemoryKube()
     gateway.fail_apply = False
 
     async def handshake(ca: bytes) -> bool:
