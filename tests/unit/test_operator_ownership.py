@@ -250,7 +250,7 @@ def test_toleration_structure(toleration: dict[str, Any], words: str) -> None:
     assert problems and words in problems[0], problems
 
 
-# --- the write guard in kube.py (refuses before any API call is made) ------------------------
+# --- the write guard in kube/client.py (refuses before any API call is made) ---------------------
 
 def test_put_secret_refuses_a_live_secret_it_does_not_own() -> None:
     from resultstore_operator.builders.secret import secret_manifest

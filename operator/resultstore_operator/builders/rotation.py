@@ -4,7 +4,7 @@ Zero-downtime rotation alternates two login roles: prepare the idle one with a f
 password, switch the Secret to it, wait until no session of the previous role is left (or
 drainTimeout passes), then remove the previous role. The state is persisted after every
 step, and every step is idempotent, so an operator killed between any two steps resumes
-from the status alone. This module only decides; database.py and kube.py do.
+from the status alone. This module only decides; database.py and the kube package do.
 """
 
 from __future__ import annotations
