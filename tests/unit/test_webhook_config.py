@@ -5,16 +5,19 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import pytest
 
 from resultstore_operator.injection import INJECT_LABEL, InjectionPlan, StoreLookup, StoreState
+from resultstore_operator.kube import Conflict, Kube
 from resultstore_operator.webhook import (
     AdmissionRequest,
     ServiceRef,
     WebhookSettings,
     WebhookSettingsError,
+    apply_configuration,
     build_event,
     build_webhook_configuration,
     configuration_for,
@@ -233,3 +236,56 @@ def test_event_only_for_an_existing_store_of_a_genuine_review(
     plan = InjectionPlan(store="s", warnings=("w",), event_reason=event)
     assert event_reason_for(admission, plan, StoreLookup(state)) == reason
     assert event_reason_for(admission, InjectionPlan(store="s"), StoreLookup(state)) is None
+
+
+class _RacingConfigurations:
+    """The client's MutatingWebhookConfiguration calls, in memory, with one concurrent
+    writer: the first write of ours loses with a Conflict (as the API server answers a
+    stale resourceVersion or an AlreadyExists)."""
+
+    def __init__(self, stored: dict[str, Any] | None) -> None:
+        self.stored = stored
+        self.writes: list[str] = []
+        self.race = True
+
+    def read_webhook_configuration(self, name: str) -> dict[str, Any] | None:
+        return json.loads(json.dumps(self.stored)) if self.stored else None
+
+    def _lose_once(self, what: str) -> None:
+        if self.race:
+            self.race = False
+            self.stored = {"metadata": {"name": "resultstore-injector", "resourceVersion": "9",
+                                        "labels": {"helm": "x"}},
+                           "webhooks": [{"name": "someone-else"}]}
+            raise Conflict(f"{what}: API answered 409 Conflict", 409)
+
+    def create_webhook_configuration(self, body: Mapping[str, Any]) -> None:
+        self._lose_once("create")
+        self.writes.append("create")
+        self.stored = json.loads(json.dumps(body))
+
+    def patch_webhook_configuration(self, name: str, patch: Mapping[str, Any]) -> None:
+        self._lose_once("patch")
+        assert self.stored is not None
+        assert patch["metadata"]["resourceVersion"] == self.stored["metadata"]["resourceVersion"]
+        self.writes.append("patch")
+        self.stored["webhooks"] = patch["webhooks"]
+        self.stored["metadata"]["labels"].update(patch["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_apply_configuration_rereads_after_a_conflict_and_keeps_others_labels(
+        existing: bool) -> None:
+    body = build_webhook_configuration(operator_namespace="o", url="https://127.0.0.1:1/m",
+                                       ca_bundle="QQ==")
+    stored = None
+    if existing:
+        stored = {"metadata": {"name": "resultstore-injector", "resourceVersion": "3",
+                               "labels": {}}, "webhooks": []}
+    api = _RacingConfigurations(stored)
+    assert apply_configuration(cast(Kube, api), body) is True
+    assert api.writes == ["patch"], "after losing the race the winner's object is patched"
+    assert api.stored is not None and configuration_matches(api.stored, body)
+    assert api.stored["metadata"]["labels"]["helm"] == "x"  # another writer's label kept
+    assert apply_configuration(cast(Kube, api), body) is False  # in place: no write
+    assert api.writes == ["patch"]

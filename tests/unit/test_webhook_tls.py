@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
+from typing import Any, cast
 
 import pytest
 
+from resultstore_operator.kube import Conflict, Kube
 from resultstore_operator.webhook_tls import (
     ServingNames,
     TlsBundle,
+    build_tls_secret,
     ca_problem,
+    ensure_tls_secret,
     new_bundle,
     reconcile_bundle,
     service_names,
@@ -77,3 +82,31 @@ def test_foreign_serving_cert_or_missing_ca_key_is_detected(bundle: TlsBundle) -
     no_key = TlsBundle(bundle.ca_crt, bundle.tls_crt, bundle.tls_key, None)
     assert ca_problem(no_key) == "CA key missing"
     assert reconcile_bundle(None, NAMES)[1] == "created"
+
+
+class _RacingSecrets:
+    """The client's Secret calls, in memory: another replica creates the TLS Secret between
+    our read and our create (the API server answers AlreadyExists: a Conflict)."""
+
+    def __init__(self, winner: TlsBundle) -> None:
+        self.winner = winner
+        self.stored: dict[str, Any] | None = None
+        self.writes = 0
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.stored
+
+    def create_secret(self, namespace: str, body: Mapping[str, Any]) -> None:
+        self.stored = build_tls_secret(name="tls", namespace=namespace, bundle=self.winner)
+        self.stored["metadata"]["resourceVersion"] = "1"
+        raise Conflict("create Secret tls: API answered 409 AlreadyExists", 409)
+
+    def replace_secret(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        self.writes += 1
+
+
+def test_a_replica_that_loses_the_race_adopts_the_winners_bundle() -> None:
+    winner = new_bundle(LOCAL)
+    api = _RacingSecrets(winner)
+    assert ensure_tls_secret(cast(Kube, api), "ops", "tls", LOCAL) == winner
+    assert api.writes == 0, "the winner's valid Secret was overwritten"
