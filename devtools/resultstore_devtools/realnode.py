@@ -419,6 +419,15 @@ def _terminate(proc: _Proc, timeout: float = 20.0) -> None:
             pass
 
 
+def _short_name_alias(name: str) -> str | None:
+    """``localhost/x:t`` is also ``docker.io/library/x:t``: what a short name such as the
+    manifests' ``celery-resultstore:0.1.0`` (and the operator's default cleanup image)
+    means to the kubelet, so those pods find the image without a registry."""
+    if not name.startswith("localhost/"):
+        return None
+    return "docker.io/library/" + name.removeprefix("localhost/")
+
+
 def _https_ok(url: str) -> bool:
     """A health endpoint behind a self-signed serving certificate answers 200."""
     import ssl
@@ -684,7 +693,9 @@ class RealNode:
         for name in names:
             info = json.loads(image.buildah("inspect", "--type", "image", name))
             image_id = str(info.get("FromImageID") or info.get("FromImageDigest") or "")
-            if imported.get(name) == image_id and name in present:
+            alias = _short_name_alias(name)
+            if imported.get(name) == image_id and name in present and (
+                    alias is None or alias in present):
                 continue
             archive = layout.root / "import.oci.tar"
             archive.unlink(missing_ok=True)
@@ -697,6 +708,10 @@ class RealNode:
                 archive.unlink(missing_ok=True)
             if result.returncode != 0:
                 raise NodeError(f"ctr images import {name} failed: {result.stderr.strip()}")
+            if alias is not None:
+                tagged = self._ctr("-n", "k8s.io", "images", "tag", "--force", name, alias)
+                if tagged.returncode != 0:
+                    raise NodeError(f"ctr images tag {alias} failed: {tagged.stderr.strip()}")
             imported[name] = image_id
             layout.imported_file.write_text(json.dumps(imported, indent=1))
             self.progress(f"imported {name} into containerd")

@@ -1,0 +1,198 @@
+"""The product's pods on the real node: an injected worker of the worker image stores results,
+and the operator's cleanup Job runs to completion in its image.
+
+The operator (webhook included) runs as the process test_webhook.py starts; the pods run on
+containerd + kubelet (tests/e2e/node_support.py), so the Secret volume, the ConfigMap volume,
+the image's user, the pod security context and the absent ServiceAccount token are the real
+kubelet's. Pods use hostNetwork and 127.0.0.1 (docs/CONTROLPLANE.md: all traffic stays on
+this machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from kubernetes import client
+
+from resultstore_devtools import image
+from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
+from resultstore_devtools.postgres import PostgresServer
+from resultstore_devtools.realnode import RealNode
+from resultstore_devtools.redis import RedisServer
+from resultstore_operator.builders.cronjob import NON_ROOT_UID
+from resultstore_operator.builders.names import cronjob_name
+from resultstore_operator.injection import ENV_NAME
+from tests.e2e.node_support import (
+    COLD_NODE_BUILD_TIMEOUT,
+    node_binaries_missing,
+    node_kind,
+    real_node,
+)
+from tests.e2e.test_webhook import (  # noqa: F401  (webhook and ns are fixtures)
+    WebhookEnv,
+    assert_injected,
+    make_ready_store,
+    ns,
+    pod_body,
+    webhook,
+)
+from tests.helpers.waiting import eventually
+
+pytestmark = pytest.mark.timeout(COLD_NODE_BUILD_TIMEOUT if node_binaries_missing() else 900)
+
+APP = '''\
+from celery import Celery
+
+app = Celery("realnode_e2e")
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                broker_connection_retry_on_startup=True)
+
+
+@app.task(name="e2e.add")
+def add(x, y):
+    return x + y
+'''
+
+
+@pytest.fixture(scope="module")
+def node(kube: ControlPlane | ExistingCluster, pytestconfig: pytest.Config) -> Iterator[RealNode]:
+    if node_kind() == "standin":
+        pytest.skip("the stand-in node was chosen explicitly (RESULTSTORE_NODE=standin); "
+                    "these tests are about pods on the real node")
+    assert isinstance(kube, ControlPlane), "the real node registers with the local control plane"
+    built = image.build()
+    with real_node(kube.kubeconfig, [built.operator, built.worker], pytestconfig) as started:
+        yield started
+
+
+def _kubectl(kube: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
+    from resultstore_devtools import binaries
+
+    return subprocess.run([str(binaries.cached_binaries().kubectl), "--kubeconfig",
+                           str(kube.kubeconfig), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _pod_phase(wenv: WebhookEnv, namespace: str, name: str) -> str:
+    return str((wenv.read_pod(namespace, name).get("status") or {}).get("phase") or "")
+
+
+def test_injected_worker_pod_stores_results_on_the_real_node(
+        webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
+        postgres: PostgresServer, redis_server: RedisServer) -> None:
+    store = f"w{uuid.uuid4().hex[:6]}"
+    schema = make_ready_store(webhook, ns, store)
+    webhook.core.create_namespaced_config_map(ns, {
+        "metadata": {"name": "app"}, "data": {"realnode_app.py": APP}})
+    queue = f"q-{store}"
+    worker_image = image.Targets(image.project_version()).worker
+    body = pod_body(store, "worker", containers=[{
+        "name": "worker", "image": worker_image, "imagePullPolicy": "Never",
+        "command": ["celery", "-A", "realnode_app", "worker", "--pool=solo", "-Q", queue,
+                    "-n", f"{store}@%h", "--loglevel=INFO", "--without-gossip",
+                    "--without-mingle", "--without-heartbeat"],
+        "env": [{"name": "CELERY_BROKER_URL", "value": redis_server.url},
+                {"name": "PYTHONPATH", "value": "/app"}],
+        "volumeMounts": [{"name": "app", "mountPath": "/app", "readOnly": True}]}])
+    body["spec"]["hostNetwork"] = True
+    body["spec"]["volumes"] = [{"name": "app", "configMap": {"name": "app"}}]
+    created, _ = webhook.create_pod(ns, body)
+    assert_injected(created, store)
+
+    def running() -> bool:
+        phase = _pod_phase(webhook, ns, "worker")
+        assert phase not in ("Failed", "Succeeded"), _kubectl(kube, "logs", "worker", "-n",
+                                                              ns).stdout
+        return phase == "Running"
+
+    eventually(running, 120, f"the worker pod Running on {node.node_name}")
+    assert webhook.read_pod(ns, "worker")["spec"]["nodeName"] == node.node_name
+
+    from celery import Celery
+
+    sender = Celery("sender", broker=redis_server.url)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    engine = sa.create_engine(postgres.url(webhook.database))
+    try:
+        ids = [sender.send_task("e2e.add", args=(i, i), queue=queue).id for i in range(5)]
+
+        def stored() -> dict[str, str] | None:
+            with engine.connect() as conn:
+                rows = conn.execute(sa.text(
+                    f'SELECT task_id, status FROM "{schema}".celery_taskmeta '
+                    "WHERE task_id = ANY(:ids)"), {"ids": ids}).all()
+            done = {r.task_id: r.status for r in rows}
+            return done if len(done) == len(ids) and set(done.values()) == {"SUCCESS"} else None
+
+        try:
+            eventually(stored, 120, "the pod's results in the store's schema", 0.5)
+        except AssertionError:
+            logs = _kubectl(kube, "logs", "worker", "-n", ns)
+            raise AssertionError(f"no results; worker log:\n{logs.stdout}{logs.stderr}") from None
+        logs = _kubectl(kube, "logs", "worker", "-n", ns).stdout
+        assert "e2e.add" in logs, logs
+        env = _kubectl(kube, "exec", "worker", "-n", ns, "--", "printenv", ENV_NAME).stdout
+        assert env.strip() == f"resultstore:///var/run/resultstore/{store}"
+    finally:
+        sender.close()
+        engine.dispose()
+        webhook.core.delete_namespaced_pod("worker", ns, grace_period_seconds=1)
+
+
+def test_cleanup_job_runs_to_completion_in_its_image(
+        webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
+        postgres: PostgresServer) -> None:
+    store = f"c{uuid.uuid4().hex[:6]}"
+    schema = make_ready_store(webhook, ns, store)
+    batch: Any = client.BatchV1Api(webhook.api)
+    cronjob = webhook.to_dict(batch.read_namespaced_cron_job(cronjob_name(store), ns))
+    template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
+    pod_spec = template["spec"]["template"]["spec"]
+    assert pod_spec["automountServiceAccountToken"] is False
+    # The one change to the operator's Job: hostNetwork, because this node's pods reach
+    # PostgreSQL on 127.0.0.1 (loopback-only CNI); image, command, volumes, security context
+    # and the absent token are the operator's.
+    pod_spec["hostNetwork"] = True
+    job_name = f"{store}-now"
+    batch.create_namespaced_job(ns, {"apiVersion": "batch/v1", "kind": "Job",
+                                     "metadata": {"name": job_name},
+                                     "spec": template["spec"]})
+
+    def finished() -> str | None:
+        status = webhook.to_dict(batch.read_namespaced_job(job_name, ns)).get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+                return str(cond["type"])
+        return None
+
+    outcome = eventually(finished, 180, f"Job {ns}/{job_name} to finish on {node.node_name}")
+    pods = _kubectl(kube, "get", "pods", "-n", ns, "-l", f"job-name={job_name}", "-o", "json")
+    items = json.loads(pods.stdout)["items"]
+    logs = _kubectl(kube, "logs", "-n", ns, f"job/{job_name}")
+    assert outcome == "Complete", f"cleanup Job {outcome}:\n{logs.stdout}{logs.stderr}"
+    pod = items[0]
+    assert pod["spec"]["nodeName"] == node.node_name
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    mounts = [m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts") or []]
+    assert not any("serviceaccount" in m for m in mounts), mounts
+    status = pod["status"]["containerStatuses"][0]
+    assert status["state"]["terminated"]["exitCode"] == 0
+    # the operator's image, as the CronJob names it (short name -> docker.io/library)
+    assert status["image"].endswith(pod["spec"]["containers"][0]["image"])
+    assert pod["spec"]["securityContext"]["runAsUser"] == NON_ROOT_UID
+    engine = sa.create_engine(postgres.url(webhook.database))
+    try:
+        with engine.connect() as conn:
+            runs = conn.execute(sa.text(
+                f'SELECT count(*) FROM "{schema}".resultstore_cleanup_runs')).scalar_one()
+        assert runs >= 1, f"no cleanup run recorded; job log:\n{logs.stdout}"
+    finally:
+        engine.dispose()
+        batch.delete_namespaced_job(job_name, ns, propagation_policy="Background")
