@@ -134,10 +134,11 @@ def test_injected_worker_pod_stores_results_on_the_real_node(
         try:
             eventually(stored, 120, "the pod's results in the store's schema", 0.5)
         except AssertionError:
-            logs = _kubectl(kube, "logs", "worker", "-n", ns)
-            raise AssertionError(f"no results; worker log:\n{logs.stdout}{logs.stderr}") from None
-        logs = _kubectl(kube, "logs", "worker", "-n", ns).stdout
-        assert "e2e.add" in logs, logs
+            failed = _kubectl(kube, "logs", "worker", "-n", ns)
+            raise AssertionError(f"no results; worker log:\n{failed.stdout}{failed.stderr}"
+                                 ) from None
+        worker_log = _kubectl(kube, "logs", "worker", "-n", ns).stdout
+        assert "e2e.add" in worker_log, worker_log
         env = _kubectl(kube, "exec", "worker", "-n", ns, "--", "printenv", ENV_NAME).stdout
         assert env.strip() == f"resultstore:///var/run/resultstore/{store}"
     finally:
