@@ -130,3 +130,25 @@ def test_restore_plan_undoes_the_nodes_changes_only() -> None:
     assert "network device added: wg0" in changes
     assert hoststate.restore_plan(before, before, LAYOUT.owned()).empty()
     assert hoststate.differences(before, before) == []
+
+
+def test_a_machine_without_the_runtime_gets_the_reason_and_the_stand_in_switch(
+        tmp_path: Path) -> None:
+    from resultstore_devtools.realnode import NodeError, NodeSettings, RealNode
+
+    bare = NodeSettings(cache_dir=tmp_path, containerd=None, runc=None, ctr=None,
+                        cni_bin_dir=tmp_path / "no-cni")
+    node = RealNode(admin_kubeconfig=tmp_path / "admin.kubeconfig",
+                    state_dir=tmp_path / "node", settings=bare)
+    problems = " ".join(node.problems())
+    for missing in ("containerd not installed", "runc not installed", "ctr not installed",
+                    "no CNI loopback plugin"):
+        assert missing in problems
+    try:
+        node.start()
+    except NodeError as exc:
+        assert "RESULTSTORE_NODE=standin" in str(exc) and "containerd" in str(exc)
+    else:
+        raise AssertionError("start() on a machine without containerd did not fail")
+    # nothing was started or recorded
+    assert not (tmp_path / "node").exists()
