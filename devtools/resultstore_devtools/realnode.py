@@ -59,7 +59,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,12 @@ func main() {
 }
 """
 CNI_NETWORK = "resultstore-loopback"
+# No image pull ever leaves the machine: containerd's registry client goes through this
+# proxy, a closed loopback port, so a pod whose image was not imported fails at once with
+# ErrImagePull. (Registry mirrors cannot do it: CRI always falls back to the real host.)
+NO_PULL_PROXY = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+                 "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+                 "NO_PROXY": "", "no_proxy": ""}
 NODE_ENV = "RESULTSTORE_NODE"  # "real" (default) or "standin", read by the e2e tests
 READY_TIMEOUT = 120.0
 
@@ -341,6 +347,13 @@ def kubelet_config(layout: NodeLayout, ports: NodePorts) -> dict[str, Any]:
 
 def containerd_command(containerd: str, layout: NodeLayout) -> list[str]:
     return [containerd, "--config", str(layout.containerd_config)]
+
+
+def containerd_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """containerd's environment: ours, with every registry request sent to a dead end."""
+    env = {k: v for k, v in environ.items() if k.lower() not in ("all_proxy",)}
+    env.update(NO_PULL_PROXY)
+    return env
 
 
 def kubelet_command(kubelet: Path, layout: NodeLayout, node_name: str) -> list[str]:
@@ -612,7 +625,8 @@ class RealNode:
         self._write_state(ports)
 
         step = time.monotonic()
-        self._spawn("containerd", containerd_command(self.settings.containerd, layout))
+        self._spawn("containerd", containerd_command(self.settings.containerd, layout),
+                    env=containerd_env(os.environ))
         self._wait(lambda: self._ctr("version").returncode == 0, 60, "containerd's socket")
         self.timings["containerd"] = time.monotonic() - step
         step = time.monotonic()
@@ -749,6 +763,11 @@ class RealNode:
     def _delete_node_object(self) -> None:
         if not self.node_name or not self.admin_kubeconfig.exists():
             return
+        # Without the pod garbage collector (the local control plane runs none) the pods
+        # bound to a deleted Node stay, and the next node of that name would run them again.
+        self._kubectl("delete", "pods", "--all-namespaces", "--field-selector",
+                      f"spec.nodeName={self.node_name}", "--force", "--grace-period=0",
+                      "--wait=false", timeout=30)
         self._kubectl("delete", "node", self.node_name, "--ignore-not-found", "--wait=false",
                       timeout=20)
 
@@ -868,9 +887,10 @@ class RealNode:
 
     # Helpers ----------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(self, name: str, command: list[str],
+               env: Mapping[str, str] | None = None) -> None:
         with open(self.layout.log(name), "ab") as log:
-            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, env=env,
                                      stderr=subprocess.STDOUT, cwd=self.layout.root,
                                      close_fds=True, start_new_session=True)
         self._procs.append(_Proc(name, popen.pid, command[0], popen))

@@ -152,3 +152,14 @@ def test_a_machine_without_the_runtime_gets_the_reason_and_the_stand_in_switch(
         raise AssertionError("start() on a machine without containerd did not fail")
     # nothing was started or recorded
     assert not (tmp_path / "node").exists()
+
+
+def test_containerd_pulls_go_to_a_dead_loopback_proxy() -> None:
+    from resultstore_devtools.realnode import containerd_env
+
+    env = containerd_env({"PATH": "/usr/bin", "HTTPS_PROXY": "http://corp:3128",
+                          "NO_PROXY": "registry.internal", "ALL_PROXY": "socks5://x"})
+    assert env["PATH"] == "/usr/bin"
+    for key in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        assert env[key].startswith("http://127.0.0.1:"), key
+    assert env["NO_PROXY"] == "" and "ALL_PROXY" not in env
