@@ -11,7 +11,6 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 ENV_PREFIX = "RESULTSTORE_"
 
@@ -255,8 +254,8 @@ class OperatorSettings:
     """Everything the operator needs to know about its environment.
 
     `namespaces` empty means cluster-wide. Intervals are seconds. `webhook` is the injection
-    webhook's part. `raw` is a read-only snapshot of every RESULTSTORE_* variable (and
-    HOSTNAME) taken at the same moment, for a part that needs the start-up environment.
+    webhook's part, parsed from the same environment at the same moment (no part of the
+    operator reads the environment later).
     """
 
     namespaces: tuple[str, ...] = ()
@@ -292,7 +291,6 @@ class OperatorSettings:
     log_level: str = "INFO"
     #: The injection webhook's settings (RESULTSTORE_WEBHOOK_*), parsed with the rest.
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
-    raw: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def clusterwide(self) -> bool:
@@ -341,8 +339,6 @@ class OperatorSettings:
         metrics_path = env.get(p + "METRICS_PATH", "").strip() or cls.metrics_path
         if not metrics_path.startswith("/") or any(ch.isspace() for ch in metrics_path):
             raise SettingsError(f"{p}METRICS_PATH must be a path starting with /")
-        # the pod's name too: Events say which replica reported them
-        snapshot = {k: v for k, v in env.items() if k.startswith(p) or k == "HOSTNAME"}
         return cls(
             namespaces=namespaces,
             operator_namespace=operator_namespace,
@@ -366,7 +362,6 @@ class OperatorSettings:
             db_connect_timeout=env_int(env, p + "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 1),
             log_level=(env.get(p + "LOG_LEVEL", "").strip() or cls.log_level).upper(),
             webhook=WebhookSettings.from_env(env, operator_namespace),
-            raw=MappingProxyType(snapshot),
         )
 
     def with_overrides(self, **changes: object) -> OperatorSettings:
