@@ -7,10 +7,10 @@ executes them. Nothing is altered, granted, revoked, terminated or dropped unles
 carries this store's ownership marker (builders.marker); every such method checks the marker
 itself, right before acting.
 
-Why one class of about 400 lines: every method runs on the same connection and error
-mapping, and the ownership checks (`_owned_role_state`, the marker re-read in `migrate`)
-must sit next to the statements they guard; split across modules they would be easy to
-bypass.
+Why one module: AdminSession is one class whose methods share one connection and one
+error mapping, and the ownership checks (`_owned_role_state`, the marker re-read in
+`migrate`) must sit next to the statements they guard; split across modules they would
+be easy to bypass.
 """
 
 from __future__ import annotations
