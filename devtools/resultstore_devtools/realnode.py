@@ -51,6 +51,7 @@ Command line (``resultstore-dev node start|stop|status``)::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -203,6 +204,11 @@ class NodeLayout:
     @property
     def kubeconfig(self) -> Path:
         return self.root / "node.kubeconfig"
+
+    @property
+    def claim_file(self) -> Path:
+        """Which node owns this machine now (see RealNode._claim)."""
+        return self.images / "claim.json"
 
     @property
     def imported_file(self) -> Path:
@@ -441,6 +447,20 @@ def _short_name_alias(name: str) -> str | None:
     return "docker.io/library/" + name.removeprefix("localhost/")
 
 
+def _claim_owner(claim_file: Path) -> dict[str, Any] | None:
+    """The live claim in ``claim_file``, or None when absent or its node is gone."""
+    try:
+        owner: dict[str, Any] = json.loads(claim_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if pid_alive(int(owner.get("pid", 0) or 0)):
+        return owner  # its starter still runs (a test session, a start in progress)
+    node = RealNode.attach(Path(owner.get("state_dir", "/nonexistent")))
+    if node is not None and any(p.alive() for p in node._procs):
+        return owner  # a daemonised node (`resultstore-dev node start`)
+    return None
+
+
 def _https_ok(url: str) -> bool:
     """A health endpoint behind a self-signed serving certificate answers 200."""
     import ssl
@@ -544,6 +564,7 @@ class RealNode:
     state_dir: Path = field(default_factory=default_state_dir)
     images: Sequence[str] = ()
     watchdog: bool = False
+    claim_wait: float = 0.0
     progress: Progress = _stderr
     settings: NodeSettings = field(default_factory=NodeSettings.from_env)
     node_name: str = ""
@@ -586,9 +607,10 @@ class RealNode:
         if layout.state_file.exists():
             raise NodeError(f"a node is already recorded in {layout.root}; run "
                             "`resultstore-dev node stop` first")
+        layout.images.mkdir(parents=True, exist_ok=True)
+        self._claim()
         layout.root.mkdir(parents=True, exist_ok=True)
         os.chmod(layout.root, 0o700)
-        layout.images.mkdir(parents=True, exist_ok=True)
         # The snapshot is written before anything touches the host, so even a start that
         # fails half-way (or a killed test) can be undone by `stop`.
         layout.host_file.write_text(hoststate.snapshot().to_json())
@@ -601,6 +623,47 @@ class RealNode:
         except BaseException:
             self.stop()
             raise
+
+    def _claim(self) -> None:
+        """One real node per machine: wait up to ``claim_wait`` seconds for another to stop.
+
+        Two would share containerd's image store (its database admits one daemon), the
+        kubelet's ``kubepods`` cgroups and its hard-coded host paths, and each one's host
+        snapshot would hold the other's sysctls, so its ``stop`` would "restore" them.
+        """
+        layout = self.layout
+        deadline = time.monotonic() + self.claim_wait
+        announced = False
+        while True:
+            with open(layout.images / ".claim.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                owner = _claim_owner(layout.claim_file)
+                if owner is None or Path(owner["state_dir"]) == layout.root:
+                    layout.claim_file.write_text(json.dumps(
+                        {"state_dir": str(layout.root), "pid": os.getpid()}))
+                    return
+            if time.monotonic() >= deadline:
+                raise NodeError(f"another real node runs on this machine (state dir "
+                                f"{owner['state_dir']}, started by pid {owner['pid']}); stop "
+                                "it first: resultstore-dev node stop --state-dir "
+                                f"{owner['state_dir']}")
+            if not announced:
+                self.progress(f"waiting for the real node of {owner['state_dir']} to stop")
+                announced = True
+            time.sleep(2)
+
+    def _release(self) -> None:
+        layout = self.layout
+        if not layout.images.is_dir():
+            return
+        with open(layout.images / ".claim.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                owner = json.loads(layout.claim_file.read_text())
+            except (OSError, ValueError):
+                return
+            if Path(owner.get("state_dir", "")) == layout.root:
+                layout.claim_file.unlink(missing_ok=True)
 
     def _start(self, layout: NodeLayout, started: float) -> None:
         assert self.settings.containerd and self.settings.runc
@@ -758,6 +821,7 @@ class RealNode:
         disarm_watchdog(self._watchdog)
         self._watchdog = None
         self._clean_state_dir()
+        self._release()
         return leftovers
 
     def _delete_node_object(self) -> None:

@@ -27,6 +27,8 @@ STATE_PREFIX = "resultstore-node-"
 # kubelet + kube-scheduler compile from the Go build cache in about 2 minutes warm; with an
 # empty cache they are a large share of a Kubernetes build.
 COLD_NODE_BUILD_TIMEOUT = 3600
+# One real node per machine: a concurrent session's node is waited for, not fought.
+CLAIM_WAIT = 480.0
 
 
 def node_kind() -> NodeKind:
@@ -64,7 +66,8 @@ def real_node(admin_kubeconfig: Path, images: Sequence[str],
     """
     state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
     node = RealNode(admin_kubeconfig=admin_kubeconfig, state_dir=state_dir, images=images,
-                    watchdog=True, progress=lambda m: announce(pytestconfig, f"node: {m}"))
+                    watchdog=True, claim_wait=CLAIM_WAIT,
+                    progress=lambda m: announce(pytestconfig, f"node: {m}"))
     problems = node.problems()
     if problems:
         shutil.rmtree(state_dir, ignore_errors=True)
