@@ -41,6 +41,11 @@ state directory; ``stop`` stops the daemons and their containers, then applies
 ``/var/log/containers``, ``/run/containerd``, and any ``KUBE-``/``CNI-`` chain or device).
 The kubelet does not touch iptables here (``makeIPTablesUtilChains: false``).
 
+Why one module: start and stop are one lifecycle whose order is the point (claim the
+machine, snapshot the host, then daemons; stop in reverse, then undo from that snapshot),
+and the configs, the image import and the processes share one layout; split, each piece
+would need the others' internals. The host-state decisions are in :mod:`hoststate`.
+
 Command line (``resultstore-dev node start|stop|status``)::
 
     start [--state-dir DIR] [--kubeconfig ADMIN] [--image IMG ...] [--no-project-images]
