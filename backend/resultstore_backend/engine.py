@@ -171,7 +171,15 @@ def _blame(low: str) -> tuple[str, bool]:
         return "sslmode", True
     if "connection refused" in low:
         return "port", True
+    if "too many connections for role" in low:
+        return "username", True  # the role's CONNECTION LIMIT: others must close first
     return "host", True
+
+
+#: appended to a refused connection at a limit (SQLSTATE 53300): which limit, and that the
+#: operation is retried rather than lost
+_LIMIT_HINT = ("; the role's CONNECTION LIMIT (its ResultStore's spec.connections.limit) or "
+               "the server's max_connections is reached; retried within the retry budget")
 
 
 def _sqlite_error(text: str, config: StoreConfig) -> StoreConnectionError:
@@ -199,6 +207,8 @@ def classify_connect_error(exc: BaseException, config: StoreConfig) -> StoreConn
     if config.is_sqlite:
         return _sqlite_error(text, config)
     key, transient = _blame(text.lower())
+    if "too many connections" in text.lower() or "too many clients" in text.lower():
+        text += _LIMIT_HINT
     url = config.url
     address = f"{url.host}:{url.port or 5432}"
     if config.source_dir is not None:
