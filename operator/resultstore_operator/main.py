@@ -1,18 +1,24 @@
-"""`resultstore-operator`: Kopf with our handlers, namespaces, liveness, metrics and webhook.
+"""`resultstore-operator`: the webhook, metrics and probes on every replica; Kopf, with our
+handlers, only on the replica that holds the Lease.
 
-Wraps `kopf.run` rather than `kopf run <file>` so that the handler module, the watched
-namespaces and the peering mode come from one place (OperatorSettings, read once here).
-Every part of the operator (the ResultStore handlers, the metrics endpoint, the injection
-webhook, the stock-mode rollout) is registered here explicitly, through one signature
-(`Part`): no module is discovered by import tricks, and an error inside a `register` is an
-error, not a reason to call it again differently.
+Wraps `kopf.operator` rather than `kopf run <file>` so that the handler module, the watched
+namespaces and the leader election come from one place (OperatorSettings, read once here).
+Every Kopf part of the operator (the ResultStore handlers, the watch timeouts, the stock-mode
+rollout) is registered here explicitly, through one signature (`Part`): no module is
+discovered by import tricks, and an error inside a `register` is an error, not a reason to
+call it again differently. The services every replica runs whether it leads or not (the
+injection webhook, the metrics endpoint, /healthz and /readyz) are started here too, before
+the election, and stopped last (docs/ARCHITECTURE.md, "Leadership").
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -33,7 +39,8 @@ class Part(Protocol):
     def __call__(self, registry: Any, settings: OperatorSettings, /) -> object: ...
 
 
-#: Parts `--no-plugins` leaves out (the operator runs without them; tests use it).
+#: Parts and services `--no-plugins` leaves out (the operator runs without them; tests use
+#: it): the rollout is a Kopf part, the webhook a service of every replica.
 OPTIONAL_PARTS = ("webhook", "rollout")
 
 
@@ -48,8 +55,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "RESULTSTORE_WATCH_NAMESPACES, else all namespaces)")
     parser.add_argument("-A", "--all-namespaces", action="store_true",
                         help="watch all namespaces")
-    parser.add_argument("--peering", default=None,
-                        help="Kopf peering name (default: standalone, one replica)")
+    parser.add_argument("--leader-election", dest="leader_election", default=None,
+                        action=argparse.BooleanOptionalAction,
+                        help="elect one reconciling replica by a Lease (default: "
+                             "RESULTSTORE_LEADER_ELECTION, else off)")
     parser.add_argument("--liveness", default=None,
                         help="host:port of the /healthz endpoint ('' disables)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
@@ -69,8 +78,10 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> OperatorSet
         overrides["namespaces"] = ()
     elif args.namespace:
         overrides["namespaces"] = tuple(args.namespace)
-    if args.peering is not None:
-        overrides["peering_name"] = args.peering
+    if args.leader_election is not None:
+        from dataclasses import replace
+
+        overrides["leader"] = replace(settings.leader, enabled=args.leader_election)
     if args.liveness is not None:
         overrides["health_address"] = args.liveness
     if args.metrics is not None:
@@ -80,16 +91,131 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> OperatorSet
 
 
 def parts(with_optional: bool) -> list[tuple[str, Part]]:
-    """The parts to register, by name, in order (imported here: Kopf loads only on run)."""
-    from . import handlers, metrics, rollout, webhook
+    """The Kopf parts to register, by name, in order (imported here: Kopf loads only on run).
+
+    `watching` comes after `handlers`: its startup handler sets the watch timeouts last.
+    """
+    from . import handlers, rollout, watching
 
     every: list[tuple[str, Part]] = [
         ("handlers", handlers.register),
-        ("metrics", metrics.register),
-        ("webhook", webhook.register),
+        ("watching", watching.register),
         ("rollout", rollout.register),
     ]
     return [(n, p) for n, p in every if with_optional or n not in OPTIONAL_PARTS]
+
+
+class Replica:
+    """One process's services, its side of the election and, while it leads, Kopf."""
+
+    def __init__(self, settings: OperatorSettings, with_webhook: bool) -> None:
+        from .elector import LeaderElector
+        from .health import HealthServer
+        from .kube import Kube, new_api_client
+        from .metrics import METRICS, MetricsServer
+        from .webhook import WebhookService
+
+        self.settings = settings
+        self.webhook = WebhookService(settings.webhook) if with_webhook else None
+        self.elector = (LeaderElector(Kube(new_api_client()), settings.leader)
+                        if settings.leader.enabled else None)
+        self.keeping: asyncio.Future[None] | None = None
+        self.servers: list[tuple[Any, str]] = []
+        if settings.health_address:
+            host, port = parse_listen_address(ENV_PREFIX + "HEALTH_ADDRESS",
+                                              settings.health_address) or ("0.0.0.0", 8080)
+            self.servers.append((HealthServer(host, port, self.status, self.ready),
+                                 settings.health_address))
+        listen = settings.metrics_listen
+        if listen is not None:
+            self.servers.append((MetricsServer(METRICS, listen[0], listen[1],
+                                               settings.metrics_path),
+                                 settings.metrics_address))
+
+    def status(self) -> dict[str, Any]:
+        return {"leader": self.elector.state if self.elector else "disabled",
+                "webhook": self.webhook.state if self.webhook else "disabled"}
+
+    def ready(self) -> bool:
+        return self.webhook is None or self.webhook.ready
+
+    async def start_services(self) -> bool:
+        """Probes, metrics, webhook; False when a port cannot be bound (exit 2)."""
+        for server, address in self.servers:
+            try:
+                await server.start()
+            except OSError as exc:
+                log.error("cannot serve on %s: %s", address, exc.strerror or exc)
+                return False
+        if self.webhook is not None:
+            self.webhook.start()
+        return True
+
+    async def elect(self, stopping: asyncio.Event) -> bool:
+        """Stand by until this replica leads (True) or is stopped first (False)."""
+        if self.elector is None:
+            return True
+        self.elector.start_guard()
+        acquiring = asyncio.ensure_future(self.elector.acquire())
+        stop_wait = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({acquiring, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not acquiring.done():
+            acquiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquiring
+            log.info("stopped while standing by")
+            return False
+        acquiring.result()
+        # Created before Kopf starts: Kopf leaves the tasks that predate it alone.
+        self.keeping = asyncio.ensure_future(self.elector.keep())
+        return True
+
+    async def stop(self) -> None:
+        """Release the Lease (Kopf has stopped), then stop the services."""
+        if self.keeping is not None:
+            self.keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.keeping
+        if self.elector is not None:
+            await self.elector.release()
+        if self.webhook is not None:
+            await self.webhook.stop()
+        for server, _ in reversed(self.servers):
+            await server.stop()
+
+
+async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool) -> int:
+    """Run the services of every replica; run Kopf while (and only while) this one leads.
+
+    Order: probes, metrics and the webhook first (a standby serves admission); then the
+    election; then Kopf. On SIGTERM: Kopf stops (its in-flight handlers finish while the
+    Lease is still renewed), the Lease is released, the services stop last. A lost Lease
+    never returns here: the elector ends the process (elector.py).
+    """
+    import kopf
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    replica = Replica(settings, with_webhook)
+    try:
+        if not await replica.start_services():
+            return 2
+        if not await replica.elect(stopping) or stopping.is_set():
+            return 0
+        # Kopf replaces our SIGTERM/SIGINT handlers with its own and returns once stopped.
+        await kopf.operator(
+            registry=registry,
+            clusterwide=settings.clusterwide,
+            namespaces=list(settings.namespaces),
+            standalone=True,
+            liveness_endpoint=None,
+        )
+        return 0
+    finally:
+        await replica.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,18 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         register(registry, settings)
         registered.append(name)
     plugins = [n for n in registered if n in OPTIONAL_PARTS]
-    log.info("resultstore-operator starting: namespaces=%s standalone=%s plugins=%s "
-             "metrics=%s", ",".join(settings.namespaces) or "*", settings.standalone,
-             ",".join(plugins) or "-", settings.metrics_address or "-")
-    kopf.run(
-        registry=registry,
-        clusterwide=settings.clusterwide,
-        namespaces=list(settings.namespaces),
-        standalone=settings.standalone,
-        peering_name=settings.peering_name or None,
-        liveness_endpoint=settings.liveness_endpoint,
-    )
-    return 0
+    with_webhook = not args.no_plugins
+    leader = settings.leader
+    log.info("resultstore-operator starting: namespaces=%s leader-election=%s plugins=%s "
+             "metrics=%s", ",".join(settings.namespaces) or "*",
+             f"{leader.namespace}/{leader.lease_name} as {leader.identity}"
+             if leader.enabled else "off",
+             ",".join(plugins + (["webhook"] if with_webhook else [])) or "-",
+             settings.metrics_address or "-")
+    return asyncio.run(serve(settings, registry, with_webhook))
 
 
 if __name__ == "__main__":

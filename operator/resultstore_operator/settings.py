@@ -8,6 +8,8 @@ differently per handler. Everything tunable lives here and is fixed for the proc
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -246,6 +248,54 @@ class WebhookSettings:
         return ServiceRef(self.operator_namespace, self.service_name, self.service_port)
 
 
+# --- leader election (docs/ARCHITECTURE.md, "Leadership") ------------------------------------
+
+DEFAULT_LEASE_NAME = "resultstore-operator-leader"
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    """The Lease that elects the one reconciling replica (`OperatorSettings.leader`).
+
+    Off by default for the binary (one developer process needs no Lease and no RBAC for it);
+    the manifests and the chart turn it on. `identity` is the pod's name (downward API
+    `POD_NAME`, else the hostname) plus a random suffix drawn once at start-up, so a
+    restarted container never takes its predecessor's record for its own.
+    """
+
+    enabled: bool = False
+    namespace: str = "resultstore-system"
+    lease_name: str = DEFAULT_LEASE_NAME
+    identity: str = "resultstore-operator"
+    lease_duration: float = 10.0
+    renew_deadline: float = 6.0
+    retry_period: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], operator_namespace: str) -> LeaderSettings:
+        p = ENV_PREFIX
+        lease_duration = env_float(env, p + "LEASE_DURATION", cls.lease_duration, 1, 3600)
+        renew_deadline = env_float(env, p + "RENEW_DEADLINE", cls.renew_deadline, 0.5, 3600)
+        retry_period = env_float(env, p + "RETRY_PERIOD", cls.retry_period, 0.1, 3600)
+        if not retry_period < renew_deadline < lease_duration:
+            raise SettingsError(
+                f"{p}RETRY_PERIOD < {p}RENEW_DEADLINE < {p}LEASE_DURATION is required "
+                f"(got {retry_period:g} / {renew_deadline:g} / {lease_duration:g}): the leader "
+                "must stop acting before a standby may start")
+        base = (env_text(env, "POD_NAME") or env_text(env, "HOSTNAME")
+                or socket.gethostname() or "resultstore-operator")
+        lease_name = env_text(env, p + "LEASE_NAME") or cls.lease_name
+        return cls(
+            enabled=env_flag(env, p + "LEADER_ELECTION", cls.enabled),
+            namespace=operator_namespace,
+            lease_name=lease_name,
+            identity=f"{base[:100]}_{secrets.token_hex(4)}",
+            lease_duration=lease_duration,
+            renew_deadline=renew_deadline,
+            retry_period=retry_period,
+        )
+
+
 # --- the operator ----------------------------------------------------------------------------
 
 
@@ -285,12 +335,13 @@ class OperatorSettings:
     #: metrics.enabled). Validated at start-up, like every other setting.
     metrics_address: str = ""
     metrics_path: str = "/metrics"
-    peering_name: str = ""
     workers: int = 16
     db_connect_timeout: int = 5
     log_level: str = "INFO"
     #: The injection webhook's settings (RESULTSTORE_WEBHOOK_*), parsed with the rest.
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    #: Leader election (RESULTSTORE_LEADER_ELECTION, _LEASE_*, POD_NAME).
+    leader: LeaderSettings = field(default_factory=LeaderSettings)
 
     @property
     def clusterwide(self) -> bool:
@@ -298,8 +349,8 @@ class OperatorSettings:
 
     @property
     def standalone(self) -> bool:
-        """Without a peering name the operator runs standalone (one replica, Recreate)."""
-        return not self.peering_name
+        """Kopf never peers: leader election is ours (`leader`), so Kopf runs standalone."""
+        return True
 
     @property
     def liveness_endpoint(self) -> str | None:
@@ -334,6 +385,9 @@ class OperatorSettings:
             raise SettingsError(
                 f"{p}CLEANUP_IMAGE_PULL_POLICY must be Always, IfNotPresent or Never"
             )
+        if env_text(env, p + "PEERING"):
+            raise SettingsError(f"{p}PEERING: Kopf peering is not supported (equal priorities "
+                                f"freeze every replica); use {p}LEADER_ELECTION=true")
         metrics_address = env.get(p + "METRICS_ADDRESS", "").strip()
         parse_listen_address(p + "METRICS_ADDRESS", metrics_address)
         metrics_path = env.get(p + "METRICS_PATH", "").strip() or cls.metrics_path
@@ -357,11 +411,11 @@ class OperatorSettings:
             health_address=env.get(p + "HEALTH_ADDRESS", cls.health_address).strip(),
             metrics_address=metrics_address,
             metrics_path=metrics_path,
-            peering_name=env.get(p + "PEERING", "").strip(),
             workers=env_int(env, p + "WORKERS", cls.workers, 1),
             db_connect_timeout=env_int(env, p + "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 1),
             log_level=(env.get(p + "LOG_LEVEL", "").strip() or cls.log_level).upper(),
             webhook=WebhookSettings.from_env(env, operator_namespace),
+            leader=LeaderSettings.from_env(env, operator_namespace),
         )
 
     def with_overrides(self, **changes: object) -> OperatorSettings:

@@ -18,11 +18,12 @@ def registered_ids(with_optional: bool) -> set[str]:
 
 
 def test_every_part_is_registered_in_order() -> None:
-    assert [n for n, _ in main.parts(True)] == ["handlers", "metrics", "webhook", "rollout"]
-    assert [n for n, _ in main.parts(False)] == ["handlers", "metrics"]
+    """Kopf's parts only: the webhook and metrics are services of every replica (serve)."""
+    assert [n for n, _ in main.parts(True)] == ["handlers", "watching", "rollout"]
+    assert [n for n, _ in main.parts(False)] == ["handlers", "watching"]
     ids = registered_ids(True)
-    assert {"resultstore-webhook-start", "resultstore-rollout-secret",
-            "resultstore-metrics-start", "resultstore-configure"} <= ids
+    assert {"resultstore-rollout-secret", "resultstore-watching", "resultstore-configure"} <= ids
+    assert not {i for i in ids if "webhook" in i or "metrics" in i}, ids
 
 
 def test_no_plugins_leaves_the_optional_parts_out() -> None:
@@ -42,3 +43,27 @@ def test_webhook_settings_are_parsed_with_the_operators() -> None:
     args = main.parse_args([])
     with pytest.raises(SettingsError):
         main.build_settings(args, {"RESULTSTORE_WEBHOOK_TIMEOUT_SECONDS": "31"})
+
+
+def test_leader_election_flag_overrides_the_environment() -> None:
+    on = main.build_settings(main.parse_args(["--leader-election"]), {})
+    assert on.leader.enabled
+    off = main.build_settings(main.parse_args(["--no-leader-election"]),
+                              {"RESULTSTORE_LEADER_ELECTION": "true"})
+    assert not off.leader.enabled
+    assert main.build_settings(main.parse_args([]),
+                               {"RESULTSTORE_LEADER_ELECTION": "1"}).leader.enabled
+
+
+def test_watch_timeouts_are_set_after_the_handlers() -> None:
+    """The watch-stream timeouts (watching.py) win over any set by an earlier part."""
+    from resultstore_operator import watching
+
+    settings = kopf.OperatorSettings()
+    watching.configure_watching(settings.watching)
+    assert settings.watching.server_timeout == watching.SERVER_TIMEOUT
+    assert settings.watching.client_timeout == watching.CLIENT_TIMEOUT > watching.SERVER_TIMEOUT
+    assert settings.watching.connect_timeout == watching.CONNECT_TIMEOUT
+    assert settings.watching.inactivity_timeout == watching.INACTIVITY_TIMEOUT
+    names = [n for n, _ in main.parts(True)]
+    assert names.index("watching") > names.index("handlers")

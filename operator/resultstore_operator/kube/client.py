@@ -33,7 +33,7 @@ from ..api import (
 from ..builders.conditions import timestamp
 from ..builders.ownership import foreign_owner, is_owned_by
 from ..views import meta
-from .errors import NotFound, NotOwnedError, api_errors
+from .errors import NotFound, NotOwnedError, Unavailable, api_errors
 
 log = logging.getLogger("resultstore_operator.kube")
 
@@ -78,6 +78,7 @@ class Kube:
         self.apps: Any = client.AppsV1Api(api_client)
         self.custom: Any = client.CustomObjectsApi(api_client)
         self.admission: Any = client.AdmissionregistrationV1Api(api_client)
+        self.coordination: Any = client.CoordinationV1Api(api_client)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -240,6 +241,44 @@ class Kube:
             self.admission.patch_mutating_webhook_configuration(
                 name, _copy(patch), _content_type=MERGE_PATCH,
                 _request_timeout=REQUEST_TIMEOUT)
+
+    # --- the leader-election Lease (elector.py) ----------------------------------------------
+
+    def _lease_call(self, what: str, call: Any, *args: Any, timeout: float) -> dict[str, Any]:
+        """One Lease call as raw JSON. A connection that fails or times out is Unavailable
+        too (not only an HTTP answer): the elector must see every failed renewal as one."""
+        from urllib3.exceptions import HTTPError
+
+        try:
+            with api_errors(what):
+                return self._json(call(*args, _preload_content=False,
+                                       _request_timeout=timeout))
+        except (HTTPError, OSError) as exc:
+            raise Unavailable(f"{what}: {exc.__class__.__name__}") from None
+
+    def read_lease(self, namespace: str, name: str,
+                   timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
+        """The Lease as JSON, or None when there is none."""
+        try:
+            return self._lease_call(f"read Lease {name}", self.coordination.read_namespaced_lease,
+                                    name, namespace, timeout=timeout)
+        except NotFound:
+            return None
+
+    def create_lease(self, namespace: str, body: Mapping[str, Any],
+                     timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+        """Create the Lease (Conflict: another replica created it first)."""
+        return self._lease_call(f"create Lease {meta(body).name}",
+                                self.coordination.create_namespaced_lease, namespace,
+                                _copy(body), timeout=timeout)
+
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any],
+                      timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+        """Replace the Lease; `body` carries the observed resourceVersion, so a write by
+        anyone since then is a Conflict (optimistic concurrency), never overwritten."""
+        return self._lease_call(f"replace Lease {name}",
+                                self.coordination.replace_namespaced_lease, name, namespace,
+                                _copy(body), timeout=timeout)
 
     # --- events ------------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from .configuration import (
     serving_names,
 )
 from .events import EventAggregator, build_event, event_reason_for
-from .runtime import WebhookRuntime, register, run_webhook
+from .runtime import WebhookRuntime, WebhookService, run_webhook
 from .server import HEALTH_PATH, InjectionServer, server_ssl_context
 
 #: A malformed RESULTSTORE_WEBHOOK_* variable is a malformed operator setting.
@@ -61,9 +61,9 @@ __all__ = [
     "ALWAYS_EXCLUDED", "DEFAULT_WEBHOOK_CONFIG_NAME", "DEFAULT_WEBHOOK_SERVICE",
     "DEFAULT_WEBHOOK_TLS_SECRET", "GROUP", "HEALTH_PATH", "PLURAL", "VERSION",
     "WEBHOOK_COMPONENT", "WEBHOOK_NAME", "WEBHOOK_PATH", "AdmissionRequest", "EventAggregator",
-    "InjectionServer", "ServiceRef", "WebhookRuntime", "WebhookSettings",
+    "InjectionServer", "ServiceRef", "WebhookRuntime", "WebhookService", "WebhookSettings",
     "WebhookSettingsError", "apply_configuration", "build_event", "build_webhook_configuration",
     "configuration_for", "configuration_matches", "event_reason_for", "pod_description",
-    "register", "review_problem", "review_response", "run_webhook", "server_ssl_context",
+    "review_problem", "review_response", "run_webhook", "server_ssl_context",
     "serving_names", "store_lookup_from_object",
 ]

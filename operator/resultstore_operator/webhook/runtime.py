@@ -1,5 +1,5 @@
 """The webhook's life in the operator process: start-up, periodic resync, shutdown, and the
-Kopf handlers that run it (`register`).
+service main.py runs on every replica (`WebhookService`).
 
 Start-up order matters: certificates, then the listening server, then the configuration, so
 the API server is never pointed at a CA or port that is not yet serving. Start-up retries
@@ -20,7 +20,7 @@ from typing import Any
 
 from ..injection import StoreLookup, StoreState
 from ..kube import Kube, KubeError, new_api_client
-from ..settings import OperatorSettings, WebhookSettings
+from ..settings import WebhookSettings
 from ..webhook_tls import (
     TlsBundle,
     ca_bundle_b64,
@@ -199,39 +199,46 @@ async def run_webhook(settings: WebhookSettings,
                 await runtime.stop()
 
 
-def register(registry: Any, settings: OperatorSettings) -> None:
-    """Add the webhook's startup, cleanup and probe handlers to a Kopf registry.
+class WebhookService:
+    """The webhook as one service of the process, on every replica (leader or not).
 
-    The webhook's settings are `settings.webhook`, parsed with the operator's at start-up.
+    The webhook is read-only (it reads the store and its Secret), so every replica serves it
+    behind the Service: a failover or a rollout never leaves admission without a server.
+    `state` feeds the readiness probe (health.py): "serving" once the server listens.
     """
-    import kopf
 
-    webhook = settings.webhook
-    state: dict[str, Any] = {}
+    def __init__(self, settings: WebhookSettings) -> None:
+        self.settings = settings
+        self.runtime: WebhookRuntime | None = None
+        self.task: asyncio.Task[None] | None = None
 
-    @kopf.on.startup(registry=registry, id="resultstore-webhook-start")
-    async def _start_webhook(**_: Any) -> None:
-        if not webhook.enabled:
+    @property
+    def state(self) -> str:
+        if not self.settings.enabled:
+            return "disabled"
+        if self.task is None:
+            return "stopped"
+        return "serving" if self.runtime is not None and self.runtime.serving else "starting"
+
+    @property
+    def ready(self) -> bool:
+        return self.state in ("disabled", "serving")
+
+    def start(self) -> None:
+        if not self.settings.enabled:
             log.info("pod-injection webhook disabled")
             return
 
         def started(runtime: WebhookRuntime) -> None:
-            state["runtime"] = runtime
+            self.runtime = runtime
 
-        state["task"] = asyncio.get_running_loop().create_task(
-            run_webhook(webhook, started=started), name="resultstore-webhook")
+        self.task = asyncio.get_running_loop().create_task(
+            run_webhook(self.settings, started=started), name="resultstore-webhook")
 
-    @kopf.on.cleanup(registry=registry, id="resultstore-webhook-stop")
-    async def _stop_webhook(**_: Any) -> None:
-        task: asyncio.Task[None] | None = state.pop("task", None)
+    async def stop(self) -> None:
+        task, self.task = self.task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-    @kopf.on.probe(registry=registry, id="webhook")
-    def _probe(**_: Any) -> str:
-        runtime: WebhookRuntime | None = state.get("runtime")
-        if "task" not in state:
-            return "disabled"
-        return "serving" if runtime is not None and runtime.serving else "starting"
+        self.runtime = None
