@@ -21,7 +21,7 @@ from . import spec as s
 Schema = dict[str, Any]
 
 CONDITION_TYPES = ("Ready", "SchemaReady", "CredentialsReady", "CleanupScheduled",
-                   "CredentialsRotating")
+                   "CredentialsRotating", "ConnectionBudget")
 
 
 def _string(description: str, *, default: str | None = None, max_length: int = 253,
@@ -135,6 +135,28 @@ def spec_schema() -> Schema:
                     "passwordKey": _string("Key holding the password.", default="password"),
                 },
                 required=("name",),
+            ),
+            "pooler": _object(
+                "Optional connection pooler (PgBouncer, CloudNativePG's Pooler) in front of "
+                "the server: the binding Secret then also carries pooler-host, pooler-port, "
+                "pooler-mode, pooler-prepared-statements and pooled-uri, and the backend "
+                "sends stores and reads through it (its LISTEN connection and the operator "
+                "stay direct).",
+                {
+                    "host": _string("Pooler host: a DNS name or an IP address.",
+                                    min_length=1, max_length=s.HOST_MAX_LENGTH,
+                                    pattern=s.HOST_PATTERN),
+                    "port": _integer("Pooler port.", default=s.DEFAULT_PORT,
+                                     bounds=(1, 65535)),
+                    "mode": _string("The pooler's pool mode: transaction (a server "
+                                    "connection per transaction) or session.",
+                                    default=s.DEFAULT_POOLER_MODE, enum=s.POOLER_MODES),
+                    "preparedStatements": _bool(
+                        "The pooler keeps protocol-level prepared statements in transaction "
+                        "mode (PgBouncer >= 1.21 with max_prepared_statements > 0); false: "
+                        "clients never prepare.", False),
+                },
+                required=("host",),
             ),
         },
         required=("host", "name", "adminSecretRef"),
@@ -281,6 +303,15 @@ def spec_schema() -> Schema:
             "retention": retention,
             "credentials": credentials,
             "cleanupJob": cleanup_job,
+            "connections": _object(
+                "The store's connection budget.",
+                {"limit": _integer(
+                    "Most PostgreSQL sessions each of the store's login roles may hold "
+                    "(CONNECTION LIMIT, enforced by the server; absent: no limit). During a "
+                    "rotation the previous and the next role each have it.",
+                    default=None, bounds=s.CONNECTION_LIMIT_RANGE)},
+                default={},
+            ),
             "deletionPolicy": _string("Retain keeps schema and data and disables the "
                                       "login; Delete drops schema and roles.",
                                       default=s.DEFAULT_DELETION_POLICY,
@@ -363,6 +394,28 @@ def status_schema() -> Schema:
                          "description": "The last admin session used TLS; from then on the "
                                         "operator refuses a connection without it."}},
             ),
+            "connections": _object(
+                "PostgreSQL sessions of the store's login roles, read from pg_stat_activity "
+                "by the operator's periodic check.",
+                {
+                    "inUse": {"type": "integer", "description": "Sessions of the store's "
+                              "roles (both roles of a rotation)."},
+                    "active": {"type": "integer", "description": "Of those, running a "
+                               "statement."},
+                    "idle": {"type": "integer", "description": "Of those, idle (also idle "
+                             "in a transaction)."},
+                    "limit": {"type": "integer", "description": "spec.connections.limit "
+                              "(absent: no limit)."},
+                    "serverMax": {"type": "integer", "description": "The server's "
+                                  "max_connections."},
+                    "serverAvailable": {"type": "integer", "description": "Sessions the "
+                                        "server can still open for ordinary roles "
+                                        "(max_connections minus reserved slots minus every "
+                                        "client session)."},
+                    "summary": _string("In use / limit, for kubectl get.", max_length=64),
+                    "observedAt": time,
+                },
+            ),
         },
     )
 
@@ -410,6 +463,8 @@ def build_crd() -> dict[str, Any]:
                     {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason"},
                     {"name": "Schema", "type": "string", "jsonPath": ".spec.schema"},
                     {"name": "Secret", "type": "string", "jsonPath": ".status.secretName"},
+                    {"name": "Connections", "type": "string",
+                     "jsonPath": ".status.connections.summary"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": root},

@@ -107,6 +107,10 @@ class StoreSnapshot:
     rotating: bool = False
     cleanup_succeeded: bool | None = None
     cleanup_finished: float | None = None
+    #: status.connections (builders.connections): sessions of the store's roles, and
+    #: spec.connections.limit as the operator last reported it (None: not reported / none)
+    connections_in_use: int | None = None
+    connection_limit: int | None = None
 
 
 def _epoch(text: Any) -> float | None:
@@ -130,6 +134,7 @@ def snapshot_of(body: Mapping[str, Any]) -> StoreSnapshot:
     phase = section(status, "credentials").get("phase")
     cleanup = section(status, "lastCleanup")
     succeeded = cleanup.get("succeeded")
+    connections = section(status, "connections")
     return StoreSnapshot(
         namespace=m.namespace,
         name=m.name,
@@ -137,7 +142,13 @@ def snapshot_of(body: Mapping[str, Any]) -> StoreSnapshot:
         rotating=phase in (rot.ROTATING, rot.DRAINING),
         cleanup_succeeded=succeeded if isinstance(succeeded, bool) else None,
         cleanup_finished=_epoch(cleanup.get("finishedAt") or cleanup.get("startedAt")),
+        connections_in_use=_count(connections.get("inUse")),
+        connection_limit=_count(connections.get("limit")),
     )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class StoreCollector(Collector):
@@ -199,6 +210,14 @@ class StoreCollector(Collector):
             "resultstore_cleanup_last_success_timestamp_seconds",
             "When the last successful cleanup run seen by this operator finished (Unix time).",
             labels=["namespace", "resultstore"])
+        in_use = GaugeMetricFamily(
+            "resultstore_connections_in_use",
+            "PostgreSQL sessions of the store's login roles at the operator's last check "
+            "(pg_stat_activity).", labels=["namespace", "resultstore"])
+        limit = GaugeMetricFamily(
+            "resultstore_connection_limit",
+            "The store roles' CONNECTION LIMIT (spec.connections.limit); absent when the "
+            "store sets none.", labels=["namespace", "resultstore"])
         per_ns: dict[str, dict[str, int]] = {}
         rotating_ns: dict[str, int] = {}
         for snap in sorted(stores, key=lambda s: (s.namespace, s.name)):
@@ -212,12 +231,16 @@ class StoreCollector(Collector):
             when = last_success.get((snap.namespace, snap.name))
             if when is not None:
                 cleanup_ts.add_metric([snap.namespace, snap.name], when)
+            if snap.connections_in_use is not None:
+                in_use.add_metric([snap.namespace, snap.name], float(snap.connections_in_use))
+            if snap.connection_limit is not None:
+                limit.add_metric([snap.namespace, snap.name], float(snap.connection_limit))
         for namespace, tally in per_ns.items():
             for status, count in tally.items():
                 counts.add_metric([namespace, status], float(count))
         for namespace, count in rotating_ns.items():
             rotating.add_metric([namespace], float(count))
-        yield from (counts, ready, rotating, cleanup_ok, cleanup_ts)
+        yield from (counts, ready, rotating, cleanup_ok, cleanup_ts, in_use, limit)
 
 
 # --- the metric set ----------------------------------------------------------------------------

@@ -62,6 +62,10 @@ HOST_PATTERN = (rf"^(({_DNS_LABEL})(\.{_DNS_LABEL})*"
                 rf"|[0-9a-fA-F.]*:[0-9a-fA-F.]*:[0-9a-fA-F:.]*)$")  # IPv6: 2+ colons
 HOST_MAX_LENGTH = 253
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+#: spec.database.pooler.mode: what a pooler keeps between a client's transactions (PgBouncer's
+#: pool_mode; `statement` breaks multi-statement transactions and is not offered).
+POOLER_MODES = ("session", "transaction")
+DEFAULT_POOLER_MODE = "transaction"
 
 DEFAULT_PORT = 5432
 DEFAULT_SSL_MODE = "prefer"
@@ -93,6 +97,9 @@ STATEMENT_TIMEOUT_RANGE = (0.001, 86_400.0)
 EXPIRES_RANGE = (0.0, 365 * 86_400.0)
 ROTATE_EVERY_RANGE = (10.0, 365 * 86_400.0)
 DRAIN_TIMEOUT_RANGE = (0.0, 86_400.0)
+#: spec.connections.limit: the store roles' CONNECTION LIMIT (absent: -1, no limit). Above
+#: 10000 no server has the max_connections to give (each backend is a process).
+CONNECTION_LIMIT_RANGE = (1, 10_000)
 
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -149,6 +156,22 @@ class AdminSecretRef:
 
 
 @dataclass(frozen=True)
+class PoolerSpec:
+    """A connection pooler (PgBouncer, CloudNativePG's Pooler) in front of the server.
+
+    Workers send stores and reads through it with the store's own role and database; the
+    operator itself and the backend's LISTEN connection still go to `database.host`.
+    """
+
+    host: str
+    port: int = DEFAULT_PORT
+    mode: str = DEFAULT_POOLER_MODE
+    #: the pooler keeps protocol-level prepared statements in transaction mode (PgBouncer
+    #: >= 1.21 with max_prepared_statements > 0); false: clients must not prepare
+    prepared_statements: bool = False
+
+
+@dataclass(frozen=True)
 class DatabaseSpec:
     host: str
     name: str
@@ -156,6 +179,7 @@ class DatabaseSpec:
     port: int = DEFAULT_PORT
     ssl_mode: str = DEFAULT_SSL_MODE
     ca_secret: SecretKeyRef | None = None
+    pooler: PoolerSpec | None = None
 
 
 def validate_host(value: str, path: str = "spec.database.host") -> str:
@@ -221,6 +245,19 @@ class CleanupJobSpec:
 
 
 @dataclass(frozen=True)
+class ConnectionsSpec:
+    """The store's connection budget: `limit` is its login roles' CONNECTION LIMIT, which
+    PostgreSQL enforces per role (None: no limit, -1 in the catalog)."""
+
+    limit: int | None = None
+
+    @property
+    def role_limit(self) -> int:
+        """The value for CREATE/ALTER ROLE ... CONNECTION LIMIT (-1: none)."""
+        return -1 if self.limit is None else self.limit
+
+
+@dataclass(frozen=True)
 class ResultStoreSpec:
     database: DatabaseSpec
     schema: str
@@ -234,6 +271,7 @@ class ResultStoreSpec:
     cleanup_job: CleanupJobSpec = CleanupJobSpec()
     deletion_policy: str = DEFAULT_DELETION_POLICY
     schema_policy: str = DEFAULT_SCHEMA_POLICY
+    connections: ConnectionsSpec = ConnectionsSpec()
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -339,6 +377,7 @@ def _database(raw: Mapping[str, Any]) -> DatabaseSpec:
         port=_int(db, "port", "spec.database", DEFAULT_PORT, (1, 65535)),
         ssl_mode=_enum(db, "sslMode", "spec.database", DEFAULT_SSL_MODE, SSL_MODES),
         ca_secret=ca,
+        pooler=_pooler(db),
         admin_secret=AdminSecretRef(
             name=_str(admin, "name", "spec.database.adminSecretRef", required=True),
             username_key=_str(admin, "usernameKey", "spec.database.adminSecretRef", "username"),
@@ -348,6 +387,30 @@ def _database(raw: Mapping[str, Any]) -> DatabaseSpec:
     if len(database.name.encode()) > 63:
         raise SpecError("spec.database.name must be at most 63 bytes")
     return database
+
+
+def _pooler(db: Mapping[str, Any]) -> PoolerSpec | None:
+    """spec.database.pooler; its host is checked like the database's (one host, by name)."""
+    raw = _obj(db, "pooler", "spec.database")
+    if not raw:
+        return None
+    path = "spec.database.pooler"
+    return PoolerSpec(
+        host=validate_host(_str(raw, "host", path, required=True), f"{path}.host"),
+        port=_int(raw, "port", path, DEFAULT_PORT, (1, 65535)),
+        mode=_enum(raw, "mode", path, DEFAULT_POOLER_MODE, POOLER_MODES),
+        prepared_statements=_bool(raw, "preparedStatements", path, False),
+    )
+
+
+def _connections(raw: Mapping[str, Any]) -> ConnectionsSpec:
+    """spec.connections; a limit outside its range is refused, never clamped: a clamped
+    budget would let more workers in than the user asked for."""
+    conn = _obj(raw, "connections", "spec")
+    if conn.get("limit") is None:
+        return ConnectionsSpec()
+    return ConnectionsSpec(limit=_int(conn, "limit", "spec.connections", 0,
+                                      CONNECTION_LIMIT_RANGE))
 
 
 def _tables(raw: Mapping[str, Any]) -> TablesSpec:
@@ -460,6 +523,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
     retention = _retention(raw)
     credentials = _credentials(raw)
     cleanup_job = _cleanup_job(raw)
+    connections = _connections(raw)
     return ResultStoreSpec(
         database=database,
         schema=schema,
@@ -474,4 +538,5 @@ def parse_spec(raw: Mapping[str, Any]) -> ResultStoreSpec:
                               DELETION_POLICIES),
         schema_policy=_enum(raw, "schemaPolicy", "spec", DEFAULT_SCHEMA_POLICY,
                             SCHEMA_POLICIES),
+        connections=connections,
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from resultstore_backend.schema import SCHEMA_VERSION, TableNames
 from resultstore_operator.builders import marker as m
 from resultstore_operator.builders import reasons as r
+from resultstore_operator.builders.connections import ConnectionUsage
 from resultstore_operator.builders.scram import scram_verifier
 from resultstore_operator.database import (
     CleanupRun,
@@ -45,6 +46,8 @@ class Role:
     verifier: str
     comment: str | None
     can_login: bool = True
+    #: CONNECTION LIMIT (-1: none)
+    limit: int = -1
 
 
 @dataclass
@@ -59,6 +62,13 @@ class FakeDatabase:
     #: (schema, role) pairs holding the store's privileges
     grants: set[tuple[str, str]] = field(default_factory=set)
     sessions: dict[str, int] = field(default_factory=dict)
+    #: of `sessions`, those running a statement (the rest are idle)
+    active: dict[str, int] = field(default_factory=dict)
+    #: the server's max_connections, its reserved slots, and client sessions of other roles
+    #: (the admin's own included)
+    server_max: int = 100
+    server_reserved: int = 3
+    other_sessions: int = 1
     writes: list[str] = field(default_factory=list)
     #: when set, every connection fails with this reason (DatabaseUnreachable, ...)
     down: str | None = None
@@ -190,14 +200,18 @@ class FakeSession:
                                  f"untouched")
         return found
 
-    def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool:
+    def ensure_role(self, role: str, verifier: str | None, schema: str,
+                    limit: int = -1) -> bool:
         found = self._owned(role)
         if found is None:
             if verifier is None:
                 raise ValueError("a new role needs a password")
-            self.db.roles[role] = Role(verifier, self.marker)
-            self.db.writes.append(f"CREATE ROLE {role}")
+            self.db.roles[role] = Role(verifier, self.marker, limit=limit)
+            self.db.writes.append(f"CREATE ROLE {role} CONNECTION LIMIT {limit}")
             return True
+        if found.limit != limit:
+            found.limit = limit
+            self.db.writes.append(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
         if verifier is not None:
             found.verifier = verifier
             found.can_login = True
@@ -222,6 +236,15 @@ class FakeSession:
                 changes.append(f"REVOKE USAGE on schema {schema} from {role}")
         self.db.writes.extend(changes)
         return changes
+
+    def connection_usage(self, roles: Iterable[str]) -> ConnectionUsage:
+        db = self.db
+        names = set(roles)
+        in_use = sum(n for role, n in db.sessions.items() if role in names)
+        active = sum(n for role, n in db.active.items() if role in names)
+        others = sum(n for role, n in db.sessions.items() if role not in names)
+        return ConnectionUsage(in_use, active, in_use - active, db.server_max,
+                               db.server_reserved, in_use + others + db.other_sessions)
 
     def session_count(self, role: str) -> int:
         return self.db.sessions.get(role, 0)

@@ -53,7 +53,7 @@ def test_names_scope_and_subresources() -> None:
     version = doc["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Ready", "Reason", "Schema", "Secret", "Age"]
+        "Ready", "Reason", "Schema", "Secret", "Connections", "Age"]
 
 
 def test_every_string_is_bounded_for_cel_cost() -> None:

@@ -13,6 +13,8 @@ SCHEMA_READY = "SchemaReady"
 CREDENTIALS_READY = "CredentialsReady"
 CLEANUP_SCHEDULED = "CleanupScheduled"
 CREDENTIALS_ROTATING = "CredentialsRotating"
+#: not a component of Ready: a store at its connection limit still works (workers retry)
+CONNECTION_BUDGET = "ConnectionBudget"
 COMPONENT_CONDITIONS = (SCHEMA_READY, CREDENTIALS_READY, CLEANUP_SCHEDULED)
 
 # failure reasons (status False, Warning events)
@@ -55,6 +57,12 @@ NEXT_ROLE_READY = "NextRoleReady"
 SECRET_SWITCHED = "SecretSwitched"
 DRAINING = "DrainingPreviousRole"
 ROTATION_COMPLETE = "RotationComplete"
+# ConnectionBudget (builders.connections): True/WithinLimit, False/NearLimit (>= 80 %),
+# False/Exhausted (100 %); Unknown/ConnectionsUnobserved when it could not be read
+WITHIN_LIMIT = "WithinLimit"
+NEAR_LIMIT = "NearLimit"
+EXHAUSTED = "Exhausted"
+CONNECTIONS_UNOBSERVED = "ConnectionsUnobserved"
 
 # event-only reasons (actions)
 SECRET_CREATED = "SecretCreated"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
+from ..spec import CONNECTION_LIMIT_RANGE
+
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
                     "TRIGGER")
 DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
@@ -54,12 +56,29 @@ def revoke_schema_from_public(schema: str) -> sql.Composed:
     return sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(schema))
 
 
-def create_role(role: str, verifier: str) -> sql.Composed:
-    """A plain login role: no superuser, no CREATEDB/CREATEROLE, no inherited privileges."""
+def connection_limit(limit: int) -> sql.Composable:
+    """`CONNECTION LIMIT n` from a checked integer (-1: none, else spec.py's range); the
+    keyword takes no parameter, so the number is rendered only after that check."""
+    low, high = CONNECTION_LIMIT_RANGE
+    if isinstance(limit, bool) or not isinstance(limit, int) or \
+            not (limit == -1 or low <= limit <= high):
+        raise ValueError(f"invalid connection limit {limit!r}")
+    return sql.SQL("CONNECTION LIMIT " + str(int(limit)))
+
+
+def create_role(role: str, verifier: str, limit: int = -1) -> sql.Composed:
+    """A plain login role: no superuser, no CREATEDB/CREATEROLE, no inherited privileges,
+    with the store's CONNECTION LIMIT (-1: none) from the start, so a next role of a
+    rotation is never briefly unlimited."""
     return sql.SQL(
         "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT "
-        "NOREPLICATION NOBYPASSRLS PASSWORD {}"
-    ).format(sql.Identifier(role), sql.Literal(verifier))
+        "NOREPLICATION NOBYPASSRLS {} PASSWORD {}"
+    ).format(sql.Identifier(role), connection_limit(limit), sql.Literal(verifier))
+
+
+def set_connection_limit(role: str, limit: int) -> sql.Composed:
+    return sql.SQL("ALTER ROLE {} WITH {}").format(sql.Identifier(role),
+                                                   connection_limit(limit))
 
 
 def set_password(role: str, verifier: str) -> sql.Composed:
@@ -214,8 +233,8 @@ def drop_schema(schema: str) -> sql.Composed:
 
 # Parameterised catalog queries (values bound, never interpolated).
 ROLE_INFO = sql.SQL(
-    "SELECT rolcanlogin, shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles "
-    "WHERE rolname = %s")
+    "SELECT rolcanlogin, shobj_description(oid, 'pg_authid'), rolconnlimit "
+    "FROM pg_catalog.pg_roles WHERE rolname = %s")
 ADMIN_CAPABILITIES = sql.SQL(
     "SELECT rolsuper, rolcreaterole, "
     "has_database_privilege(current_user, current_database(), 'CREATE') "
@@ -226,6 +245,21 @@ COUNT_SESSIONS = sql.SQL(
 TERMINATE_SESSIONS = sql.SQL(
     "SELECT count(pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "
     "WHERE usename = %s AND pid <> pg_backend_pid()")
+# The connection budget (builders.connections.ConnectionUsage), in one row: the sessions of
+# the store's roles (%(roles)s: both names of the rotation pair) by state, the server's
+# max_connections and its reserved slots (superuser_reserved_connections, plus PostgreSQL
+# 16's reserved_connections when the server has it), and every client session. The admin's
+# own session is a client session of the server, not one of the store's.
+CONNECTION_USAGE = sql.SQL("""
+    SELECT count(*) FILTER (WHERE a.usename = ANY(%(roles)s)),
+           count(*) FILTER (WHERE a.usename = ANY(%(roles)s) AND a.state = 'active'),
+           count(*) FILTER (WHERE a.usename = ANY(%(roles)s) AND a.state LIKE 'idle%%'),
+           current_setting('max_connections')::int,
+           current_setting('superuser_reserved_connections')::int
+             + coalesce(current_setting('reserved_connections', true), '0')::int,
+           count(*) FILTER (WHERE a.backend_type = 'client backend')
+      FROM pg_catalog.pg_stat_activity a
+""")
 SCHEMA_EXISTS = sql.SQL(
     "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s")
 # (kind, name, grantee role name or '' for PUBLIC, privilege) for our schema and exactly our

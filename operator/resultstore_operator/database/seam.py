@@ -15,6 +15,7 @@ from typing import Protocol
 from resultstore_backend.schema import TableNames
 
 from ..builders import marker as m
+from ..builders.connections import ConnectionUsage
 from .connection import Credentials, Target, check_login
 from .session import AdminSession, CleanupRun
 
@@ -40,10 +41,13 @@ class Session(Protocol):
 
     def role_state(self, role: str) -> tuple[bool, bool]: ...
 
-    def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool: ...
+    def ensure_role(self, role: str, verifier: str | None, schema: str,
+                    limit: int = -1) -> bool: ...
 
     def sync_privileges(self, names: TableNames, granted: Iterable[str],
                         managed: Iterable[str], schema_ours: bool = True) -> list[str]: ...
+
+    def connection_usage(self, roles: Iterable[str]) -> ConnectionUsage: ...
 
     def session_count(self, role: str) -> int: ...
 

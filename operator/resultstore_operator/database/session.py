@@ -33,6 +33,7 @@ from resultstore_backend.schema import SCHEMA_VERSION, TableNames, current_versi
 from ..builders import marker as m
 from ..builders import reasons as r
 from ..builders import sql as q
+from ..builders.connections import ConnectionUsage
 from .connection import CaFile, Credentials, DatabaseError, Target, classify, connect_args
 
 log = logging.getLogger(__name__)
@@ -318,34 +319,45 @@ class AdminSession:
 
     def _owned_role_state(self, role: str) -> tuple[bool, bool]:
         """role_state, refusing (OwnershipError) an existing role without our marker."""
+        info = self._owned_role(role)
+        return (False, False) if info is None else (True, info[0])
+
+    def _owned_role(self, role: str) -> tuple[bool, int] | None:
+        """(can log in, CONNECTION LIMIT) of an existing role carrying our marker; None when
+        it does not exist; OwnershipError for one without our marker."""
         rows = self._query(q.ROLE_INFO, (role,))
         if not rows:
-            return False, False
+            return None
         state, other = m.verdict(self._me(), rows[0][1])
         if state != m.OURS:
             who = f"belongs to ResultStore {other.label()}" if state == m.FOREIGN and other \
                 else "was not created by this ResultStore"
             raise OwnershipError(r.OWNERSHIP_CONFLICT, f"role {role} {who}; left untouched",
                                  other if state == m.FOREIGN else None)
-        return True, bool(rows[0][0])
+        return bool(rows[0][0]), int(rows[0][2])
 
-    def ensure_role(self, role: str, verifier: str | None, schema: str) -> bool:
-        """Create the login role, or (re)set its password/LOGIN; True if it was created.
+    def ensure_role(self, role: str, verifier: str | None, schema: str,
+                    limit: int = -1) -> bool:
+        """Create the login role, or (re)set its password/LOGIN and CONNECTION LIMIT
+        (`limit`, -1: none; only altered when it differs); True if it was created.
 
         `verifier` None keeps the current password (it is known to be what the Secret
         holds) and only makes sure the role can log in.
         """
-        exists, can_login = self._owned_role_state(role)
+        info = self._owned_role(role)
         statements: list[sql.SQL | sql.Composed] = []
-        if not exists:
+        if info is None:
             if verifier is None:
                 raise ValueError("a new role needs a password")
-            statements.append(q.create_role(role, verifier))
+            statements.append(q.create_role(role, verifier, limit))
             statements.append(q.comment_on("ROLE", None, role, m.marker_text(self._me())))
         elif verifier is not None:
             statements.append(q.set_password(role, verifier))
-        elif not can_login:
+        elif not info[0]:
             statements.append(q.set_login(role, True))
+        if info is not None and info[1] != limit:
+            statements.append(q.set_connection_limit(role, limit))
+        exists = info is not None
         if statements or not exists:
             statements.append(q.set_search_path(role, self.target.database, schema))
             statements.append(q.grant_connect(role, self.target.database))
@@ -393,6 +405,13 @@ class AdminSession:
         return [f"{verb} {','.join(sorted(privs))} on {obj.kind.lower()} {obj.label()} "
                 f"{'to' if verb == 'GRANT' else 'from'} {grantee}"
                 for verb, obj, grantee, privs in changes]
+
+    def connection_usage(self, roles: Iterable[str]) -> ConnectionUsage:
+        """The store's sessions and the server's room (builders.connections decides)."""
+        rows = self._query(q.CONNECTION_USAGE, {"roles": sorted(set(roles))})
+        in_use, active, idle, server_max, reserved, server_in_use = rows[0]
+        return ConnectionUsage(int(in_use), int(active), int(idle), int(server_max),
+                               int(reserved), int(server_in_use))
 
     def session_count(self, role: str) -> int:
         rows = self._query(q.COUNT_SESSIONS, (role,))

@@ -36,10 +36,13 @@ class Convergence:
         self.names = names
         self.schema_ours = schema_ours
         self.grace = grace
+        #: the CONNECTION LIMIT every role this convergence ensures gets (-1: none)
+        self.limit = -1
 
     def converge(self, spec: ResultStoreSpec, creds: rot.CredentialState, ca: str | None,
                  new_store: bool) -> rot.CredentialState:
         run = self.run
+        self.limit = spec.connections.role_limit
         creds = self._start_rotation(spec, creds)
         store = cp.Store(run.name, run.namespace, run.uid, spec, ca)
         plan = cp.plan(store, self.observe(creds, new_store), run.now, generate_password())
@@ -79,7 +82,7 @@ class Convergence:
 
     def _ensure(self, role: cp.RolePlan, schema: str) -> None:
         verifier = scram_verifier(role.password) if role.needs_verifier else None
-        self.db.ensure_role(role.role, verifier, schema)
+        self.db.ensure_role(role.role, verifier, schema, self.limit)
 
     def _write(self, write: cp.SecretWrite | None) -> None:
         if write is None:

@@ -18,6 +18,7 @@ from resultstore_backend.schema import TableNames
 
 from .. import database as dbio
 from ..builders import conditions as c
+from ..builders import connections as cb
 from ..builders import credentials as cp
 from ..builders import marker as m
 from ..builders import reasons as r
@@ -257,10 +258,29 @@ class Reconciler:
             creds = Convergence(run, db, self.database, target, names,
                                 assessment.schema_ours, self.settings.rotation_grace
                                 ).converge(spec, creds, ca, new_store)
+            self._observe_connections(run, spec, db, creds)
             last = db.last_cleanup_run(names)
         if last is not None:
             run.patch["lastCleanup"] = last_cleanup_status(last)
         return creds
+
+    def _observe_connections(self, run: Run, spec: ResultStoreSpec, db: dbio.Session,
+                             creds: rot.CredentialState) -> None:
+        """status.connections and the ConnectionBudget condition, from pg_stat_activity read
+        on every reconcile (the timer's drift check included). A failed read is reported
+        Unknown, not as a failed reconcile: the store itself was converged."""
+        try:
+            usage = db.connection_usage(role_names(creds.role_base))
+        except dbio.DatabaseError as exc:
+            run.cond(r.CONNECTION_BUDGET, "Unknown", r.CONNECTIONS_UNOBSERVED, exc.message)
+            return
+        previous = c.get_condition(run.conditions, r.CONNECTION_BUDGET)
+        decision = cb.budget(usage, spec.connections.limit,
+                             str(previous.get("reason")) if previous else None, run.now)
+        run.patch["connections"] = decision.status
+        run.cond(r.CONNECTION_BUDGET, *decision.condition)
+        if decision.event is not None:
+            run.event(*decision.event)
 
     def _migrate(self, run: Run, spec: ResultStoreSpec, db: dbio.Session, names: TableNames,
                  assessment: m.Assessment) -> None:
