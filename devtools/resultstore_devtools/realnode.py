@@ -488,18 +488,28 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def _pids_referencing(needle: str) -> list[int]:
-    """Processes whose command line names ``needle`` (our socket path: only our shims)."""
+_OUR_EXECUTABLES = ("containerd", "containerd-shim-runc-v2", "kubelet", "kube-scheduler")
+
+
+def _leftover_pids(root: Path) -> list[int]:
+    """Our daemons and shims still running: one of our executables naming our state dir.
+
+    Shims outlive containerd by design, and a start killed before it recorded a pid leaves
+    an unrecorded daemon; both carry a path under the state dir on their command line
+    (``--config``, ``-address``), which no one else's process does.
+    """
     found = []
-    encoded = needle.encode()
+    needle = str(root).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if encoded in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        if os.path.basename(argv[0].decode(errors="replace")) in _OUR_EXECUTABLES and any(
+                needle in arg for arg in argv[1:]):
+            found.append(int(entry.name))
     return found
 
 
@@ -812,8 +822,7 @@ class RealNode:
         if "containerd" in by_name and by_name["containerd"].alive():
             self._remove_containers()
             _terminate(by_name["containerd"])
-        # Shims outlive containerd by design; ours name our socket on their command line.
-        for pid in _pids_referencing(str(layout.containerd_socket)):
+        for pid in _leftover_pids(layout.root):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
