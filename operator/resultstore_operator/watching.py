@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SERVER_TIMEOUT = 300.0
+SERVER_TIMEOUT = 300  # an int: the API server parses timeoutSeconds=300.0 as a 400
 CLIENT_TIMEOUT = SERVER_TIMEOUT + 30.0
 CONNECT_TIMEOUT = 10.0
 INACTIVITY_TIMEOUT = 70.0
