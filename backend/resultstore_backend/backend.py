@@ -37,6 +37,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,6 +46,7 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import Backend, _create_chord_error_with_cause
 from celery.exceptions import BackendGetMetaError, ChordError, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.signals import worker_process_init
 from celery.utils.functional import _regen
 from celery.utils.serialization import raise_with_context
 from celery.utils.time import get_exponential_backoff_interval, maybe_timedelta
@@ -57,6 +59,7 @@ from .engine import (
     DEFAULT_IDLE_PING_AFTER,
     DEFAULT_RELOAD_INTERVAL,
     EngineHolder,
+    enter_prefork_child,
     get_holder,
     is_connection_error,
     is_transient_error,
@@ -263,9 +266,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             options = dict(source.engine_options)
             options.update(conf.get("database_engine_options") or {})
             options.update(engine_options or {})
-            source = StoreConfig(url=source.url, names=source.names, engine_options=options,
-                                 extended=source.extended, expires=source.expires,
-                                 notifications=source.notifications)
+            source = replace(source, engine_options=options)
         self.engine_options = dict(engine_options or {})
         create_tables = conf.get("resultstore_create_tables")
         if create_tables is None and conf.get("database_create_tables_at_setup") is False:
@@ -343,8 +344,7 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
             tablenames.get("task") or source.names.task_table,
             tablenames.get("group") or source.names.group_table,
         )
-        return StoreConfig(url=source.url, names=names, engine_options=source.engine_options,
-                           notifications=source.notifications)
+        return replace(source, names=names)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -1026,6 +1026,15 @@ class ResultStoreBackend(Backend, AsyncBackendMixin):
         kwargs.update({"url": self.url, "expires": self.expires,
                        "engine_options": self.engine_options})
         return super().__reduce__(args, kwargs)
+
+
+def _in_prefork_child(**_: Any) -> None:
+    """Celery sends worker_process_init in each prefork pool child (only there): from now
+    on this process's engines use engine_options.json's ``prefork_child`` pool sizes."""
+    enter_prefork_child()
+
+
+worker_process_init.connect(_in_prefork_child, weak=False)
 
 
 #: parameters of a store into a version-1 table (the id columns are the last ones)

@@ -39,6 +39,8 @@ __all__ = [
     "ConfigError",
     "DirectorySource",
     "EngineSettings",
+    "POOLER_MODES",
+    "PoolerSettings",
     "StoreConfig",
     "DEFAULT_SQLITE_URL",
     "binding_version",
@@ -48,6 +50,7 @@ __all__ = [
     "redact",
     "render_binding",
     "safe_url",
+    "validate_engine_options",
 ]
 
 #: Where ``resultstore://`` (no path) and a missing URL put results.
@@ -72,6 +75,12 @@ KEY_RESULT_BACKEND = "result_backend"
 KEY_ENGINE_OPTIONS = "engine_options.json"
 KEY_CELERY = "celery.json"
 KEY_CA = "ca.crt"
+# a pooler in front of the server (written only when the store names one)
+KEY_POOLER_HOST = "pooler-host"
+KEY_POOLER_PORT = "pooler-port"
+KEY_POOLER_MODE = "pooler-mode"
+KEY_POOLER_PREPARED = "pooler-prepared-statements"
+KEY_POOLED_URI = "pooled-uri"
 
 DATA_LINK = "..data"
 
@@ -113,7 +122,14 @@ def redact(text: str, *secrets: str | None) -> str:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Connection-pool and session settings (the ``engine`` area of the spec)."""
+    """Connection-pool and session settings (the ``engine`` area of the spec).
+
+    ``pool_size``/``max_overflow`` are for processes that store or read from many threads
+    or greenlets at once (a threads/gevent worker, a web process). A prefork pool child
+    runs one task at a time and never uses more than one connection, so it gets pool
+    sizes of its own (``prefork_child`` in ``engine_options.json``): a budget computed
+    from the Secret then reads what the children can really hold, not 15 each.
+    """
 
     pool_size: int = 5
     max_overflow: int = 10
@@ -123,6 +139,8 @@ class EngineSettings:
     connect_timeout: int = 10
     statement_timeout_ms: int | None = None
     application_name: str = "celery-resultstore"
+    prefork_child_pool_size: int = 1
+    prefork_child_max_overflow: int = 0
 
     def to_engine_options(self) -> dict[str, Any]:
         """The content of ``engine_options.json``: ``create_engine`` keyword arguments."""
@@ -139,7 +157,49 @@ class EngineSettings:
             "pool_recycle": self.pool_recycle,
             "pool_pre_ping": self.pool_pre_ping,
             "connect_args": connect_args,
+            PREFORK_CHILD_KEY: {"pool_size": self.prefork_child_pool_size,
+                                "max_overflow": self.prefork_child_max_overflow},
         }
+
+
+#: engine_options.json: the pool sizes a prefork pool child uses instead of the top-level
+#: ones (not a create_engine argument: the backend applies it and pops it)
+PREFORK_CHILD_KEY = "prefork_child"
+
+POOLER_MODES = ("session", "transaction")
+
+
+@dataclass(frozen=True)
+class PoolerSettings:
+    """A connection pooler in front of the server (PgBouncer, CloudNativePG's Pooler).
+
+    Stores and reads go through it with the store's own role, password and database; the
+    LISTEN connection never does. The mode decides what the pool may rely on: in
+    ``transaction`` mode the pooler hands out a server session per transaction, so no
+    server-side prepared statement survives to the next statement unless the pooler
+    keeps them itself (``prepared_statements``: PgBouncer >= 1.21 with
+    ``max_prepared_statements``). ``host`` is a name or an address (IPv6 without brackets).
+    """
+
+    host: str
+    port: int = 5432
+    mode: str = "transaction"
+    prepared_statements: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in POOLER_MODES:
+            raise ValueError(f"pooler mode must be one of {', '.join(POOLER_MODES)}, "
+                             f"got {self.mode!r}")
+        if not self.host or not _HOST_RE.fullmatch(self.host if ":" not in self.host
+                                                   else f"[{self.host}]"):
+            raise ValueError("pooler host is not a valid host name or address")
+        if isinstance(self.port, bool) or not 0 < int(self.port) < 65536:
+            raise ValueError("pooler port is outside 1-65535")
+
+    @property
+    def server_prepares(self) -> bool:
+        """Whether clients may use server-side prepared statements through it."""
+        return self.mode == "session" or self.prepared_statements
 
 
 @dataclass(frozen=True)
@@ -185,6 +245,8 @@ class Binding:
     engine: EngineSettings
     celery: CelerySettings
     ca_cert: str | None = field(default=None, repr=False)
+    #: stores and reads through this pooler (the Secret's pooler-* keys and pooled-uri)
+    pooler: PoolerSettings | None = None
 
 
 def _netloc(username: str, password: str, host: str, port: int) -> str:
@@ -224,7 +286,24 @@ def render_binding(b: Binding) -> dict[str, str]:
     }
     if b.ca_cert is not None:
         out[KEY_CA] = b.ca_cert
+    if b.pooler is not None:
+        out.update(_pooler_keys(b, db))
     return out
+
+
+def _pooler_keys(b: Binding, db: str) -> dict[str, str]:
+    """The pooler's Secret keys. ``pooled-uri`` carries no ``options`` (search path):
+    PgBouncer refuses that startup parameter, and would fail every connection."""
+    pooler = b.pooler
+    assert pooler is not None
+    netloc = _netloc(b.username, b.password, pooler.host, pooler.port)
+    return {
+        KEY_POOLER_HOST: pooler.host,
+        KEY_POOLER_PORT: str(int(pooler.port)),
+        KEY_POOLER_MODE: pooler.mode,
+        KEY_POOLER_PREPARED: "true" if pooler.prepared_statements else "false",
+        KEY_POOLED_URI: f"postgresql://{netloc}/{db}?sslmode={quote(b.sslmode, safe='')}",
+    }
 
 
 # --------------------------------------------------------------------------- StoreConfig
@@ -248,13 +327,28 @@ class StoreConfig:
     version: str | None = None
     #: None when the source does not say (then the app setting or the default applies)
     notifications: bool | None = None
+    #: stores and reads go through this pooler; ``url`` stays the server (LISTEN)
+    pooler: PoolerSettings | None = None
 
     def __repr__(self) -> str:
         return (
             f"StoreConfig(url={safe_url(self.url)!r}, "
             f"names={self.names!r}, extended={self.extended!r}, expires={self.expires!r}, "
-            f"source_dir={self.source_dir!r}, version={self.version!r})"
+            f"source_dir={self.source_dir!r}, version={self.version!r}, "
+            f"pooler={self.pooler!r})"
         )
+
+    @property
+    def pool_url(self) -> URL:
+        """Where the pool connects: the pooler when there is one, else the server.
+
+        Through a pooler the libpq ``options`` parameter is left out: PgBouncer refuses
+        it as a startup parameter (and a pooler could not keep its settings anyway).
+        """
+        if self.pooler is None:
+            return self.url
+        query = {k: v for k, v in self.url.query.items() if k != "options"}
+        return self.url.set(host=self.pooler.host, port=self.pooler.port, query=query)
 
     __str__ = __repr__
 
@@ -419,6 +513,10 @@ def parse_backend_url(url: str | None) -> BackendSource:
     group_table = _pop_str(query, "group_table") or "celery_tasksetmeta"
     where = safe_url(parsed)
     notifications = _notify_param(_pop_str(query, "notify"), where)
+    pooler = _pooler_params(query, where)
+    if pooler is not None and backend == "sqlite":
+        raise ConfigError("SQLite has no pooler; drop ?pooler=", path=where, key="pooler",
+                          in_url=True)
     if backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername=PG_DRIVER, query=query)
     elif backend == "sqlite":
@@ -434,22 +532,69 @@ def parse_backend_url(url: str | None) -> BackendSource:
         names = TableNames(schema or None, task_table, group_table)
     except (InvalidIdentifier, ValueError) as exc:
         raise ConfigError(str(exc), path=where) from None
-    return StoreConfig(url=parsed, names=names, notifications=notifications)
+    return StoreConfig(url=parsed, names=names, notifications=notifications, pooler=pooler)
 
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _notify_param(value: str | None, where: str) -> bool | None:
-    """The ``?notify=`` URL parameter: None when absent."""
+def _bool_param(value: str | None, where: str, key: str) -> bool | None:
+    """A true/false URL parameter: None when absent."""
     if value is None:
         return None
     if value.lower() in _TRUE:
         return True
     if value.lower() in _FALSE:
         return False
-    raise ConfigError("?notify= expects true or false", path=where, key="notify", in_url=True)
+    raise ConfigError(f"?{key}= expects true or false", path=where, key=key, in_url=True)
+
+
+def _notify_param(value: str | None, where: str) -> bool | None:
+    """The ``?notify=`` URL parameter: None when absent."""
+    return _bool_param(value, where, "notify")
+
+
+def _split_address(address: str, where: str, key: str) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` (port 5432 when absent), checked."""
+    if address.startswith("["):
+        close = address.find("]")
+        host, rest = address[1:close], address[close + 1:] if close > 0 else ""
+        if close < 0 or (rest and not rest.startswith(":")):
+            raise ConfigError(f"?{key}= has an invalid IPv6 address (use [addr]:port)",
+                              path=where, key=key, in_url=True)
+        port_text = rest[1:]
+        valid_host = bool(host) and _HOST_RE.fullmatch(f"[{host}]") is not None
+    else:
+        host, _, port_text = address.partition(":")
+        valid_host = bool(host) and _HOST_RE.fullmatch(host) is not None
+    if not valid_host:
+        raise ConfigError(f"?{key}= has an invalid host", path=where, key=key, in_url=True)
+    if not port_text:
+        return host, 5432
+    if not _PORT_RE.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"?{key}= has an invalid port (1-65535)", path=where, key=key,
+                          in_url=True)
+    return host, int(port_text)
+
+
+def _pooler_params(query: dict[str, Any], where: str) -> PoolerSettings | None:
+    """``?pooler=HOST[:PORT]&pooler_mode=...&pooler_prepared_statements=...`` (popped)."""
+    address = _pop_str(query, "pooler")
+    mode = _pop_str(query, "pooler_mode")
+    prepared = _bool_param(_pop_str(query, "pooler_prepared_statements"), where,
+                           "pooler_prepared_statements")
+    if address is None:
+        if mode is not None or prepared is not None:
+            raise ConfigError("?pooler_mode= and ?pooler_prepared_statements= need "
+                              "?pooler=HOST:PORT", path=where, key="pooler", in_url=True)
+        return None
+    host, port = _split_address(address, where, "pooler")
+    mode = mode or "transaction"
+    if mode not in POOLER_MODES:
+        raise ConfigError(f"?pooler_mode= expects {' or '.join(POOLER_MODES)}", path=where,
+                          key="pooler_mode", in_url=True)
+    return PoolerSettings(host, port, mode, bool(prepared))
 
 
 def _notifications_from_json(data: Mapping[str, Any], file: Path) -> bool:
@@ -539,7 +684,10 @@ _ENGINE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "echo": ((bool,), "a boolean"),
     "echo_pool": ((bool,), "a boolean"),
     "connect_args": ((dict,), "an object"),
+    PREFORK_CHILD_KEY: ((dict,), "an object"),
 }
+#: what ``prefork_child`` may set: only the pool's sizes differ in a prefork child
+_PREFORK_CHILD_KEYS = {"pool_size": 0, "max_overflow": -1}
 
 
 def validate_engine_options(options: Mapping[str, Any], file: Path) -> dict[str, Any]:
@@ -555,6 +703,7 @@ def validate_engine_options(options: Mapping[str, Any], file: Path) -> dict[str,
     for key in ("pool_size", "max_overflow", "pool_recycle"):
         if key in options and options[key] < (-1 if key != "pool_size" else 0):
             raise ConfigError("must not be negative", path=file, key=key)
+    _check_prefork_child(options.get(PREFORK_CHILD_KEY), file)
     connect_args = dict(options.get("connect_args") or {})
     for key, value in connect_args.items():
         if not isinstance(value, (str, int, float, bool)) and value is not None:
@@ -566,6 +715,19 @@ def validate_engine_options(options: Mapping[str, Any], file: Path) -> dict[str,
     if "connect_args" in out:
         out["connect_args"] = connect_args
     return out
+
+
+def _check_prefork_child(child: Mapping[str, Any] | None, file: Path) -> None:
+    for key, value in (child or {}).items():
+        where = f"{PREFORK_CHILD_KEY}.{key}"
+        if key not in _PREFORK_CHILD_KEYS:
+            raise ConfigError(f"unknown key (known: {', '.join(_PREFORK_CHILD_KEYS)})",
+                              path=file, key=where)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {_typename(value)}", path=file,
+                              key=where)
+        if value < _PREFORK_CHILD_KEYS[key]:
+            raise ConfigError("must not be negative", path=file, key=where)
 
 
 def _celery_from_json(data: Mapping[str, Any], file: Path, schema_file: str | None
@@ -685,5 +847,27 @@ def _read_binding_files(base: Path, shown: Path, version: str | None) -> StoreCo
         url=url, names=names, engine_options=options, extended=extended, expires=expires,
         source_dir=shown, version=version,
         notifications=_notifications_from_json(celery, shown / KEY_CELERY),
+        pooler=_pooler_from_dir(base, shown),
     )
+
+
+def _pooler_from_dir(base: Path, shown: Path) -> PoolerSettings | None:
+    """The ``pooler-*`` keys (None without ``pooler-host``); errors name the file."""
+    host = _read(base, shown, KEY_POOLER_HOST, required=False)
+    if not host:
+        return None
+    port_text = _read(base, shown, KEY_POOLER_PORT, required=False) or "5432"
+    if not _PORT_RE.fullmatch(port_text.strip()) or not 0 < int(port_text) < 65536:
+        raise ConfigError("expected a TCP port number", path=shown / KEY_POOLER_PORT)
+    mode = (_read(base, shown, KEY_POOLER_MODE, required=False) or "transaction").strip()
+    if mode not in POOLER_MODES:
+        raise ConfigError(f"expected {' or '.join(POOLER_MODES)}", path=shown / KEY_POOLER_MODE)
+    prepared_text = (_read(base, shown, KEY_POOLER_PREPARED, required=False) or "false")
+    if prepared_text.strip().lower() not in ("true", "false"):
+        raise ConfigError("expected true or false", path=shown / KEY_POOLER_PREPARED)
+    try:
+        return PoolerSettings(host.strip(), int(port_text), mode,
+                              prepared_text.strip().lower() == "true")
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=shown / KEY_POOLER_HOST) from None
 

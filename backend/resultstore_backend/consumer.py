@@ -137,7 +137,10 @@ def interval_setting(name: str, value: Any, default: float,
 def listen_conninfo(config: StoreConfig) -> dict[str, Any]:
     """psycopg.connect keyword arguments for the LISTEN connection of ``config`` (pure).
 
-    The same server, database, role and libpq options as the pool, with a bounded
+    Always the server itself (``config.url``), never the store's pooler
+    (``config.pool_url``): LISTEN and the shard presence locks are session state, which a
+    transaction-mode pooler does not keep. The same database, role and libpq options as
+    the pool, with a bounded
     connect timeout and TCP keepalives (a silently dead connection is noticed), and
     in autocommit mode so every LISTEN takes effect at once.
     """

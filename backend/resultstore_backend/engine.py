@@ -55,10 +55,11 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from .config import (
+    PREFORK_CHILD_KEY,
     BackendSource,
     ConfigError,
     DirectorySource,
@@ -85,7 +86,10 @@ __all__ = [
     "EngineHolder",
     "StoreConnectionError",
     "build_engine",
+    "engine_arguments",
+    "enter_prefork_child",
     "get_holder",
+    "in_prefork_child",
     "is_connection_error",
     "is_transient_error",
     "reset_registry",
@@ -194,12 +198,15 @@ def _sqlite_error(text: str, config: StoreConfig) -> StoreConnectionError:
                                 located=True)
 
 
-def classify_connect_error(exc: BaseException, config: StoreConfig) -> StoreConnectionError:
+def classify_connect_error(exc: BaseException, config: StoreConfig, *,
+                           pooled: bool = False) -> StoreConnectionError:
     """Turn a failure to connect into an error in the terms of the configuration given.
 
     From a config directory the error names the Secret file to fix (``.../password``,
     ``.../port``); from a URL there are no files, so it names the host:port (or the
-    SQLite file) that failed. Never the password.
+    SQLite file) that failed. Never the password. ``pooled``: the pool's connection,
+    which goes to the pooler when the store has one (then ``pooler-host``/``pooler-port``
+    are the files to fix for an address that fails).
     """
     orig: BaseException = getattr(exc, "orig", None) or exc
     text = redact(str(orig).strip().splitlines()[0] if str(orig).strip() else repr(orig),
@@ -209,8 +216,13 @@ def classify_connect_error(exc: BaseException, config: StoreConfig) -> StoreConn
     key, transient = _blame(text.lower())
     if "too many connections" in text.lower() or "too many clients" in text.lower():
         text += _LIMIT_HINT
-    url = config.url
+    via_pooler = pooled and config.pooler is not None
+    url = config.pool_url if via_pooler else config.url
+    if via_pooler and key in ("host", "port"):
+        key = f"pooler-{key}"
     address = f"{url.host}:{url.port or 5432}"
+    if via_pooler:
+        address += " (pooler)"
     if config.source_dir is not None:
         message = (f"cannot connect to PostgreSQL at {address}/{url.database} as "
                    f"{url.username}: {text}")
@@ -235,23 +247,79 @@ def _ping(dbapi_conn: Any) -> None:
         cur.close()
 
 
-def build_engine(config: StoreConfig, *, idle_ping_after: float = DEFAULT_IDLE_PING_AFTER
-                 ) -> Engine:
-    """Create the engine for ``config`` (autocommit DBAPI connections, idle-only pings)."""
+#: set in a prefork pool child (Celery's worker_process_init, see backend.py): the engines
+#: this process builds from then on use engine_options.json's ``prefork_child`` pool sizes
+_PREFORK_CHILD = False
+#: (pooler host, port, dropped options) already warned about: once per process
+_OPTIONS_WARNED: set[tuple[Any, ...]] = set()
+
+
+def enter_prefork_child() -> None:
+    """Mark this process a prefork pool child: it runs one task at a time."""
+    global _PREFORK_CHILD
+    _PREFORK_CHILD = True
+
+
+def in_prefork_child() -> bool:
+    return _PREFORK_CHILD
+
+
+def engine_arguments(config: StoreConfig, *, prefork_child: bool = False
+                     ) -> tuple[URL, dict[str, Any], dict[str, Any]]:
+    """Where the pool connects, the driver's connect arguments and the pool's options (pure).
+
+    Through a transaction-mode pooler each statement may run in another server session,
+    so a statement psycopg prepared in one is unknown (or already taken) in the next:
+    ``prepare_threshold=None`` unless the pooler keeps prepared statements itself. The
+    libpq ``options`` startup parameter is not sent there (PgBouncer refuses it).
+    """
     options = dict(config.engine_options)
-    pre_ping = bool(options.pop("pool_pre_ping", True))
+    child = options.pop(PREFORK_CHILD_KEY, None)
+    options.pop("pool_pre_ping", None)
     connect_args = dict(options.pop("connect_args", None) or {})
     if config.is_sqlite:
         connect_args.setdefault("timeout", 30.0)
         connect_args.setdefault("check_same_thread", False)
         for key in ("pool_size", "max_overflow", "pool_timeout", "pool_recycle"):
             options.pop(key, None)
-    else:
-        # psycopg prepares a statement on the server after this many executions
-        # on a connection; our hot statements are few and repeat constantly.
-        connect_args.setdefault("prepare_threshold", 1)
+        return config.url, connect_args, options
+    if prefork_child and child:
+        options.update(child)
+    if config.pooler is not None:
+        connect_args.pop("options", None)
+        if not config.pooler.server_prepares:
+            connect_args["prepare_threshold"] = None
+    # psycopg prepares a statement on the server after this many executions on a
+    # connection; our hot statements are few and repeat constantly.
+    connect_args.setdefault("prepare_threshold", 1)
+    return config.pool_url, connect_args, options
+
+
+def _warn_dropped_options(config: StoreConfig) -> None:
+    """Once per pooler: the libpq options (statement_timeout) it does not get."""
+    dropped = (config.engine_options.get("connect_args") or {}).get("options") \
+        or config.url.query.get("options")
+    if config.pooler is None or not dropped:
+        return
+    key = (config.pooler.host, config.pooler.port, str(dropped))
+    if key in _OPTIONS_WARNED:
+        return
+    _OPTIONS_WARNED.add(key)
+    logger.warning(
+        "result store: the libpq options %r are not sent through the pooler at %s:%s "
+        "(PgBouncer refuses the options startup parameter); set them on the role instead "
+        "(ALTER ROLE ... SET statement_timeout = ...)", str(dropped), config.pooler.host,
+        config.pooler.port)
+
+
+def build_engine(config: StoreConfig, *, idle_ping_after: float = DEFAULT_IDLE_PING_AFTER
+                 ) -> Engine:
+    """Create the engine for ``config`` (autocommit DBAPI connections, idle-only pings)."""
+    pre_ping = bool(config.engine_options.get("pool_pre_ping", True))
+    url, connect_args, options = engine_arguments(config, prefork_child=_PREFORK_CHILD)
+    _warn_dropped_options(config)
     engine = sa.create_engine(
-        config.url,
+        url,
         isolation_level="AUTOCOMMIT",
         pool_pre_ping=False,
         connect_args=connect_args,
@@ -418,7 +486,7 @@ class EngineHolder:
         except sa.exc.DBAPIError as exc:
             if is_connection_error(exc) or isinstance(exc, sa.exc.OperationalError):
                 slot.engine.dispose()
-                raise classify_connect_error(exc, slot.config) from exc
+                raise classify_connect_error(exc, slot.config, pooled=True) from exc
             raise
 
     def _maybe_reload(self, now: float) -> None:
@@ -559,7 +627,7 @@ class EngineHolder:
         except _CONNECT_ERRORS as exc:
             # the pool does not wrap driver errors raised while connecting
             self.invalidate(slot)
-            raise classify_connect_error(exc, slot.config) from exc
+            raise classify_connect_error(exc, slot.config, pooled=True) from exc
         finally:
             with self._lock:
                 slot.waiting -= 1
@@ -628,7 +696,7 @@ def _source_key(source: BackendSource) -> Any:
     if isinstance(source, DirectorySource):
         return ("dir", str(source.path))
     return ("url", source.url.render_as_string(hide_password=False), source.names,
-            repr(sorted(source.engine_options.items())))
+            repr(sorted(source.engine_options.items())), source.pooler)
 
 
 def get_holder(source: BackendSource, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL,

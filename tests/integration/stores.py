@@ -9,7 +9,7 @@ import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 
-from resultstore_backend.config import Binding, CelerySettings, EngineSettings
+from resultstore_backend.config import Binding, CelerySettings, EngineSettings, PoolerSettings
 from resultstore_backend.schema import TableNames, migrate
 
 
@@ -49,7 +49,7 @@ def create_role(pg_database: Any, names: TableNames, role: str | None = None,
 
 def binding_for(pg_database: Any, role: str, password: str, *, schema: str = "rs",
                 application_name: str = "celery-resultstore", port: int | None = None,
-                extended: bool = False) -> Binding:
+                extended: bool = False, pooler: PoolerSettings | None = None) -> Binding:
     server = pg_database.server
     return Binding(
         host=server.host, port=port or server.port, database=pg_database.name, username=role,
@@ -57,4 +57,5 @@ def binding_for(pg_database: Any, role: str, password: str, *, schema: str = "rs
         engine=EngineSettings(pool_size=4, application_name=application_name,
                               connect_timeout=3),
         celery=CelerySettings(schema=schema, extended=extended, expires=3600),
+        pooler=pooler,
     )
