@@ -180,10 +180,11 @@ def _blame(low: str) -> tuple[str, bool]:
     return "host", True
 
 
-#: appended to a refused connection at a limit (SQLSTATE 53300): which limit, and that the
-#: operation is retried rather than lost
-_LIMIT_HINT = ("; the role's CONNECTION LIMIT (its ResultStore's spec.connections.limit) or "
-               "the server's max_connections is reached; retried within the retry budget")
+#: leads the server's words for a connection refused at a limit (SQLSTATE 53300): which
+#: limit, and that the operation is retried rather than lost (first, so that a log line cut
+#: at its length still says it)
+_LIMIT_HINT = ("connection limit reached (the role's CONNECTION LIMIT, spec.connections.limit "
+               "of its ResultStore, or max_connections), retried within the retry budget: ")
 
 
 def _sqlite_error(text: str, config: StoreConfig) -> StoreConnectionError:
@@ -215,7 +216,10 @@ def classify_connect_error(exc: BaseException, config: StoreConfig, *,
         return _sqlite_error(text, config)
     key, transient = _blame(text.lower())
     if "too many connections" in text.lower() or "too many clients" in text.lower():
-        text += _LIMIT_HINT
+        # libpq's "connection failed: connection to server at ..., port ... failed:" prefix
+        # repeats the address this message already names
+        text = _LIMIT_HINT + text[text.find("FATAL:"):] if "FATAL:" in text else \
+            _LIMIT_HINT + text
     via_pooler = pooled and config.pooler is not None
     url = config.pool_url if via_pooler else config.url
     if via_pooler and key in ("host", "port"):
