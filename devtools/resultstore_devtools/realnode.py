@@ -1002,6 +1002,20 @@ class RealNode:
             return subprocess.CompletedProcess(args, 1, "", str(exc))
 
 
+def wait_for_free_machine(timeout: float, progress: Progress = _stderr) -> None:
+    """Wait until no real node runs on this machine (e.g. before snapshotting the host)."""
+    claim_file = NodeLayout(Path(), NodeSettings.from_env().cache_dir / "node").claim_file
+    deadline = time.monotonic() + timeout
+    owner = _claim_owner(claim_file)
+    if owner is not None:
+        progress(f"waiting for the real node of {owner['state_dir']} to stop")
+    while owner is not None:
+        if time.monotonic() >= deadline:
+            raise NodeError(f"another real node still runs from {owner['state_dir']}")
+        time.sleep(2)
+        owner = _claim_owner(claim_file)
+
+
 def project_images() -> list[str]:
     """The project's operator and worker images, when buildah has them (built by image.py)."""
     from . import image

@@ -18,7 +18,9 @@ import pytest
 from resultstore_devtools import hoststate, image
 from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
 from resultstore_devtools.procs import eventually
+from resultstore_devtools.realnode import wait_for_free_machine
 from tests.e2e.node_support import (
+    CLAIM_WAIT,
     COLD_NODE_BUILD_TIMEOUT,
     announce,
     node_binaries_missing,
@@ -79,6 +81,8 @@ def test_real_node_runs_a_pod_and_stop_restores_the_host(
     worker = image.build().worker  # cached: seconds when the context did not change
     kubectl = kube_tools.kubectl  # type: ignore[attr-defined]
     ignored = _other_tools_mounts()
+    # Another session's real node would be in the snapshot and gone afterwards.
+    wait_for_free_machine(CLAIM_WAIT, lambda m: announce(pytestconfig, m))
     before = hoststate.snapshot()
 
     with real_node(kube.kubeconfig, [worker], pytestconfig) as node:
