@@ -100,9 +100,11 @@ def test_kustomize_renders_every_object_once() -> None:
     kinds = {k for k, _, _ in keys}
     assert kinds == {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole",
                      "ClusterRoleBinding", "Deployment", "Service",
-                     "MutatingWebhookConfiguration"}
+                     "MutatingWebhookConfiguration", "Role", "RoleBinding",
+                     "PodDisruptionBudget"}
     for kind, namespace, name in keys:
-        if kind in ("ServiceAccount", "Deployment", "Service"):
+        if kind in ("ServiceAccount", "Deployment", "Service", "Role", "RoleBinding",
+                    "PodDisruptionBudget"):
             assert namespace == OPERATOR_NAMESPACE, (kind, name)
 
 
@@ -128,9 +130,18 @@ def test_operator_deployment_is_hardened_and_probed() -> None:
     objects = manifest_objects()
     deployment = find(objects, "Deployment", "resultstore-operator")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one Lease (docs/ARCHITECTURE.md, "Leadership"); a rollout never takes
+    # the last serving replica away.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     pod = spec["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    pdb = find(objects, "PodDisruptionBudget", "resultstore-operator")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+        spec["template"]["metadata"]["labels"].items()
     assert pod["serviceAccountName"] == find(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -151,9 +162,13 @@ def test_operator_deployment_is_hardened_and_probed() -> None:
     health_port = int(settings.health_address.rsplit(":", 1)[1])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["health"] == health_port
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # Liveness: the event loop answers; readiness: the webhook serves (health.py).
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert settings.liveness_endpoint.endswith("/healthz")
+    assert settings.leader.enabled
+    pod_name = next(e for e in c["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert settings.cleanup_image == c["image"]
     assert settings.clusterwide and settings.standalone
 
@@ -329,3 +344,20 @@ def test_manifests_pass_the_cleanup_policy_settings() -> None:
                                                                   "Deployment"))))
     assert settings.cleanup_image_allowlist == ()
     assert settings.cleanup_allow_service_account is False
+
+
+def test_lease_rbac_is_namespaced_and_named_where_kubernetes_allows() -> None:
+    objects = manifest_objects()
+    role = find(objects, "Role", "resultstore-operator-leader-election")
+    assert role["metadata"]["namespace"] == OPERATOR_NAMESPACE
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                      "resourceNames": ["resultstore-operator-leader"],
+                      "verbs": ["get", "update"]}]
+    # create cannot be limited by name (authorized before the object exists).
+    assert [r["verbs"] for r in role["rules"] if not r.get("resourceNames")] == [["create"]]
+    binding = find(objects, "RoleBinding", "resultstore-operator-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == find(objects, "ServiceAccount")["metadata"]["name"]
+    from resultstore_operator.settings import DEFAULT_LEASE_NAME
+    assert named[0]["resourceNames"] == [DEFAULT_LEASE_NAME]
