@@ -88,7 +88,7 @@ def test_defaults_render_the_same_install_as_manifests() -> None:
     chart = render()
     plain = manifest_objects()
     for kind in ("CustomResourceDefinition", "ServiceAccount", "ClusterRole",
-                 "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+                 "ClusterRoleBinding", "MutatingWebhookConfiguration", "Role", "RoleBinding"):
         a, b = strip_helm_labels(find(chart, kind)), strip_helm_labels(find(plain, kind))
         assert a == b, kind
     service_a = find(chart, "Service")
@@ -96,10 +96,16 @@ def test_defaults_render_the_same_install_as_manifests() -> None:
     assert service_a["metadata"]["name"] == service_b["metadata"]["name"]
     assert service_a["spec"]["ports"] == service_b["spec"]["ports"]
 
+    # The chart's selectors carry the release instance too; the budget is the same.
+    pdb_a, pdb_b = find(chart, "PodDisruptionBudget"), find(plain, "PodDisruptionBudget")
+    assert pdb_a["spec"]["minAvailable"] == pdb_b["spec"]["minAvailable"] == 1
     deploy_a, deploy_b = find(chart, "Deployment"), find(plain, "Deployment")
+    assert pdb_a["spec"]["selector"]["matchLabels"].items() <= \
+        deploy_a["spec"]["template"]["metadata"]["labels"].items()
+    assert deploy_a["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert deploy_a["metadata"]["name"] == deploy_b["metadata"]["name"]
     assert deploy_a["spec"]["strategy"] == deploy_b["spec"]["strategy"]
-    assert deploy_a["spec"]["replicas"] == deploy_b["spec"]["replicas"] == 1
+    assert deploy_a["spec"]["replicas"] == deploy_b["spec"]["replicas"] == 2
     pod_a, pod_b = deploy_a["spec"]["template"]["spec"], deploy_b["spec"]["template"]["spec"]
     for key in ("serviceAccountName", "securityContext", "volumes"):
         assert pod_a[key] == pod_b[key], key
