@@ -142,7 +142,12 @@ def test_install_upgrade_uninstall(tools: Tools, release: Release) -> None:
     assert "CRDs are NOT upgraded" in install.stdout  # NOTES.txt tells how
     tools.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
     deployment = tools.get("deployment", f"{full}-operator", "-n", ns)
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert deployment["spec"]["replicas"] == 2
+    assert tools.exists("role", f"{full}-operator-leader-election", "-n", ns)
+    assert tools.exists("rolebinding", f"{full}-operator-leader-election", "-n", ns)
+    assert tools.exists("poddisruptionbudget", f"{full}-operator", "-n", ns)
     assert tools.exists("serviceaccount", f"{full}-operator", "-n", ns)
     assert tools.exists("service", f"{full}-webhook", "-n", ns)
     assert tools.exists("clusterrole", f"{full}-operator")
