@@ -10,9 +10,12 @@ this machine).
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,19 +31,25 @@ from resultstore_devtools.realnode import RealNode
 from resultstore_devtools.redis import RedisServer
 from resultstore_operator.builders.cronjob import NON_ROOT_UID
 from resultstore_operator.builders.names import cronjob_name
-from resultstore_operator.injection import ENV_NAME
+from resultstore_operator.injection import ENV_NAME, secret_name, volume_name
+from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
+from resultstore_operator.webhook import GROUP, PLURAL, VERSION
 from tests.e2e.node_support import (
     COLD_NODE_BUILD_TIMEOUT,
+    announce,
     node_binaries_missing,
     node_kind,
     real_node,
 )
 from tests.e2e.test_webhook import (  # noqa: F401  (webhook and ns are fixtures)
+    ADMIN_SECRET,
     WebhookEnv,
     assert_injected,
+    ensure_admin_secret,
     make_ready_store,
     ns,
     pod_body,
+    wait_ready,
     webhook,
 )
 from tests.helpers.waiting import eventually
@@ -84,11 +93,9 @@ def _pod_phase(wenv: WebhookEnv, namespace: str, name: str) -> str:
     return str((wenv.read_pod(namespace, name).get("status") or {}).get("phase") or "")
 
 
-def test_injected_worker_pod_stores_results_on_the_real_node(
-        webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
-        postgres: PostgresServer, redis_server: RedisServer) -> None:
-    store = f"w{uuid.uuid4().hex[:6]}"
-    schema = make_ready_store(webhook, ns, store)
+def _start_worker(webhook: WebhookEnv, ns: str, kube: ControlPlane,  # noqa: F811
+                  node: RealNode, store: str, redis_server: RedisServer) -> str:
+    """An injected worker pod of the worker image, Running on the real node; its queue."""
     webhook.core.create_namespaced_config_map(ns, {
         "metadata": {"name": "app"}, "data": {"realnode_app.py": APP}})
     queue = f"q-{store}"
@@ -114,6 +121,15 @@ def test_injected_worker_pod_stores_results_on_the_real_node(
 
     eventually(running, 120, f"the worker pod Running on {node.node_name}")
     assert webhook.read_pod(ns, "worker")["spec"]["nodeName"] == node.node_name
+    return queue
+
+
+def test_injected_worker_pod_stores_results_on_the_real_node(
+        webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
+        postgres: PostgresServer, redis_server: RedisServer) -> None:
+    store = f"w{uuid.uuid4().hex[:6]}"
+    schema = make_ready_store(webhook, ns, store)
+    queue = _start_worker(webhook, ns, kube, node, store, redis_server)
 
     from celery import Celery
 
@@ -197,3 +213,113 @@ def test_cleanup_job_runs_to_completion_in_its_image(
     finally:
         engine.dispose()
         batch.delete_namespaced_job(job_name, ns, propagation_policy="Background")
+
+
+def test_rotation_with_the_real_kubelet_refresh_loses_no_store(
+        webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
+        postgres: PostgresServer, redis_server: RedisServer,
+        pytestconfig: pytest.Config) -> None:
+    """The operator's default grace (90 s) against the kubelet's default sync (~75-80 s).
+
+    A worker pod stores results throughout a rotation; the old role may be dropped only
+    after the kubelet has refreshed the pod's Secret volume, and no result may be lost.
+    """
+    store = f"r{uuid.uuid4().hex[:6]}"
+    ensure_admin_secret(webhook, ns)
+    schema = f"rs_{uuid.uuid4().hex[:10]}"
+    webhook.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore", "metadata": {"name": store},
+        "spec": {"database": {"host": webhook.postgres.host, "port": webhook.postgres.port,
+                              "name": webhook.database, "sslMode": "disable",
+                              "adminSecretRef": {"name": ADMIN_SECRET}},
+                 "schema": schema, "credentials": {"drainTimeout": "2m"}}})
+    wait_ready(webhook, ns, store)
+    queue = _start_worker(webhook, ns, kube, node, store, redis_server)
+    pod = webhook.read_pod(ns, "worker")
+    mounted = (node.layout.kubelet_root / "pods" / pod["metadata"]["uid"] / "volumes"
+               / "kubernetes.io~secret" / volume_name(store) / "username")
+    old_role = base64.b64decode(
+        webhook.core.read_namespaced_secret(secret_name(store), ns).data["username"]).decode()
+    assert mounted.read_text() == old_role
+
+    from celery import Celery
+
+    sender = Celery("sender", broker=redis_server.url)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    engine = sa.create_engine(postgres.url(webhook.database))
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            ids.append(sender.send_task("e2e.add", args=(i, 1), queue=queue).id)
+            i += 1
+            stop.wait(0.1)
+
+    def stored() -> dict[str, str]:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                f'SELECT task_id, status FROM "{schema}".celery_taskmeta '
+                "WHERE task_id = ANY(:ids)"), {"ids": list(ids)}).all()
+        return {r.task_id: r.status for r in rows}
+
+    def role_exists(role: str) -> bool:
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :r"),
+                                     {"r": role}).first())
+
+    def rotated() -> bool:
+        obj = webhook.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, store)
+        creds = (obj.get("status") or {}).get("credentials") or {}
+        return bool(creds.get("rotations", 0) >= 1 and creds.get("phase") == "Stable")
+
+    loader = threading.Thread(target=load, daemon=True, name="task-load")
+    loader.start()
+    try:
+        eventually(lambda: len(stored()) >= 20, 60, "20 results before the rotation", 0.5)
+        webhook.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, store,
+            {"metadata": {"annotations": {ROTATE_ANNOTATION: "real-kubelet-1"}}})
+        started = time.monotonic()
+        refreshed_after: float | None = None
+        dropped_after: float | None = None
+        deadline = started + 420
+        while time.monotonic() < deadline:
+            elapsed = time.monotonic() - started
+            if refreshed_after is None and mounted.read_text() != old_role:
+                refreshed_after = elapsed
+            if dropped_after is None and not role_exists(old_role):
+                dropped_after = elapsed
+            if refreshed_after is not None and dropped_after is not None and rotated():
+                break
+            time.sleep(0.5)
+        announce(pytestconfig, f"rotation on the real node: pod's Secret refreshed after "
+                               f"{refreshed_after}s, old role dropped after {dropped_after}s")
+        assert refreshed_after is not None, "the kubelet never refreshed the Secret volume"
+        assert dropped_after is not None and rotated(), "the rotation did not complete"
+        assert refreshed_after < dropped_after, (
+            f"the old role was dropped {dropped_after:.1f}s after the rotation began, before "
+            f"the kubelet refreshed the pod's credentials ({refreshed_after:.1f}s)")
+        count = len(ids)
+        eventually(lambda: len(ids) >= count + 20, 60, "20 more tasks after the rotation")
+    finally:
+        stop.set()
+        loader.join(timeout=30)
+    try:
+        def all_stored() -> bool:
+            done = stored()
+            return len(done) == len(ids)
+
+        try:
+            eventually(all_stored, 180, f"all {len(ids)} results stored", 1.0)
+        except AssertionError:
+            logs = _kubectl(kube, "logs", "worker", "-n", ns).stdout
+            raise AssertionError(f"{len(ids) - len(stored())} of {len(ids)} results never "
+                                 f"stored; worker log tail:\n{logs[-4000:]}") from None
+        statuses = set(stored().values())
+        assert statuses == {"SUCCESS"}, statuses
+    finally:
+        sender.close()
+        engine.dispose()
+        webhook.core.delete_namespaced_pod("worker", ns, grace_period_seconds=1)
