@@ -94,11 +94,15 @@ class LeaderElector:
         self._guard.start()
 
     def _guard_loop(self) -> None:
-        while not self._guard_stop.wait(GUARD_INTERVAL):
-            last = self.last_renew
-            if last is not None and self._clock() - last > self.timing.renew_deadline:
-                self.step_down(f"not renewed within {self.timing.renew_deadline:g}s")
-                return
+        while not self._guard_stop.wait(GUARD_INTERVAL) and not self._stepped_down:
+            self._check_deadline()
+
+    def _check_deadline(self) -> None:
+        """Step down when the last successful renewal is older than the renew deadline (the
+        guard thread checks the same; whichever sees it first ends the process)."""
+        last = self.last_renew
+        if last is not None and self._clock() - last > self.timing.renew_deadline:
+            self.step_down(f"not renewed within {self.timing.renew_deadline:g}s")
 
     def step_down(self, reason: str) -> None:
         """Stop acting now: the process ends (no thread of it keeps a side effect going)."""
@@ -126,6 +130,7 @@ class LeaderElector:
             await self._read()
         except KubeError as exc:
             log.warning("could not read Lease %s/%s: %s", s.namespace, s.lease_name, exc)
+            self._check_deadline()
             return self.timing.retry_period
         assert self.observation is not None
         now = self._clock()
@@ -152,6 +157,7 @@ class LeaderElector:
         except KubeError as exc:
             log.warning("could not %s Lease %s/%s: %s", decision.action.value, s.namespace,
                         s.lease_name, exc)
+            self._check_deadline()
             return self.timing.retry_period
         if self._stepped_down:
             return 0.0
