@@ -201,6 +201,44 @@ def test_prefork_children_wait_inside_tasks_through_pgbouncer(
     assert "Traceback" not in worker.log_text(), worker.log_text()[-4000:]
 
 
+def test_postgres_restart_while_clients_wait_through_pgbouncer(
+        pooled_store_url: str, pooled_database: Any, pgbouncer: PgBouncer, postgres: Any,
+        workers: WorkerFactory, redis_server: Any) -> None:
+    """PostgreSQL restarts under PgBouncer while 20 clients wait and the worker stores:
+    the stores that fail at PgBouncer are retried, every wait gets its value, and
+    afterwards waits are pushed again over a new direct LISTEN session."""
+    worker = workers.start(pooled_store_url, pool="threads", concurrency=20)
+    app, t = make_app(pooled_store_url, broker=redis_server.url, queue=worker.queue)
+    assert t.add.delay(1, 1).get(timeout=60) == 2
+    listener = app.backend.result_consumer.listener()
+    assert listener is not None
+    connects = listener.connects
+    results = [t.sleep_then.delay(i, 3.0) for i in range(20)]
+    started = threading.Event()
+
+    def waiter(i: int) -> Any:
+        started.set()
+        return results[i].get(timeout=150)
+
+    def restart() -> None:
+        started.wait(30)
+        time.sleep(1.0)
+        postgres.restart()
+
+    assert _wait_all_during(restart, [lambda i=i: waiter(i) for i in range(20)], 120) == \
+        list(range(20))
+
+    def pushed_again() -> bool | None:
+        before = listener.received
+        assert t.add.delay(2, 3).get(timeout=60) == 5
+        return (listener.connects > connects and listener.received > before) or None
+    eventually(pushed_again, 60, "a wait answered by a notification after the restart")
+    assert worker.proc.poll() is None
+    assert "BackendStoreError" not in worker.log_text(), worker.log_text()[-3000:]
+    _assert_only_listens_are_direct(pooled_database, pgbouncer,
+                                    {pooled_database.server.superuser})
+
+
 # ----------------------------------------------------------------------------- rotation
 
 
