@@ -240,7 +240,7 @@ def test_budget_in_status_condition_and_events(world: World) -> None:  # noqa: F
     assert [(e.type, e.reason) for e in world.kube.events] == [("Normal", r.WITHIN_LIMIT)]
 
 
-# --- the worker's side: a refused connection at the limit ----------------------------------------
+# --- the worker's side: a refused connection at the limit --------------------------------
 
 
 def test_a_connection_refused_at_the_limit_is_transient_and_says_which_limit() -> None:
@@ -258,3 +258,61 @@ def test_a_connection_refused_at_the_limit_is_transient_and_says_which_limit() -
     assert 'too many connections for role "rs_a"' in str(err)
     assert "spec.connections.limit" in str(err) and "retried" in str(err)
     assert ":pw@" not in str(err)
+
+
+# --- spec.database.pooler -> the Secret ---------------------------------------------------
+
+
+def _pooler_spec(**pooler: Any) -> dict[str, Any]:
+    spec = _spec()
+    spec["database"] = dict(spec["database"], pooler=pooler)
+    return spec
+
+
+@pytest.mark.parametrize(("pooler", "port", "mode", "prepared"), [
+    ({"host": "orders-pooler-rw.team.svc"}, "5432", "transaction", "false"),
+    ({"host": "10.0.0.7", "port": 6432, "mode": "session"}, "6432", "session", "false"),
+    ({"host": "fd00::7", "port": 6432, "preparedStatements": True}, "6432", "transaction",
+     "true"),
+])
+def test_pooler_keys_beside_the_direct_ones(pooler: dict[str, Any], port: str, mode: str,
+                                            prepared: str) -> None:
+    from resultstore_operator.builders.secret import secret_values
+
+    values = secret_values(parse_spec(_pooler_spec(**pooler)), "rs_a", "pw/x")
+    host = pooler["host"]
+    assert (values["pooler-host"], values["pooler-port"]) == (host, port)
+    assert (values["pooler-mode"], values["pooler-prepared-statements"]) == (mode, prepared)
+    shown = f"[{host}]" if ":" in host else host
+    assert f"@{shown}:{port}/app?" in values["pooled-uri"]
+    assert "options=" not in values["pooled-uri"]
+    # the direct keys, the stock result_backend included, still name the server
+    assert values["host"] == "db.example" and "@db.example:5432/" in values["uri"]
+    assert "@db.example:5432/" in values["result_backend"]
+
+
+def test_without_a_pooler_no_pooler_keys_and_prefork_child_pools() -> None:
+    import json
+
+    from resultstore_operator.builders.secret import secret_values
+
+    values = secret_values(parse_spec(_spec(engine={"poolSize": 8})), "rs_a", "pw")
+    assert not [k for k in values if k.startswith("pool")]
+    options = json.loads(values["engine_options.json"])
+    assert options["pool_size"] == 8
+    assert options["prefork_child"] == {"pool_size": 1, "max_overflow": 0}
+
+
+@pytest.mark.parametrize(("pooler", "message"), [
+    ({}, "spec.database.pooler.host is required"),
+    ({"host": "a,b"}, "spec.database.pooler.host must be a DNS name"),
+    ({"host": "bouncer", "port": 0}, "spec.database.pooler.port must be between"),
+    ({"host": "bouncer", "mode": "statement"}, "spec.database.pooler.mode must be one of"),
+    ({"host": "bouncer", "preparedStatements": "yes"}, "expected true or false"),
+])
+def test_pooler_spec_invalid(pooler: dict[str, Any], message: str) -> None:
+    raw = _pooler_spec(**pooler)
+    if not pooler:
+        raw["database"]["pooler"] = {"port": 6432}
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw)

@@ -19,6 +19,7 @@ from resultstore_backend.config import (
     Binding,
     CelerySettings,
     EngineSettings,
+    PoolerSettings,
     render_binding,
 )
 
@@ -54,6 +55,22 @@ def celery_settings(spec: ResultStoreSpec) -> CelerySettings:
     )
 
 
+def pooler_settings(spec: ResultStoreSpec) -> PoolerSettings | None:
+    """spec.database.pooler as the Secret's pooler-* keys and pooled-uri (render_binding).
+
+    The stock `result_backend` key keeps naming the server directly: a stock
+    `db+postgresql+psycopg://` URL cannot switch psycopg's prepared statements off (a
+    `prepare_threshold` query option reaches psycopg as a string and breaks every query),
+    and PgBouncer refuses the `options` startup parameter that sets its search path. Stock
+    clients that want the pooler build their URL from `pooled-uri` (docs/install.md).
+    """
+    pooler = spec.database.pooler
+    if pooler is None:
+        return None
+    return PoolerSettings(host=pooler.host, port=pooler.port, mode=pooler.mode,
+                          prepared_statements=pooler.prepared_statements)
+
+
 def binding_for(spec: ResultStoreSpec, username: str, password: str,
                 ca_cert: str | None = None) -> Binding:
     db = spec.database
@@ -67,6 +84,7 @@ def binding_for(spec: ResultStoreSpec, username: str, password: str,
         engine=engine_settings(spec),
         celery=celery_settings(spec),
         ca_cert=ca_cert,
+        pooler=pooler_settings(spec),
     )
 
 
