@@ -258,8 +258,11 @@ class Rig:
             if e.value is not None:
                 env[e.name] = e.value
             elif e.value_from and e.value_from.field_ref:
-                assert e.value_from.field_ref.field_path == "metadata.namespace"
-                env[e.name] = RELEASE_NAMESPACE
+                # The downward API: the pod's namespace, and its name (the Lease identity).
+                path = e.value_from.field_ref.field_path
+                assert path in ("metadata.namespace", "metadata.name"), path
+                env[e.name] = RELEASE_NAMESPACE if path == "metadata.namespace" \
+                    else f"{RELEASE}-operator-rbac"
         self.chart_env = env
         self.role_name = f"{RELEASE}-operator"
         mwc = self.admission.read_mutating_webhook_configuration(
