@@ -177,3 +177,62 @@ def test_limit_enforced_reported_and_no_result_lost(env: OpEnv, redis_server: An
     back = budget_reads(env, "budget", "WithinLimit", sessions_of(env, role))
     assert back["condition"]["status"] == "True" and back["status"]["inUse"] < LIMIT
     assert "WithinLimit" in env.cluster.reasons(env.namespace, "budget")
+
+
+def test_store_behind_a_pgbouncer(env: OpEnv, redis_server: Any, tmp_path: Path) -> None:
+    """spec.database.pooler names the project's PgBouncer (transaction mode): the Secret
+    carries the pooler keys beside the direct ones, and a worker and a client storing and
+    reading from that Secret go through it (PgBouncer's own SHOW CLIENTS says so); the
+    operator and the Secret's direct keys still name the server."""
+    from resultstore_devtools.pgbouncer import PgBouncer
+
+    bouncer = PgBouncer(env.pg, pool_mode="transaction")
+    try:
+        bouncer.start()
+        bouncer.install_lookup(env.database)
+        env.create("pooled", "pooled", database={
+            **env.spec("pooled")["database"],
+            "pooler": {"host": bouncer.host, "port": bouncer.port, "mode": "transaction"}})
+        env.ready("pooled")
+        binding = env.binding("pooled")
+        role = binding["username"]
+        assert (binding["pooler-host"], binding["pooler-port"]) == \
+            (bouncer.host, str(bouncer.port))
+        assert binding["pooler-mode"] == "transaction"
+        assert binding["pooler-prepared-statements"] == "false"
+        assert binding["port"] == str(env.pg.port) and f":{env.pg.port}/" in binding["uri"]
+        assert f":{env.pg.port}/" in binding["result_backend"]
+        # pooled-uri logs in through PgBouncer as the store's role, and the role's own
+        # search_path (no `options` through a pooler) finds the store's tables
+        with psycopg.connect(binding["pooled-uri"], autocommit=True,
+                             prepare_threshold=None) as conn:
+            assert conn.execute("SELECT current_user, count(*) FROM celery_taskmeta"
+                                ).fetchone() == (role, 0)
+        config_dir = tmp_path / "pooled"
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        with SecretMirror(env.cluster.fetch, env.namespace, "pooled-resultstore", config_dir,
+                          period=1.0):
+            worker = Worker(config_dir, redis_server.url, queue, tmp_path / "worker.log")
+            try:
+                client = Celery("pooled-client", set_as_current=False)
+                client.conf.update(broker_url=redis_server.url,
+                                   result_backend=f"resultstore://{config_dir}",
+                                   task_serializer="json", result_serializer="json",
+                                   accept_content=["json"], resultstore_reload_interval=0.5)
+                results = [client.send_task("operator_e2e.mul", (i, 5), queue=queue)
+                           for i in range(40)]
+                assert [r.get(timeout=60) for r in results] == [i * 5 for i in range(40)]
+                through = [c for c in bouncer.show("CLIENTS") if c.get("user") == role]
+                assert through, "no client of the store's role went through PgBouncer"
+            finally:
+                worker.stop()
+        ids = [r.id for r in results]
+        assert env.query("SELECT count(*) FROM pooled.celery_taskmeta WHERE task_id = ANY(%s)",
+                         (ids,)) == [(40,)]
+        # the budget counts the role's server sessions, the pooler's included
+        status = eventually(lambda: connections(env, "pooled") or None, 30,
+                            "status.connections of the pooled store")
+        assert status.get("limit") is None and status["summary"].endswith("/-")
+        assert status["inUse"] >= 0 and status["serverMax"] > 0
+    finally:
+        bouncer.destroy()
