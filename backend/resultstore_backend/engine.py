@@ -223,7 +223,8 @@ def classify_connect_error(exc: BaseException, config: StoreConfig, *,
     via_pooler = pooled and config.pooler is not None
     url = config.pool_url if via_pooler else config.url
     if via_pooler and key in ("host", "port"):
-        key = f"pooler-{key}"
+        # the Secret's pooler-host/pooler-port file, or the URL's ?pooler= parameter
+        key = f"pooler-{key}" if config.source_dir is not None else "pooler"
     address = f"{url.host}:{url.port or 5432}"
     if via_pooler:
         address += " (pooler)"

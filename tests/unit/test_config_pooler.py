@@ -199,3 +199,34 @@ def test_worker_process_init_marks_the_process_a_prefork_child() -> None:
         assert engine_mod.in_prefork_child()
     finally:
         engine_mod._PREFORK_CHILD = False
+
+
+# ----------------------------------------------------------------------------- errors, warnings
+
+
+def test_a_refused_pool_connection_names_the_pooler(tmp_path: Path) -> None:
+    import psycopg
+
+    refused = psycopg.OperationalError("connection refused")
+    config = _config(DIRECT + "&pooler=bouncer.example:6432")
+    err = engine_mod.classify_connect_error(refused, config, pooled=True)
+    assert "bouncer.example:6432 (pooler)" in str(err) and err.key == "pooler" and err.transient
+    direct = engine_mod.classify_connect_error(refused, config)  # the LISTEN connection's
+    assert "db.example:5432" in str(direct) and "pooler" not in str(direct)
+    KubeletDir(tmp_path).write(render_binding(binding(PoolerSettings("pooler.ns.svc", 6432))))
+    from_dir = engine_mod.classify_connect_error(refused, read_binding_dir(tmp_path),
+                                                 pooled=True)
+    assert from_dir.path == str(tmp_path / "pooler-port") and PASSWORD not in str(from_dir)
+
+
+def test_options_left_out_through_a_pooler_are_warned_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = StoreConfig(url=_config(DIRECT).url, names=_config(DIRECT).names,
+                         pooler=PoolerSettings("warned.example", 6432),
+                         engine_options={"connect_args": {
+                             "options": "-c statement_timeout=5000"}})
+    with caplog.at_level("WARNING", logger="resultstore_backend.engine"):
+        engine_mod.build_engine(config).dispose()
+        engine_mod.build_engine(config).dispose()
+    warnings = [r.getMessage() for r in caplog.records if "statement_timeout" in r.getMessage()]
+    assert len(warnings) == 1 and "ALTER ROLE" in warnings[0], warnings
