@@ -239,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the main bench's quick counts")
     parser.add_argument("--tasks", type=int, default=None,
                         help="queued tasks of the connections row (default 4000, quick 800)")
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     tasks = args.tasks or (800 if args.quick else 4000)
     record = run(args.quick, tasks)
-    results = BENCH_DIR / "results"
+    results: Path = args.results_dir
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = results / f"{stamp}-pooler{'-quick' if args.quick else ''}.json"
