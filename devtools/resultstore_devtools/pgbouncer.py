@@ -41,11 +41,13 @@ from .postgres import PostgresServer
 from .procs import (
     LOOPBACK,
     chown_tree,
+    disarm_watchdog,
     find_binary,
     free_port,
     kill_group,
     port_open,
     service_user,
+    start_watchdog,
     wait_for,
 )
 
@@ -177,6 +179,7 @@ class PgBouncer:
         self.binary = find_binary("pgbouncer", ["/usr/sbin", "/usr/bin"])
         self.version = pgbouncer_version(self.binary)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- facts ------------------------------------------------------------------------
 
@@ -273,6 +276,11 @@ class PgBouncer:
         self._ensure_lookup_role()
         self._write_config()
         assert self.base_dir is not None
+        if not self.detached and self._owns_dir and (
+                self._watchdog is None or self._watchdog.poll() is not None):
+            # PgBouncer itself dies with us (parent-death signal); its directory, which
+            # holds the auth_file, is removed by a watchdog if we are SIGKILLed
+            self._watchdog = start_watchdog(["true"], self.base_dir)
         log = (self.base_dir / "stdout.log").open("ab")
         self._proc = subprocess.Popen(
             [self.binary, str(self.config_file)],
@@ -308,6 +316,8 @@ class PgBouncer:
 
     def destroy(self) -> None:
         self.stop()
+        disarm_watchdog(self._watchdog)
+        self._watchdog = None
         if self._owns_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 

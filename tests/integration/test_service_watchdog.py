@@ -1,7 +1,8 @@
 """Private services never outlive a killed session.
 
 A SIGKILLed pytest (or demo) runs no finalizer. PostgreSQL is daemonised by pg_ctl, so a
-watchdog stops it and removes its directory; Redis carries a parent-death signal.
+watchdog stops it and removes its directory; Redis and PgBouncer carry a parent-death signal
+(and a watchdog removes PgBouncer's directory, which holds its auth_file).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ CHILD = """
 import json, sys, time
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_devtools.redis import RedisServer
+from resultstore_devtools.pgbouncer import PgBouncer
 pg = PostgresServer(durable=False); pg.start()
 redis = RedisServer(); redis.start()
-print(json.dumps({"pg_port": pg.port, "pg_dir": str(pg.base_dir), "redis_port": redis.port}),
+bouncer = PgBouncer(pg); bouncer.start()
+print(json.dumps({"pg_port": pg.port, "pg_dir": str(pg.base_dir), "redis_port": redis.port,
+                  "bouncer_port": bouncer.port, "bouncer_dir": str(bouncer.base_dir)}),
       flush=True)
 time.sleep(600)
 """
@@ -43,6 +47,10 @@ def test_services_stop_when_their_owner_is_killed() -> None:
                    "Redis to stop after its owner was SIGKILLed")
         eventually(lambda: not Path(info["pg_dir"]).exists(), 30,
                    "the private cluster's directory to be removed")
+        eventually(lambda: not port_open(info["bouncer_port"]), 30,
+                   "PgBouncer to stop after its owner was SIGKILLed")
+        eventually(lambda: not Path(info["bouncer_dir"]).exists(), 30,
+                   "PgBouncer's directory (its auth_file) to be removed")
         assert time.monotonic() - started < 60
     finally:
         if owner.poll() is None:
