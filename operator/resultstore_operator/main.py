@@ -185,7 +185,32 @@ class Replica:
             await server.stop()
 
 
-async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool) -> int:
+#: How long a stopping leader waits for handler threads still running after Kopf stopped.
+DRAIN_SECONDS = 20.0
+
+
+def drain(executors: Sequence[Any], timeout: float) -> bool:
+    """Wait until every running handler thread of `executors` finished (True), or give up.
+
+    Kopf stops its tasks, not the threads its sync handlers and our blocking I/O run in: a
+    reconcile in flight would go on after Kopf returned. The Lease is released only once
+    they are done; otherwise it is left to lapse (the standby then waits it out).
+    """
+    import threading
+
+    done = threading.Event()
+
+    def wait() -> None:
+        for executor in executors:
+            executor.shutdown(wait=True, cancel_futures=True)
+        done.set()
+
+    threading.Thread(target=wait, name="drain-handlers", daemon=True).start()
+    return done.wait(timeout)
+
+
+async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool,
+                executors: Sequence[Any] = ()) -> int:
     """Run the services of every replica; run Kopf while (and only while) this one leads.
 
     Order: probes, metrics and the webhook first (a standby serves admission); then the
@@ -206,13 +231,20 @@ async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool) -
         if not await replica.elect(stopping) or stopping.is_set():
             return 0
         # Kopf replaces our SIGTERM/SIGINT handlers with its own and returns once stopped.
+        kopf_settings = kopf.OperatorSettings()
         await kopf.operator(
             registry=registry,
+            settings=kopf_settings,
             clusterwide=settings.clusterwide,
             namespaces=list(settings.namespaces),
             standalone=True,
             liveness_endpoint=None,
         )
+        pools = [kopf_settings.execution.executor, *executors]
+        if not await asyncio.to_thread(drain, pools, DRAIN_SECONDS) and replica.elector:
+            log.warning("handler threads still running %.0fs after Kopf stopped: the Lease "
+                        "is left to lapse instead of being released", DRAIN_SECONDS)
+            replica.elector.step_down("handlers did not finish in time")
         return 0
     finally:
         await replica.stop()
@@ -238,9 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     registry = kopf.OperatorRegistry()
     registered = []
+    executors = []
     for name, register in parts(with_optional=not args.no_plugins):
-        register(registry, settings)
+        part = register(registry, settings)
         registered.append(name)
+        # The handlers' Controller runs the blocking I/O in its own pool: drained on stop.
+        if hasattr(getattr(part, "executor", None), "shutdown"):
+            executors.append(part.executor)  # type: ignore[attr-defined]
     plugins = [n for n in registered if n in OPTIONAL_PARTS]
     with_webhook = not args.no_plugins
     leader = settings.leader
@@ -250,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              if leader.enabled else "off",
              ",".join(plugins + (["webhook"] if with_webhook else [])) or "-",
              settings.metrics_address or "-")
-    return asyncio.run(serve(settings, registry, with_webhook))
+    return asyncio.run(serve(settings, registry, with_webhook, executors))
 
 
 if __name__ == "__main__":
