@@ -8,6 +8,7 @@ the Python stand-in (resultstore_devtools.node) is used only when chosen explici
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -15,7 +16,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -86,3 +87,43 @@ def real_node(admin_kubeconfig: Path, images: Sequence[str],
             announce(pytestconfig, f"node stop left {leftovers}; logs kept in {state_dir}")
         else:
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def local_node_install(documents: list[dict[str, Any]], api_server_port: int,
+                       health_port: int, webhook_port: int) -> list[dict[str, Any]]:
+    """The manifests' objects as this machine's real node can run them (pure; unit tested).
+
+    What changes, and why (docs/CONTROLPLANE.md, the real node's network): the operator pod
+    uses hostNetwork and 127.0.0.1, because pods here have no network but the host's; so
+    one replica (two would claim the same host ports), the API server's own address instead
+    of the ``kubernetes`` Service (no kube-proxy), the health server and the webhook on
+    loopback ports of their own, the webhook registered by URL (no Service endpoints), and
+    the probes sent to 127.0.0.1. Image, command, ServiceAccount, security context,
+    resources and the probes' paths and timings stay as shipped.
+    """
+    out = copy.deepcopy(documents)
+    for doc in out:
+        if not doc or doc.get("kind") != "Deployment":
+            continue
+        doc["spec"]["replicas"] = 1
+        pod = doc["spec"]["template"]["spec"]
+        pod["hostNetwork"] = True
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env") or []}
+            overrides = {
+                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(api_server_port),
+                "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{health_port}",
+                "RESULTSTORE_WEBHOOK_HOST": "127.0.0.1",
+                "RESULTSTORE_WEBHOOK_PORT": str(webhook_port),
+                "RESULTSTORE_WEBHOOK_URL": f"https://127.0.0.1:{webhook_port}/mutate-pods",
+            }
+            for name, value in overrides.items():
+                env[name] = {"name": name, "value": value}
+            container["env"] = list(env.values())
+            container["ports"] = [{"name": "health", "containerPort": health_port},
+                                  {"name": "webhook", "containerPort": webhook_port}]
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in container:
+                    container[probe]["httpGet"]["host"] = "127.0.0.1"
+    return out
