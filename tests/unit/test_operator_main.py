@@ -67,3 +67,23 @@ def test_watch_timeouts_are_set_after_the_handlers() -> None:
     assert settings.watching.inactivity_timeout == watching.INACTIVITY_TIMEOUT
     names = [n for n, _ in main.parts(True)]
     assert names.index("watching") > names.index("handlers")
+
+
+def test_drain_waits_for_running_handler_threads() -> None:
+    """A stopping leader releases the Lease only after its handler threads finished."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    finished: list[str] = []
+    pool = ThreadPoolExecutor(1)
+
+    def handler() -> None:
+        release.wait(30)
+        finished.append("reconcile")
+
+    pool.submit(handler)
+    assert main.drain([pool], timeout=0.2) is False  # still running: not drained
+    release.set()
+    assert main.drain([pool], timeout=30) is True
+    assert finished == ["reconcile"]
