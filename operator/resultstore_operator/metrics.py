@@ -10,6 +10,10 @@ Why aiohttp in the Kopf loop rather than prometheus_client's threaded server: ai
 already the webhook's server, start-up and shutdown follow Kopf's startup/cleanup handlers
 like the webhook's, and a bind failure surfaces in the operator log at start-up.
 
+Why one module: the metric set, the store gauges computed from the status and the
+/metrics server share one private registry; callers only ever see the record_*/observe_*
+functions, and a second module would have to reach into that registry.
+
 Labels are low-cardinality by construction: handler ids, outcomes and reasons come from fixed
 sets; only the per-store gauges carry namespace and store names (one series per store, never
 anything from a Secret).
