@@ -122,8 +122,10 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
         [str(kube_tools.kubectl), "--kubeconfig", str(env.kubeconfig), "-n", env.namespace,
          "get", "rstore", "orders"], capture_output=True, text=True, check=True).stdout
     header, row = out.splitlines()[:2]
-    assert header.split() == ["NAME", "READY", "REASON", "SCHEMA", "SECRET", "AGE"]
+    assert header.split() == ["NAME", "READY", "REASON", "SCHEMA", "SECRET", "CONNECTIONS",
+                              "AGE"]
     assert row.split()[:5] == ["orders", "True", "Ready", "orders", "orders-resultstore"]
+    assert row.split()[5].endswith("/-")  # in use / no limit (status.connections.summary)
 
 
 def test_login_role_is_least_privilege(env: OpEnv) -> None:
