@@ -71,6 +71,10 @@ def test_operator_from_the_manifests_is_ready_on_the_real_node(
     assert port is not None
     webhook_port = free_port()
     install = yaml.safe_dump_all(local_node_install(documents, port, free_port(), webhook_port))
+    # The CRD stays when the test ends: other e2e tests of the session use it (and leave an
+    # existing one alone); everything else the manifests made is deleted.
+    removable = yaml.safe_dump_all([d for d in documents
+                                    if d.get("kind") != "CustomResourceDefinition"])
     applied = _kubectl(kube, "apply", "-f", "-", stdin=install)
     assert applied.returncode == 0, applied.stderr
     try:
@@ -113,4 +117,5 @@ def test_operator_from_the_manifests_is_ready_on_the_real_node(
         assert url == f"https://127.0.0.1:{webhook_port}/mutate-pods", url
         assert config["webhooks"][0]["clientConfig"].get("caBundle")
     finally:
-        _kubectl(kube, "delete", "--wait=true", "--ignore-not-found", "-f", "-", stdin=install)
+        _kubectl(kube, "delete", "--wait=true", "--ignore-not-found", "-f", "-",
+                 stdin=removable)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from resultstore_devtools import hoststate
 from resultstore_devtools.hoststate import HostSnapshot, Mount, PathState
@@ -163,3 +164,34 @@ def test_containerd_pulls_go_to_a_dead_loopback_proxy() -> None:
     for key in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
         assert env[key].startswith("http://127.0.0.1:"), key
     assert env["NO_PROXY"] == "" and "ALL_PROXY" not in env
+
+
+def test_local_node_install_changes_only_what_the_loopback_node_needs() -> None:
+    from tests.e2e.node_support import local_node_install
+
+    deployment: dict[str, Any] = {
+        "kind": "Deployment",
+        "spec": {"replicas": 2, "template": {"spec": {"containers": [{
+            "name": "operator", "image": "celery-resultstore:0.1.0",
+            "env": [{"name": "RESULTSTORE_HEALTH_ADDRESS", "value": "0.0.0.0:8080"},
+                    {"name": "KEEP", "value": "1"}],
+            "ports": [{"name": "health", "containerPort": 8080}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "health"}},
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "health"}}}]}}}}
+    service: dict[str, Any] = {"kind": "Service", "spec": {"ports": [{"port": 443}]}}
+    out = local_node_install([deployment, service], 6443, 18080, 19443)
+    assert out[1] == service and deployment["spec"]["replicas"] == 2  # input untouched
+    spec = out[0]["spec"]
+    assert spec["replicas"] == 1 and spec["template"]["spec"]["hostNetwork"] is True
+    container = spec["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KEEP"] == "1"
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert env["KUBERNETES_SERVICE_PORT"] == "6443"
+    assert env["RESULTSTORE_HEALTH_ADDRESS"] == "127.0.0.1:18080"
+    assert env["RESULTSTORE_WEBHOOK_URL"] == "https://127.0.0.1:19443/mutate-pods"
+    assert container["image"] == "celery-resultstore:0.1.0"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health",
+                                                     "host": "127.0.0.1"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "health": 18080, "webhook": 19443}
