@@ -236,3 +236,28 @@ def test_store_behind_a_pgbouncer(env: OpEnv, redis_server: Any, tmp_path: Path)
         assert status["inUse"] >= 0 and status["serverMax"] > 0
     finally:
         bouncer.destroy()
+
+
+def test_limit_follows_the_spec_and_is_restored_after_drift(env: OpEnv) -> None:
+    env.create("budget", "budget", connections={"limit": 3})
+    env.ready("budget")
+    role = env.binding("budget")["username"]
+
+    def limit_is(value: int) -> bool:
+        return env.query("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s",
+                         (role,)) == [(value,)]
+
+    assert limit_is(3)
+    env.cluster.patch_store(env.namespace, "budget", {"spec": {"connections": {"limit": 8}}})
+    eventually(lambda: limit_is(8), 30, "the changed limit on the role")
+    eventually(lambda: connections(env, "budget").get("limit") == 8 or None, 30,
+               "status.connections.limit 8")
+    # someone raises it by hand: the next drift check puts the spec's value back
+    env.query(f'ALTER ROLE "{role}" CONNECTION LIMIT 100')
+    eventually(lambda: limit_is(8), 30, "the spec's limit restored on the role")
+    # the limit removed from the spec: no limit (-1) on the role, none in the status
+    env.cluster.patch_store(env.namespace, "budget", {"spec": {"connections": None}})
+    eventually(lambda: limit_is(-1), 30, "no limit on the role")
+    eventually(lambda: "limit" not in connections(env, "budget")
+               and connections(env, "budget").get("summary", "").endswith("/-") or None, 30,
+               "status.connections without a limit")
