@@ -81,6 +81,7 @@ KEY_POOLER_PORT = "pooler-port"
 KEY_POOLER_MODE = "pooler-mode"
 KEY_POOLER_PREPARED = "pooler-prepared-statements"
 KEY_POOLED_URI = "pooled-uri"
+KEY_POOLED_RESULT_BACKEND = "pooled-result-backend"
 
 DATA_LINK = "..data"
 
@@ -292,17 +293,20 @@ def render_binding(b: Binding) -> dict[str, str]:
 
 
 def _pooler_keys(b: Binding, db: str) -> dict[str, str]:
-    """The pooler's Secret keys. ``pooled-uri`` carries no ``options`` (search path):
-    PgBouncer refuses that startup parameter, and would fail every connection."""
+    """The pooler's Secret keys. The pooled URLs carry no ``options`` (search path):
+    PgBouncer refuses that startup parameter, and would fail every connection; clients
+    that need the search path get it from the role (``ALTER ROLE ... SET search_path``)."""
     pooler = b.pooler
     assert pooler is not None
     netloc = _netloc(b.username, b.password, pooler.host, pooler.port)
+    query = f"sslmode={quote(b.sslmode, safe='')}"
     return {
         KEY_POOLER_HOST: pooler.host,
         KEY_POOLER_PORT: str(int(pooler.port)),
         KEY_POOLER_MODE: pooler.mode,
         KEY_POOLER_PREPARED: "true" if pooler.prepared_statements else "false",
-        KEY_POOLED_URI: f"postgresql://{netloc}/{db}?sslmode={quote(b.sslmode, safe='')}",
+        KEY_POOLED_URI: f"postgresql://{netloc}/{db}?{query}",
+        KEY_POOLED_RESULT_BACKEND: f"db+{PG_DRIVER}://{netloc}/{db}?{query}",
     }
 
 

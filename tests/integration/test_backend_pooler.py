@@ -23,7 +23,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery import chord, group, states
+from celery import Celery, chord, group, states
+from psycopg import sql
 
 from resultstore_backend.config import PoolerSettings, render_binding
 from resultstore_backend.consumer import close_listeners
@@ -33,6 +34,7 @@ from tests.helpers.waiting import eventually
 from tests.integration.conftest import WorkerFactory, make_app
 from tests.integration.stores import binding_for, create_role, create_store
 from tests.integration.test_backend_push import _wait_all, _wait_all_during
+from tests.integration.test_backend_stock_compat import _round_trip
 from tests.integration.test_backend_worker import _exercise
 
 pytestmark = pytest.mark.integration
@@ -381,3 +383,58 @@ def test_a_pool_that_prepares_breaks_through_pgbouncer_and_the_pooler_setting_do
     broken = _store_from_threads(plain)
     assert any("prepared statement" in e for e in broken), broken
     assert _store_from_threads(pooled_store_url) == []
+
+
+# ----------------------------------------------------------------------------- stock clients
+
+
+def _stock(url: str, **engine: Any) -> Celery:
+    """A stock ``db+`` client as in a prefork child: pooled sessions (psycopg prepares a
+    statement after its fifth run on a connection), not the NullPool of a plain process."""
+    app = Celery("stock", backend=url, broker="memory://", set_as_current=False)
+    app.conf.database_engine_options = engine
+    app.backend.session_manager.forked = True
+    return app
+
+
+def _stock_reads(apps: list[Celery], task_id: str, times: int = 12) -> list[str]:
+    """Alternate reads of ``task_id`` by ``apps``; the errors they raised."""
+    errors: list[str] = []
+    for _ in range(times):
+        for app in apps:
+            try:
+                app.backend.get_task_meta(task_id, cache=False)
+            except Exception as exc:  # reported by the caller
+                errors.append(repr(exc)[:300])
+    return errors
+
+
+def test_stock_client_through_pgbouncer_with_the_pooled_result_backend(
+        pooled_database: Any, pgbouncer: PgBouncer, tmp_path: Path) -> None:
+    """The Secret's ``pooled-result-backend`` works for stock ``db+`` clients through
+    PgBouncer in transaction mode, as a prefork child uses it (pooled sessions, two
+    clients sharing PgBouncer's server sessions), given the role's search_path: the
+    pooled URLs cannot carry ``options``. Stock sessions end with a ROLLBACK (SQLAlchemy's
+    reset on return), which also clears psycopg's prepared statements, so Celery's
+    defaults never reuse one in another server session; ``prepare_threshold=None`` in
+    ``database_engine_options`` works the same."""
+    names = create_store(pooled_database)
+    role = create_role(pooled_database, names)
+    with psycopg.connect(pooled_database.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET search_path = rs").format(
+            sql.Identifier(role[0])))
+    data = _pooled_binding(pooled_database, pgbouncer, role, "rs-stock")
+    stock_url = data["pooled-result-backend"]
+    assert f"@{pgbouncer.host}:{pgbouncer.port}/" in stock_url and "options" not in stock_url
+    KubeletDir(tmp_path / "binding").write(data)
+    ours = Celery("ours", backend=f"resultstore://{tmp_path / 'binding'}", broker="memory://",
+                  set_as_current=False)
+    ours.conf.resultstore_notify = False
+    before = _transactions(pgbouncer, pooled_database.name)
+    defaults = [_stock(stock_url) for _ in range(2)]
+    _round_trip(ours, defaults[0])
+    assert _stock_reads(defaults, "ok-1") == []
+    assert _stock_reads([_stock(stock_url, connect_args={"prepare_threshold": None})
+                         for _ in range(2)], "ok-1") == []
+    assert _transactions(pgbouncer, pooled_database.name) - before >= 4 * 12, \
+        "the stock reads did not go through PgBouncer"

@@ -101,6 +101,8 @@ def test_secret_carries_the_pooled_dsn_beside_the_direct_one(tmp_path: Path) -> 
     assert data["pooled-uri"].startswith("postgresql://rs_app:")
     assert "@pooler.ns.svc:6432/app?sslmode=require" in data["pooled-uri"]
     assert "options" not in data["pooled-uri"]  # PgBouncer refuses the startup parameter
+    assert data["pooled-result-backend"] == "db+postgresql+psycopg://" + \
+        data["pooled-uri"].split("://", 1)[1]
     assert "@db.example:5432/" in data["uri"] and "@db.example:5432/" in data["result_backend"]
     KubeletDir(tmp_path).write(data)
     config = read_binding_dir(tmp_path)
