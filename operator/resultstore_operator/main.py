@@ -214,8 +214,8 @@ async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool,
     """Run the services of every replica; run Kopf while (and only while) this one leads.
 
     Order: probes, metrics and the webhook first (a standby serves admission); then the
-    election; then Kopf. On SIGTERM: Kopf stops (its in-flight handlers finish while the
-    Lease is still renewed), the Lease is released, the services stop last. A lost Lease
+    election; then Kopf. On SIGTERM: Kopf stops, its handler threads are drained while the
+    Lease is still renewed, the Lease is released, the services stop last. A lost Lease
     never returns here: the elector ends the process (elector.py).
     """
     import kopf
@@ -225,6 +225,7 @@ async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     replica = Replica(settings, with_webhook)
+    pools: list[Any] = []
     try:
         if not await replica.start_services():
             return 2
@@ -232,6 +233,7 @@ async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool,
             return 0
         # Kopf replaces our SIGTERM/SIGINT handlers with its own and returns once stopped.
         kopf_settings = kopf.OperatorSettings()
+        pools = [kopf_settings.execution.executor, *executors]
         await kopf.operator(
             registry=registry,
             settings=kopf_settings,
@@ -240,13 +242,14 @@ async def serve(settings: OperatorSettings, registry: Any, with_webhook: bool,
             standalone=True,
             liveness_endpoint=None,
         )
-        pools = [kopf_settings.execution.executor, *executors]
-        if not await asyncio.to_thread(drain, pools, DRAIN_SECONDS) and replica.elector:
+        return 0
+    finally:
+        # Kopf stopped (or failed): no handler thread may outlive the Lease.
+        if pools and not await asyncio.to_thread(drain, pools, DRAIN_SECONDS) \
+                and replica.elector is not None:
             log.warning("handler threads still running %.0fs after Kopf stopped: the Lease "
                         "is left to lapse instead of being released", DRAIN_SECONDS)
             replica.elector.step_down("handlers did not finish in time")
-        return 0
-    finally:
         await replica.stop()
 
 
