@@ -287,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "metrics=%s", ",".join(settings.namespaces) or "*",
              f"{leader.namespace}/{leader.lease_name} as {leader.identity}"
              if leader.enabled else "off",
-             ",".join(plugins + (["webhook"] if with_webhook else [])) or "-",
+             ",".join(plugins + (["webhook"] if with_webhook and settings.webhook.enabled
+                                 else [])) or "-",
              settings.metrics_address or "-")
     return asyncio.run(serve(settings, registry, with_webhook, executors))
 
