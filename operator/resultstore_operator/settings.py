@@ -3,6 +3,12 @@
 Why a frozen dataclass: handlers run for months; reading the environment in a hot path
 would let a half-applied change of the Deployment produce an operator that behaves
 differently per handler. Everything tunable lives here and is fixed for the process life.
+
+Why one module: it is one snapshot of one environment, taken at one moment. The operator's,
+the webhook's and the leader election's parts are parsed together by the same env parsers
+(one TRUTHY/FALSY set, one error type naming the variable), so that any malformed
+`RESULTSTORE_*` fails start-up the same way before anything runs; split across modules, the
+parts would each grow their own parsing.
 """
 
 from __future__ import annotations
