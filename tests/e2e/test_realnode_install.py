@@ -1,9 +1,10 @@
-"""The operator installed from manifests/ runs on the real node: its image, its
-ServiceAccount token as the kubelet projects it, Ready through the kubelet's real probes.
+"""The operator installed from manifests/ or the Helm chart runs on the real node: its
+image, its ServiceAccount token as the kubelet projects it, Ready through the kubelet's
+real probes.
 
-The manifests are rendered with `kubectl kustomize` and changed only as this machine's node
-needs (tests/e2e/node_support.local_node_install: hostNetwork, one replica, loopback
-addresses); the operator then takes the leader Lease and registers the injection webhook
+The manifests (`kubectl kustomize`) or the chart (`helm template`) are rendered and changed
+only as this machine's node needs (tests/e2e/node_support.local_node_install: hostNetwork,
+one replica, loopback addresses); the operator then takes the leader Lease and registers the injection webhook
 with the API server, which it can only do with the projected token's identity and RBAC.
 """
 
@@ -62,11 +63,25 @@ def _json(kube: ControlPlane, *args: str) -> dict[str, Any]:
     return data
 
 
-def test_operator_from_the_manifests_is_ready_on_the_real_node(
-        kube: ControlPlane, node: RealNode) -> None:
-    rendered = _kubectl(kube, "kustomize", str(ROOT / "manifests"))
-    assert rendered.returncode == 0, rendered.stderr
-    documents = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+def _rendered(kube: ControlPlane, source: str) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k manifests/` or `helm install` (-n resultstore-system
+    --create-namespace) would create, rendered locally so they can be adapted."""
+    if source == "manifests":
+        rendered = _kubectl(kube, "kustomize", str(ROOT / "manifests"))
+        assert rendered.returncode == 0, rendered.stderr
+        return [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    helm = subprocess.run([str(binaries.cached_binaries().helm), "template", "resultstore",
+                           str(ROOT / "helm" / "resultstore"), "-n", NAMESPACE,
+                           "--include-crds"], capture_output=True, text=True, timeout=120)
+    assert helm.returncode == 0, helm.stderr
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+    return [namespace, *(d for d in yaml.safe_load_all(helm.stdout) if d)]
+
+
+@pytest.mark.parametrize("source", ["manifests", "chart"])
+def test_operator_installed_is_ready_on_the_real_node(
+        kube: ControlPlane, node: RealNode, source: str) -> None:
+    documents = _rendered(kube, source)
     port = urllib.parse.urlsplit(kube.server).port
     assert port is not None
     webhook_port = free_port()
