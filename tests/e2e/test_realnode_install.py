@@ -4,8 +4,9 @@ real probes.
 
 The manifests (`kubectl kustomize`) or the chart (`helm template`) are rendered and changed
 only as this machine's node needs (tests/e2e/node_support.local_node_install: hostNetwork,
-one replica, loopback addresses); the operator then takes the leader Lease and registers the injection webhook
-with the API server, which it can only do with the projected token's identity and RBAC.
+one replica, loopback addresses); the operator then takes the leader Lease and registers
+the injection webhook with the API server, which it can only do with the projected token's
+identity and RBAC.
 """
 
 from __future__ import annotations
