@@ -180,6 +180,13 @@ def _blame(low: str) -> tuple[str, bool]:
     return "host", True
 
 
+def _at_limit(exc: BaseException) -> bool:
+    """A connection refused at a role's CONNECTION LIMIT or the server's max_connections
+    (SQLSTATE 53300; libpq's connect error carries only the text)."""
+    low = str(getattr(exc, "orig", None) or exc).lower()
+    return "too many connections" in low or "too many clients" in low
+
+
 #: leads the server's words for a connection refused at a limit (SQLSTATE 53300): which
 #: limit, and that the operation is retried rather than lost (first, so that a log line cut
 #: at its length still says it)
@@ -630,8 +637,12 @@ class EngineHolder:
         try:
             fairy = slot.engine.raw_connection()
         except _CONNECT_ERRORS as exc:
-            # the pool does not wrap driver errors raised while connecting
-            self.invalidate(slot)
+            # the pool does not wrap driver errors raised while connecting. A refusal at a
+            # connection limit says nothing about the connections already open: they are
+            # kept, since dropping them (a new pool) while some are still in use would let
+            # this process hold more than pool_size + max_overflow, at the limit of all
+            if not _at_limit(exc):
+                self.invalidate(slot)
             raise classify_connect_error(exc, slot.config, pooled=True) from exc
         finally:
             with self._lock:

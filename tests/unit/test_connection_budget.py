@@ -316,3 +316,33 @@ def test_pooler_spec_invalid(pooler: dict[str, Any], message: str) -> None:
         raw["database"]["pooler"] = {"port": 6432}
     with pytest.raises(SpecError, match=message):
         parse_spec(raw)
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ('FATAL:  too many connections for role "rs_a"', True),
+    ("FATAL:  sorry, too many clients already", True),
+    ("connection refused", False),
+])
+def test_a_refusal_at_the_limit_keeps_the_open_connections(
+        monkeypatch: pytest.MonkeyPatch, text: str, kept: bool) -> None:
+    """Dropping them would give the process a new pool while the old connections are still
+    in use: more than pool_size + max_overflow, at the limit of every other process."""
+    import psycopg
+
+    from resultstore_backend.config import parse_backend_url
+    from resultstore_backend.engine import EngineHolder, StoreConnectionError
+
+    holder = EngineHolder(parse_backend_url(
+        "resultstore+postgresql+psycopg://rs_a:pw@127.0.0.1:1/app?schema=s"), create_tables=False)
+    slot = holder._current_slot()
+    disposed: list[bool] = []
+    monkeypatch.setattr(slot.engine, "dispose", lambda *a, **k: disposed.append(True))
+
+    def refuse() -> Any:
+        raise psycopg.OperationalError(f"connection failed: {text}")
+
+    monkeypatch.setattr(slot.engine, "raw_connection", refuse)
+    slot.waiting += 1
+    with pytest.raises(StoreConnectionError):
+        holder._checkout(slot)
+    assert disposed == ([] if kept else [True])
