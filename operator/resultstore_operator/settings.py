@@ -318,9 +318,11 @@ class OperatorSettings:
     operator_namespace: str = "resultstore-system"
     tick_interval: float = 5.0
     drift_interval: float = 60.0
-    #: Seconds after a Secret switch during which an idle previous role is kept anyway:
-    #: the kubelet needs up to its sync period (60 s) plus cache TTL to refresh volumes.
-    rotation_grace: float = 90.0
+    #: Seconds after a Secret switch during which an idle previous role is kept anyway: a
+    #: kubelet refreshes a mounted Secret on its pod resync, its sync period (60 s) with up to
+    #: 50 % jitter, so up to ~90 s; measured on a real kubelet: 62-85 s (docs/CONTROLPLANE.md).
+    #: 120 s leaves 30 s above the worst case (90 s left under 10 s in one measured run).
+    rotation_grace: float = 120.0
     retry_backoff_base: float = 2.0
     retry_backoff_max: float = 300.0
     #: The cleanup CronJobs' default image: the operator's own (the chart and manifests set

@@ -219,7 +219,7 @@ def test_rotation_with_the_real_kubelet_refresh_loses_no_store(
         webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
         postgres: PostgresServer, redis_server: RedisServer,
         pytestconfig: pytest.Config) -> None:
-    """The operator's default grace (90 s) against the kubelet's default sync (~75-80 s).
+    """The operator's default grace (120 s) against the kubelet's default sync (~75-85 s).
 
     A worker pod stores results throughout a rotation; the old role may be dropped only
     after the kubelet has refreshed the pod's Secret volume, and no result may be lost.
