@@ -24,7 +24,8 @@ return), a tenth of a loopback store. A connection an operation returns is
 kept checked out in a small per-engine LIFO list and handed to the next
 operation of any thread of this process. Everything the pool guaranteed
 still holds: the list only holds connections the pool handed out (so
-``pool_size + max_overflow`` still bounds them); when a thread is waiting
+``pool_size + max_overflow`` still bounds them, and once a burst is over the
+process keeps ``pool_size`` open, as the pool alone would); when a thread is waiting
 for the pool, returned connections go back to the pool instead (no one
 starves behind an idle cached connection); an idle connection is pinged
 before use; one older than ``pool_recycle`` goes back through the pool
@@ -392,15 +393,36 @@ class _EngineSlot:
     idle: list[_Cached] = field(default_factory=list)
     #: operations currently waiting in the pool's checkout
     waiting: int = 0
+    #: the pool's ``pool_size``: connections this process keeps open once a burst is over
+    #: (cached + running + in the pool's queue); None: no bound (``pool_size=0``)
+    keep: int | None = None
+
+    def keeps(self) -> bool:
+        """Whether a connection just returned stays cached (the caller holds the lock).
+
+        Only while nobody waits for the pool and while the connections that would stay
+        open (cached, still in use, idle in the pool's own queue) stay under ``pool_size``:
+        otherwise it goes back to the pool, which closes an overflow connection, so a
+        burst that needed ``max_overflow`` leaves ``pool_size`` connections behind, as the
+        pool alone would, not every connection the burst opened.
+        """
+        if not self.cache or self.retired or self.waiting:
+            return False
+        if self.keep is None:
+            return True
+        queued = self.engine.pool.checkedin()  # type: ignore[attr-defined]
+        return len(self.idle) + self.inflight + queued < self.keep
 
 
 def _slot_for(engine: Engine, config: StoreConfig, idle_ping_after: float) -> _EngineSlot:
     options = config.engine_options
     pre_ping = bool(options.get("pool_pre_ping", True))
     recycle = options.get("pool_recycle", -1)
+    size = engine.pool.size() if isinstance(engine.pool, QueuePool) else 0
     return _EngineSlot(
         engine=engine, config=config,
         cache=isinstance(engine.pool, QueuePool),
+        keep=size if size > 0 else None,
         ping_after=idle_ping_after if pre_ping and idle_ping_after >= 0 else None,
         recycle=float(recycle) if isinstance(recycle, (int, float)) and recycle >= 0 else None,
     )
@@ -622,7 +644,7 @@ class EngineHolder:
             with self._lock:
                 slot.inflight -= 1
                 if cached is not None:
-                    if slot.cache and not slot.retired and slot.waiting == 0:
+                    if slot.keeps():
                         cached.last_used = time.monotonic()
                         slot.idle.append(cached)
                     else:

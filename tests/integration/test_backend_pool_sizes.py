@@ -107,3 +107,44 @@ def test_a_prefork_child_holds_one_connection_even_when_a_task_stores_from_threa
     # keeps the top-level sizes and may hold one connection per thread
     other, _ = _run_child(url, pg_database, name + "-threads", prefork_child=False)
     assert other["errors"] == [] and (other["size"], other["max_overflow"]) == (5, 10), other
+
+
+def test_a_burst_beyond_pool_size_leaves_pool_size_connections_open(
+        pg_store_url: str, pg_database: Any) -> None:
+    """Eight threads store at once through a pool of 2 (+6 overflow); afterwards the process
+    keeps 2 sessions, as SQLAlchemy's pool alone would, not the 8 the burst opened: the
+    backend's cache of checked-out connections must not pin the overflow (a role's
+    CONNECTION LIMIT counts every one of them)."""
+    name = "rs-burst-" + secrets.token_hex(4)
+    make_app(pg_store_url)[0].backend.store_result("warm", 1, states.SUCCESS)
+    app, _ = make_app(pg_store_url, resultstore_notify=False,
+                      database_engine_options=EngineSettings(
+                          application_name=name, pool_size=2, max_overflow=6
+                      ).to_engine_options())
+    backend = app.backend
+    backend.store_result("first", 1, states.SUCCESS)
+    barrier = threading.Barrier(8)
+    errors: list[str] = []
+    peak: list[int] = []
+
+    def work(k: int) -> None:
+        try:
+            barrier.wait(10)
+            for i in range(40):
+                backend.store_result(f"{k}-{i}-{uuid.uuid4()}", i, states.SUCCESS)
+            if k == 0:
+                peak.append(_sessions(pg_database, name))
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [], errors
+    after = _sessions(pg_database, name)
+    assert after <= 2, (f"after the burst the process still holds {after} sessions "
+                        f"(pool_size 2; peak seen during the burst: {peak})")
+    backend.store_result("after", 1, states.SUCCESS)  # still works with what is kept
+    assert backend.get_task_meta("after")["status"] == states.SUCCESS
