@@ -7,8 +7,9 @@ keeps library defaults (process/GC collectors of whatever imported prometheus_cl
 out of our exposition and lets unit tests build a fresh :class:`OperatorMetrics` each time.
 
 Why aiohttp in the Kopf loop rather than prometheus_client's threaded server: aiohttp is
-already the webhook's server, start-up and shutdown follow Kopf's startup/cleanup handlers
-like the webhook's, and a bind failure surfaces in the operator log at start-up.
+already the webhook's server, every replica serves it beside the webhook and the health
+endpoints (main.Replica starts and stops them, leader or not), and a bind failure stops the
+operator at start-up.
 
 Why one module: the metric set, the store gauges computed from the status and the
 /metrics server share one private registry; callers only ever see the record_*/observe_*
@@ -36,7 +37,6 @@ from prometheus_client.registry import Collector
 
 from .builders import reasons as r
 from .builders import rotation as rot
-from .settings import OperatorSettings
 from .spec import SpecError
 from .views import condition, meta, section
 
@@ -386,35 +386,3 @@ class MetricsServer:
             await self._runner.cleanup()
             self._runner = None
 
-
-def register(registry: Any, settings: OperatorSettings,
-             metrics: OperatorMetrics | None = None) -> None:
-    """Start the metrics server with the operator (Kopf startup) and stop it at cleanup.
-
-    A port that cannot be bound stops the operator at start-up: whoever set
-    RESULTSTORE_METRICS_ADDRESS expects scrapes to work, and a crash loop says so loudly.
-    """
-    import kopf
-
-    listen = settings.metrics_listen
-    state: dict[str, MetricsServer] = {}
-
-    @kopf.on.startup(registry=registry, id="resultstore-metrics-start")
-    async def _start_metrics(**_: Any) -> None:
-        if listen is None:
-            log.info("metrics endpoint disabled (RESULTSTORE_METRICS_ADDRESS is empty)")
-            return
-        server = MetricsServer(metrics or METRICS, listen[0], listen[1], settings.metrics_path)
-        try:
-            await server.start()
-        except OSError as exc:
-            raise kopf.PermanentError(
-                f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}"
-            ) from None
-        state["server"] = server
-
-    @kopf.on.cleanup(registry=registry, id="resultstore-metrics-stop")
-    async def _stop_metrics(**_: Any) -> None:
-        server = state.pop("server", None)
-        if server is not None:
-            await server.stop()

@@ -59,7 +59,6 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
         log.warning("this kopf has no server-side label selectors: the Secret watch "
                     "receives every Secret of the watched namespaces")
     kopf_settings.execution.max_workers = settings.workers
-    kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
              controller: Controller | None = None) -> Controller:
