@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .httpserver import AppServer
+
 log = logging.getLogger("resultstore.health")
 
 LIVENESS_PATH = "/healthz"
@@ -33,7 +35,7 @@ class HealthServer:
         self.port = port
         self.status = status
         self.ready = ready
-        self._runner: web.AppRunner | None = None
+        self._server = AppServer()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -53,18 +55,9 @@ class HealthServer:
                             content_type="application/json")
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await self.stop()
-            raise
+        await self._server.start(self.app(), self.host, self.port)
         log.info("health serving on http://%s:%d (%s, %s)", self.host, self.port,
                  LIVENESS_PATH, READINESS_PATH)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._server.stop()

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from .builders import reasons as r
 from .builders import rotation as rot
+from .httpserver import AppServer
 from .spec import SpecError
 from .views import condition, meta, section
 
@@ -359,7 +360,7 @@ class MetricsServer:
         self.host = host
         self.port = port
         self.path = path
-        self._runner: web.AppRunner | None = None
+        self._server = AppServer()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -371,18 +372,9 @@ class MetricsServer:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await self.stop()
-            raise
+        await self._server.start(self.app(), self.host, self.port)
         log.info("metrics serving on http://%s:%d%s", self.host, self.port, self.path)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._server.stop()
 
