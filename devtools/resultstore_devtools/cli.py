@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import shutil
 import sys
 from pathlib import Path
 
 from .postgres import PostgresServer
-from .procs import port_open, wait_for
+from .procs import clear_stale_record, read_record, record_answers, stop_recorded
 from .redis import RedisServer
 
 STATE_ROOT = Path(
@@ -30,16 +30,8 @@ def _state_file(name: str) -> Path:
 def _postgres(action: str) -> int:
     state = _state_file("postgres")
     if action == "start":
-        if state.exists():
-            data = json.loads(state.read_text())
-            if port_open(int(data["port"])):
-                print(f"already running on port {data['port']}; see {state}", file=sys.stderr)
-                return 1
-            # a stale record (the machine rebooted, the server was killed): start afresh
-            state.unlink()
-            import shutil
-
-            shutil.rmtree(STATE_ROOT / "postgres", ignore_errors=True)
+        if not clear_stale_record(state, STATE_ROOT / "postgres"):
+            return 1
         STATE_ROOT.mkdir(parents=True, exist_ok=True)
         server = PostgresServer(base_dir=STATE_ROOT / "postgres", detached=True)
         server.start()
@@ -47,23 +39,18 @@ def _postgres(action: str) -> int:
         state.chmod(0o600)
         print(f"export RESULTSTORE_PG_URL='{server.url()}'")
         return 0
-    if not state.exists():
-        print("postgres is not started", file=sys.stderr)
+    data = read_record(state, "postgres")
+    if data is None:
         return 1
-    data = json.loads(state.read_text())
     server = PostgresServer(base_dir=STATE_ROOT / "postgres", port=data["port"],
                             password=data["password"], detached=True)
     server._initialised = True
     if action == "stop":
         server.stop()
         state.unlink()
-        import shutil
-
         shutil.rmtree(STATE_ROOT / "postgres", ignore_errors=True)
         return 0
-    if not port_open(int(data["port"])):
-        print(f"postgres is not running (stale record {state}); run start again",
-              file=sys.stderr)
+    if not record_answers(state, "postgres", int(data["port"])):
         return 1
     print(f"export RESULTSTORE_PG_URL='{server.url()}'")
     return 0
@@ -72,12 +59,8 @@ def _postgres(action: str) -> int:
 def _redis(action: str) -> int:
     state = _state_file("redis")
     if action == "start":
-        if state.exists():
-            data = json.loads(state.read_text())
-            if port_open(int(data["port"])):
-                print(f"already running on port {data['port']}; see {state}", file=sys.stderr)
-                return 1
-            state.unlink()
+        if not clear_stale_record(state):
+            return 1
         STATE_ROOT.mkdir(parents=True, exist_ok=True)
         (STATE_ROOT / "redis").mkdir(exist_ok=True)
         server = RedisServer(base_dir=STATE_ROOT / "redis", detached=True)
@@ -86,25 +69,14 @@ def _redis(action: str) -> int:
         state.write_text(json.dumps({"port": server.port, "pid": server._proc.pid}))
         print(f"export RESULTSTORE_REDIS_URL='{server.url}'")
         return 0
-    if not state.exists():
-        print("redis is not started", file=sys.stderr)
+    data = read_record(state, "redis")
+    if data is None:
         return 1
-    data = json.loads(state.read_text())
     if action == "stop":
-        try:
-            # only a server that still answers on its port is ours to stop (a stale record's
-            # pid may belong to anything by now)
-            if port_open(int(data["port"])):
-                os.killpg(data["pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        else:
-            wait_for(lambda: not port_open(int(data["port"])), 20,
-                     f"redis-server on {data['port']} to stop")
+        stop_recorded(int(data["port"]), int(data["pid"]), "redis-server")
         state.unlink()
         return 0
-    if not port_open(int(data["port"])):
-        print(f"redis is not running (stale record {state}); run start again", file=sys.stderr)
+    if not record_answers(state, "redis", int(data["port"])):
         return 1
     print(f"export RESULTSTORE_REDIS_URL='redis://127.0.0.1:{data['port']}/0'")
     return 0

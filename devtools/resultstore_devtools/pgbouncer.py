@@ -41,13 +41,17 @@ from .postgres import PostgresServer
 from .procs import (
     LOOPBACK,
     chown_tree,
+    clear_stale_record,
     disarm_watchdog,
     find_binary,
     free_port,
     kill_group,
     port_open,
+    read_record,
+    record_answers,
     service_user,
     start_watchdog,
+    stop_recorded,
     wait_for,
 )
 
@@ -401,18 +405,12 @@ def run_cli(action: str, state_root: Path) -> int:
     database there and into ``template1``, so databases created later are reachable too.
     """
     import json
-    import signal
     import sys
 
     state = state_root / "pgbouncer.json"
     if action == "start":
-        if state.exists():
-            data = json.loads(state.read_text())
-            if port_open(int(data["port"])):
-                print(f"already running on port {data['port']}; see {state}", file=sys.stderr)
-                return 1
-            state.unlink()
-            shutil.rmtree(state_root / "pgbouncer", ignore_errors=True)
+        if not clear_stale_record(state, state_root / "pgbouncer"):
+            return 1
         upstream = _upstream_from_state(state_root)
         if upstream is None:
             print("postgres is not running: run `resultstore-dev postgres start` first",
@@ -430,27 +428,16 @@ def run_cli(action: str, state_root: Path) -> int:
         state.chmod(0o600)
         print(f"export RESULTSTORE_PGBOUNCER_URL='{bouncer.url('postgres')}'")
         return 0
-    if not state.exists():
-        print("pgbouncer is not started", file=sys.stderr)
+    data = read_record(state, "pgbouncer")
+    if data is None:
         return 1
-    data = json.loads(state.read_text())
     port = int(data["port"])
     if action == "stop":
-        try:
-            # only a PgBouncer that still answers on its port is ours to stop (a stale
-            # record's pid may belong to anything by now)
-            if port_open(port):
-                os.killpg(int(data["pid"]), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        else:
-            wait_for(lambda: not port_open(port), 20, f"pgbouncer on {port} to stop")
+        stop_recorded(port, int(data["pid"]), "pgbouncer")
         state.unlink()
         shutil.rmtree(state_root / "pgbouncer", ignore_errors=True)
         return 0
-    if not port_open(port):
-        print(f"pgbouncer is not running (stale record {state}); run start again",
-              file=sys.stderr)
+    if not record_answers(state, "pgbouncer", port):
         return 1
     upstream = _upstream_from_state(state_root)
     if action == "status":

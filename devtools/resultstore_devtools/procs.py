@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
@@ -205,3 +205,65 @@ def disarm_watchdog(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
+
+
+# --- the state records of `resultstore-dev <service> start|stop|status|env` ----------------
+# A detached service is recorded in <state root>/<name>.json (at least its port); the
+# commands of every service read, check and clear that record the same way.
+
+
+def clear_stale_record(state: Path, directory: Path | None = None) -> bool:
+    """For ``start``: False, said on stderr, when the recorded service still answers.
+
+    A stale record (the machine rebooted, the service was killed) is removed, with the
+    service's ``directory``, so the service starts afresh.
+    """
+    import json
+    import sys
+
+    if state.exists():
+        data = json.loads(state.read_text())
+        if port_open(int(data["port"])):
+            print(f"already running on port {data['port']}; see {state}", file=sys.stderr)
+            return False
+        state.unlink()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def read_record(state: Path, name: str) -> dict[str, Any] | None:
+    """For ``stop``/``status``/``env``: the record, or None, said on stderr, when none."""
+    import json
+    import sys
+
+    if not state.exists():
+        print(f"{name} is not started", file=sys.stderr)
+        return None
+    data: dict[str, Any] = json.loads(state.read_text())
+    return data
+
+
+def record_answers(state: Path, name: str, port: int) -> bool:
+    """Whether the recorded service answers on its port; when not, says the record is stale."""
+    import sys
+
+    if port_open(port):
+        return True
+    print(f"{name} is not running (stale record {state}); run start again", file=sys.stderr)
+    return False
+
+
+def stop_recorded(port: int, pid: int, what: str) -> None:
+    """Stop a detached service's process group and wait until its port closes.
+
+    Only a service that still answers on its port is ours to stop (a stale record's pid may
+    belong to anything by now).
+    """
+    try:
+        if port_open(port):
+            os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    else:
+        wait_for(lambda: not port_open(port), 20, f"{what} on {port} to stop")
