@@ -27,10 +27,12 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,13 +93,18 @@ class Replica:
     def __init__(self, name: str, env: dict[str, str], namespace: str) -> None:
         self.name = name
         self.port = free_port()
-        self.log_path = Path("/tmp") / f"operator-scale-{namespace}-{name}.log"
+        # A private TMPDIR, removed at stop: the kubernetes client writes the kubeconfig's
+        # client key to temporary files it deletes only at a clean exit, and the failover
+        # measurement SIGKILLs the leader.
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f"operator-scale-{namespace}-{name}-"))
+        self.log_path = self.tmp_dir / "operator.log"
         log = open(self.log_path, "wb")
         # With the rollout (its Secret watch is what unrelated Secrets could cost); the
         # webhook is off (no URL/Service to register here).
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "resultstore-operator")],
-            env={**env, "POD_NAME": name, "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{self.port}"},
+            env={**env, "POD_NAME": name, "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{self.port}",
+                 "TMPDIR": str(self.tmp_dir)},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.sampler = RssSampler(self.proc.pid)
@@ -126,6 +133,10 @@ class Replica:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+    def remove_files(self) -> None:
+        """The log and the client-key copies (called once the run no longer reads the log)."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 def count_ready(custom: Any, namespace: str, names: set[str]) -> int:
@@ -286,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for replica in reversed(replicas):
             replica.stop()
+            replica.remove_files()
         pg.destroy()
         cluster.stop()
 
