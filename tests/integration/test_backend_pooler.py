@@ -33,7 +33,13 @@ from tests.helpers.kubelet_dir import KubeletDir
 from tests.helpers.waiting import eventually
 from tests.integration.conftest import WorkerFactory, make_app
 from tests.integration.stores import binding_for, create_role, create_store
-from tests.integration.test_backend_push import _wait_all, _wait_all_during
+from tests.integration.test_backend_push import (
+    _assert_pushed_again,
+    _wait_all,
+    _wait_all_during,
+    _waits_across_restart,
+)
+from tests.integration.test_backend_reload import _producing
 from tests.integration.test_backend_stock_compat import _round_trip
 from tests.integration.test_backend_worker import _exercise
 
@@ -216,25 +222,8 @@ def test_postgres_restart_while_clients_wait_through_pgbouncer(
     assert listener is not None
     connects = listener.connects
     results = [t.sleep_then.delay(i, 3.0) for i in range(20)]
-    started = threading.Event()
-
-    def waiter(i: int) -> Any:
-        started.set()
-        return results[i].get(timeout=150)
-
-    def restart() -> None:
-        started.wait(30)
-        time.sleep(1.0)
-        postgres.restart()
-
-    assert _wait_all_during(restart, [lambda i=i: waiter(i) for i in range(20)], 120) == \
-        list(range(20))
-
-    def pushed_again() -> bool | None:
-        before = listener.received
-        assert t.add.delay(2, 3).get(timeout=60) == 5
-        return (listener.connects > connects and listener.received > before) or None
-    eventually(pushed_again, 60, "a wait answered by a notification after the restart")
+    assert _waits_across_restart(postgres, results) == list(range(20))
+    _assert_pushed_again(t, listener, connects)
     assert worker.proc.poll() is None
     assert "BackendStoreError" not in worker.log_text(), worker.log_text()[-3000:]
     _assert_only_listens_are_direct(pooled_database, pgbouncer,
@@ -272,26 +261,11 @@ def test_reload_while_worker_stores_through_pgbouncer(
     app, t = make_app(url, broker=redis_server.url, queue=worker.queue,
                       resultstore_reload_interval=0.1)
     before = _transactions(pgbouncer, pooled_database.name)
-    results: list[tuple[int, Any]] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        i = 0
-        while not stop.is_set():
-            results.append((i, t.add.delay(i, i)))
-            i += 1
-            time.sleep(0.01)
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    try:
+    with _producing(t) as results:
         for n, role in enumerate([role_b, role_a, role_b], start=1):
             time.sleep(1.5)
             kd.write(_pooled_binding(pooled_database, pgbouncer, role, f"rs-v{n}"))
         time.sleep(1.5)
-    finally:
-        stop.set()
-        producer.join()
     assert len(results) > 100
     for i, r in results:
         assert r.get(timeout=60) == 2 * i

@@ -73,6 +73,35 @@ def _wait_all_during(disrupt: Any, fns: list[Any], join_timeout: float) -> list[
         thread.join(join_timeout)
 
 
+def _waits_across_restart(postgres: Any, results: list[Any]) -> list[Any]:
+    """Every result's value, each waited for in a thread of its own while PostgreSQL
+    restarts a second after the first wait began."""
+    started = threading.Event()
+
+    def waiter(i: int) -> Any:
+        started.set()
+        return results[i].get(timeout=150)
+
+    def restart() -> None:
+        started.wait(30)
+        time.sleep(1.0)
+        postgres.restart()
+
+    return _wait_all_during(restart, [lambda i=i: waiter(i) for i in range(len(results))],
+                            120)
+
+
+def _assert_pushed_again(t: Any, listener: Any, connects: int) -> None:
+    """After a restart waits are pushed again over a new LISTEN connection (the waits
+    during the outage may all have been answered by polling while the listener was
+    still backing off)."""
+    def pushed_again() -> bool | None:
+        before = listener.received
+        assert t.add.delay(2, 3).get(timeout=60) == 5
+        return (listener.connects > connects and listener.received > before) or None
+    eventually(pushed_again, 60, "a wait answered by a notification after the restart")
+
+
 def _listen_sessions(pg_database: Any) -> dict[int, tuple[str, str]]:
     """pid -> (role, last query) of the sessions whose last statement was a (UN)LISTEN."""
     with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
@@ -214,26 +243,8 @@ def test_postgres_restart_while_50_clients_wait(pg_store_url: str, postgres: Any
     assert listener is not None
     connects = listener.connects
     results = [t.sleep_then.delay(i, 3.0) for i in range(50)]
-    started = threading.Event()
-
-    def waiter(i: int) -> Any:
-        started.set()
-        return results[i].get(timeout=150)
-
-    def restart() -> None:
-        started.wait(30)
-        time.sleep(1.0)
-        postgres.restart()
-
-    got = _wait_all_during(restart, [lambda i=i: waiter(i) for i in range(50)], 120)
-    assert got == list(range(50))
-    # after the restart waits are pushed again (the waits above may all have been
-    # answered by polling while the listener was still backing off)
-    def pushed_again() -> bool | None:
-        before = listener.received
-        assert t.add.delay(2, 3).get(timeout=60) == 5
-        return (listener.connects > connects and listener.received > before) or None
-    eventually(pushed_again, 60, "a wait answered by a notification after the restart")
+    assert _waits_across_restart(postgres, results) == list(range(50))
+    _assert_pushed_again(t, listener, connects)
     assert worker.proc.poll() is None
     # one warning for the outage (not one per failed reconnect), naming the target only
     warnings = [r.getMessage() for r in caplog.records

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,29 @@ from tests.integration.conftest import WorkerFactory, make_app
 from tests.integration.stores import binding_for, create_role, create_store
 
 pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def _producing(t: Any) -> Iterator[list[tuple[int, Any]]]:
+    """While the block runs, a thread of its own sends ``t.add(i, i)`` every 10 ms; yields
+    the (i, result) pairs sent (complete once the block has left)."""
+    results: list[tuple[int, Any]] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        i = 0
+        while not stop.is_set():
+            results.append((i, t.add.delay(i, i)))
+            i += 1
+            time.sleep(0.01)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _sessions(pg_database: Any) -> dict[str, set[str]]:
@@ -43,28 +68,13 @@ def test_reload_while_worker_stores(pg_database: Any, workers: WorkerFactory,
     app, t = make_app(url, broker=redis_server.url, queue=worker.queue,
                       resultstore_reload_interval=0.1)
 
-    results = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        i = 0
-        while not stop.is_set():
-            results.append((i, t.add.delay(i, i)))
-            i += 1
-            time.sleep(0.01)
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    try:
+    with _producing(t) as results:
         versions = []
         for n, role in enumerate([role_b, role_a, role_b], start=1):
             time.sleep(1.5)
             versions.append(kd.write(render_binding(
                 binding_for(pg_database, *role, application_name=f"rs-v{n}"))))
         time.sleep(1.5)
-    finally:
-        stop.set()
-        producer.join()
     assert len(results) > 100
     for i, r in results:
         assert r.get(timeout=60) == 2 * i
