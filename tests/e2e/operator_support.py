@@ -381,6 +381,36 @@ def no_secret_in(text: str, *values: str) -> None:
         assert value and value not in text, "a password leaked into operator output/status"
 
 
+class CeleryWorker:
+    """`celery worker -P threads -c <concurrency>` as the pod's command would run it, its
+    result backend configured from the mounted Secret in ``config_dir``."""
+
+    def __init__(self, config_dir: Path, broker: str, queue: str, log: Path, *,
+                 concurrency: int) -> None:
+        env = dict(os.environ, CELERY_BROKER_URL=broker,
+                   CELERY_RESULT_BACKEND=f"resultstore://{config_dir}", RS_QUEUE=queue)
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.e2e.operator_worker_app",
+                 "worker", "-P", "threads", "-c", str(concurrency), "-Q", queue,
+                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # --- fixtures (imported by the test modules) -------------------------------------------------
 
 

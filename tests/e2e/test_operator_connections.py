@@ -15,9 +15,6 @@ budget"). Only a transient excess is retried away.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +25,7 @@ import pytest
 from celery import Celery
 
 from tests.e2e.operator_support import (
-    ROOT,
+    CeleryWorker,
     OpEnv,
     SecretMirror,
     connect_as,
@@ -68,34 +65,6 @@ def budget_reads(env: OpEnv, name: str, reason: str, in_use: int) -> dict[str, A
     return eventually(probe, 60, f"ConnectionBudget {reason} with {in_use} sessions in use")
 
 
-class Worker:
-    """`celery worker -P threads -c 10`: ten threads that may each store at once."""
-
-    def __init__(self, config_dir: Path, broker: str, queue: str, log: Path) -> None:
-        env = dict(os.environ, CELERY_BROKER_URL=broker,
-                   CELERY_RESULT_BACKEND=f"resultstore://{config_dir}", RS_QUEUE=queue)
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.e2e.operator_worker_app",
-                 "worker", "-P", "threads", "-c", "10", "-Q", queue, "--without-gossip",
-                 "--without-mingle", "--without-heartbeat", "-l", "INFO"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def test_limit_enforced_reported_and_no_result_lost(env: OpEnv, redis_server: Any,
                                                    tmp_path: Path) -> None:
     env.create("budget", "budget", connections={"limit": LIMIT},
@@ -133,7 +102,8 @@ def test_limit_enforced_reported_and_no_result_lost(env: OpEnv, redis_server: An
         # a worker that wants up to ten connections starts while the budget is spent
         with SecretMirror(env.cluster.fetch, env.namespace, "budget-resultstore", config_dir,
                           period=1.0):
-            worker = Worker(config_dir, redis_server.url, queue, tmp_path / "worker.log")
+            worker = CeleryWorker(config_dir, redis_server.url, queue, tmp_path / "worker.log",
+                                  concurrency=10)
             try:
                 client = Celery("budget-client", set_as_current=False)
                 client.conf.update(broker_url=redis_server.url,
@@ -216,7 +186,8 @@ def test_store_behind_a_pgbouncer(env: OpEnv, redis_server: Any, tmp_path: Path)
         queue = f"q-{uuid.uuid4().hex[:8]}"
         with SecretMirror(env.cluster.fetch, env.namespace, "pooled-resultstore", config_dir,
                           period=1.0):
-            worker = Worker(config_dir, redis_server.url, queue, tmp_path / "worker.log")
+            worker = CeleryWorker(config_dir, redis_server.url, queue, tmp_path / "worker.log",
+                                  concurrency=10)
             try:
                 client = Celery("pooled-client", set_as_current=False)
                 client.conf.update(broker_url=redis_server.url,

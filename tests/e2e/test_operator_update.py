@@ -4,9 +4,6 @@ Ready stays True, and a running Celery worker picks up the new pool settings by 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,38 +13,19 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.e2e.operator_support import ROOT, OpEnv, SecretMirror, eventually, make_openv
+from tests.e2e.operator_support import (
+    CeleryWorker,
+    OpEnv,
+    SecretMirror,
+    eventually,
+    make_openv,
+)
 
 
 @pytest.fixture
 def env(kube: Any, api_client: Any, namespace: str, postgres: Any,
         pg_database: Any) -> Iterator[OpEnv]:
     yield from make_openv(kube, api_client, namespace, postgres, pg_database)
-
-
-class Worker:
-    """`celery worker` as the pod's command would run it, config from the mounted Secret."""
-
-    def __init__(self, config_dir: Path, broker: str, queue: str, log: Path) -> None:
-        env = dict(os.environ, CELERY_BROKER_URL=broker,
-                   CELERY_RESULT_BACKEND=f"resultstore://{config_dir}", RS_QUEUE=queue)
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.e2e.operator_worker_app",
-                 "worker", "-P", "threads", "-c", "4", "-Q", queue, "--without-gossip",
-                 "--without-mingle", "--without-heartbeat", "-l", "INFO"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class TaskLoop:
@@ -110,7 +88,8 @@ def test_engine_and_retention_changes_reach_a_running_worker(
 
     with SecretMirror(env.cluster.fetch, env.namespace, "orders-resultstore", config_dir,
                       period=1.0):
-        worker = Worker(config_dir, redis_server.url, queue, tmp_path / "worker.log")
+        worker = CeleryWorker(config_dir, redis_server.url, queue, tmp_path / "worker.log",
+                              concurrency=4)
         try:
             with TaskLoop(config_dir, redis_server.url, queue) as loop:
                 eventually(lambda: loop.ok >= 20, 90, "the worker to run tasks")
