@@ -35,8 +35,8 @@ from tests.integration.conftest import WorkerFactory, make_app
 from tests.integration.stores import binding_for, create_role, create_store
 from tests.integration.test_backend_push import (
     _assert_pushed_again,
+    _rotate_while_waiting,
     _wait_all,
-    _wait_all_during,
     _waits_across_restart,
 )
 from tests.integration.test_backend_reload import _producing
@@ -288,33 +288,10 @@ def test_rotation_while_clients_wait_through_pgbouncer(
         redis_server: Any, tmp_path: Path) -> None:
     names = create_store(pooled_database)
     role_a, role_b = create_role(pooled_database, names), create_role(pooled_database, names)
-    kd = KubeletDir(tmp_path / "binding")
-    kd.write(_pooled_binding(pooled_database, pgbouncer, role_a, "rs-a"))
-    url = f"resultstore://{tmp_path / 'binding'}"
-    worker = workers.start(url, pool="threads", concurrency=20, extra_env={"RS_RELOAD": "0.1"})
-    app, t = make_app(url, broker=redis_server.url, queue=worker.queue,
-                      resultstore_reload_interval=0.1)
-    assert t.add.delay(1, 1).get(timeout=60) == 2
-    listener = app.backend.result_consumer.listener()
-    assert listener is not None
-    old_pid = listener.backend_pid()
-    results = [t.sleep_then.delay(i, 2.5) for i in range(20)]
-    started = threading.Event()
-
-    def rotate() -> None:
-        started.wait(30)
-        time.sleep(0.5)
-        kd.write(_pooled_binding(pooled_database, pgbouncer, role_b, "rs-b"))
-
-    def waiter(i: int) -> Any:
-        started.set()
-        return results[i].get(timeout=120)
-
-    got = _wait_all_during(rotate, [lambda i=i: waiter(i) for i in range(20)], 60)
-    assert got == list(range(20))
-    assert t.add.delay(4, 4).get(timeout=60) == 8
-    new_pid = listener.backend_pid()
-    assert new_pid is not None and new_pid != old_pid, "the LISTEN session was not replaced"
+    new_pid = _rotate_while_waiting(
+        workers, redis_server, tmp_path,
+        _pooled_binding(pooled_database, pgbouncer, role_a, "rs-a"),
+        _pooled_binding(pooled_database, pgbouncer, role_b, "rs-b"))
     listens = {s["pid"]: s for s in _assert_only_listens_are_direct(
         pooled_database, pgbouncer, {role_a[0], role_b[0]}) if _is_listen(s)}
     assert listens.get(new_pid, {}).get("usename") == role_b[0], listens

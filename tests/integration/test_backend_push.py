@@ -318,13 +318,14 @@ def _capture(fn: Any, errors: list[BaseException]) -> None:
         errors.append(exc)
 
 
-def test_credential_rotation_while_clients_wait(pg_database: Any, workers: WorkerFactory,
-                                                redis_server: Any, tmp_path: Path) -> None:
-    names = create_store(pg_database)
-    role_a = create_role(pg_database, names)
-    role_b = create_role(pg_database, names)
+def _rotate_while_waiting(workers: WorkerFactory, redis_server: Any, tmp_path: Path,
+                          first: dict[str, str], second: dict[str, str]) -> int:
+    """20 clients wait while the binding directory switches from ``first`` to ``second``
+    (role A to role B); every wait is answered and the LISTEN session is replaced. Nothing
+    terminates role A's sessions: the client itself must move its LISTEN session to role B
+    (so the operator's drain can finish). Returns the new LISTEN session's pid."""
     kd = KubeletDir(tmp_path / "binding")
-    kd.write(render_binding(binding_for(pg_database, *role_a, application_name="rs-a")))
+    kd.write(first)
     url = f"resultstore://{tmp_path / 'binding'}"
     worker = workers.start(url, pool="threads", concurrency=20, extra_env={"RS_RELOAD": "0.1"})
     app, t = make_app(url, broker=redis_server.url, queue=worker.queue,
@@ -339,9 +340,7 @@ def test_credential_rotation_while_clients_wait(pg_database: Any, workers: Worke
     def rotate() -> None:
         started.wait(30)
         time.sleep(0.5)
-        # the new Secret content; nothing terminates role A's sessions: the client itself
-        # must move its LISTEN session to role B (so the operator's drain can finish)
-        kd.write(render_binding(binding_for(pg_database, *role_b, application_name="rs-b")))
+        kd.write(second)
 
     def waiter(i: int) -> Any:
         started.set()
@@ -352,6 +351,18 @@ def test_credential_rotation_while_clients_wait(pg_database: Any, workers: Worke
     assert t.add.delay(4, 4).get(timeout=60) == 8
     new_pid = listener.backend_pid()
     assert new_pid is not None and new_pid != old_pid, "the LISTEN session was not replaced"
+    return new_pid
+
+
+def test_credential_rotation_while_clients_wait(pg_database: Any, workers: WorkerFactory,
+                                                redis_server: Any, tmp_path: Path) -> None:
+    names = create_store(pg_database)
+    role_a = create_role(pg_database, names)
+    role_b = create_role(pg_database, names)
+    new_pid = _rotate_while_waiting(
+        workers, redis_server, tmp_path,
+        render_binding(binding_for(pg_database, *role_a, application_name="rs-a")),
+        render_binding(binding_for(pg_database, *role_b, application_name="rs-b")))
     sessions = _listen_sessions(pg_database)
     assert sessions.get(new_pid, ("?",))[0] == role_b[0], sessions
     assert all(user != role_a[0] for user, _ in sessions.values()), \
