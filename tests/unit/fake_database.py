@@ -73,6 +73,13 @@ class FakeDatabase:
     #: when set, every connection fails with this reason (DatabaseUnreachable, ...)
     down: str | None = None
     opened: int = 0
+    #: session method name -> errors its next calls raise (one per call), before any effect
+    fail: dict[str, list[Exception]] = field(default_factory=dict)
+
+    def fail_next(self, method: str) -> None:
+        pending = self.fail.get(method)
+        if pending:
+            raise pending.pop(0)
 
     def _connect(self, creds: Credentials) -> None:
         if self.down is not None:
@@ -189,7 +196,7 @@ class FakeSession:
     # --- roles ---------------------------------------------------------------------------------
 
     def role_state(self, role: str) -> tuple[bool, bool]:
-        found = self.db.roles.get(role)
+        found = self._owned(role)
         return (False, False) if found is None else (True, found.can_login)
 
     def _owned(self, role: str) -> Role | None:
@@ -202,6 +209,7 @@ class FakeSession:
 
     def ensure_role(self, role: str, verifier: str | None, schema: str,
                     limit: int = -1) -> bool:
+        self.db.fail_next("ensure_role")
         found = self._owned(role)
         if found is None:
             if verifier is None:
@@ -223,6 +231,7 @@ class FakeSession:
 
     def sync_privileges(self, names: TableNames, granted: Iterable[str],
                         managed: Iterable[str], schema_ours: bool = True) -> list[str]:
+        self.db.fail_next("sync_privileges")
         schema = names.schema or "public"
         wanted = set(granted)
         changes = []

@@ -24,7 +24,7 @@ from resultstore_operator.builders import reasons as r
 from resultstore_operator.builders.names import role_base, role_names
 from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.builders.secret import decode_data
-from resultstore_operator.database import Credentials
+from resultstore_operator.database import Credentials, DatabaseError
 from resultstore_operator.handlers import Controller
 from resultstore_operator.kube import KubeError
 from resultstore_operator.settings import OperatorSettings
@@ -141,7 +141,8 @@ def test_new_store_is_provisioned(world: World) -> None:
     for type_ in (r.READY, r.SCHEMA_READY, r.CREDENTIALS_READY, r.CLEANUP_SCHEDULED):
         assert world.condition(type_)["status"] == "True", type_
     assert world.condition(r.CREDENTIALS_ROTATING)["reason"] == r.ROTATION_IDLE
-    assert world.kube.reasons() == [r.SCHEMA_MIGRATED, r.ROLE_CREATED, r.SECRET_CREATED,
+    # the Secret is written before the role exists (Converge.secret_first)
+    assert world.kube.reasons() == [r.SCHEMA_MIGRATED, r.SECRET_CREATED, r.ROLE_CREATED,
                                     r.CRONJOB_CREATED, r.READY_REASON]
     assert all(values[KEY_PASSWORD] not in e.message for e in world.kube.events)
 
@@ -307,6 +308,34 @@ def test_api_error_is_reported_and_retried(world: World) -> None:
     assert world.kube.secrets.get(SECRET) is None and world.db.opened == 0
     world.reconcile("resume")
     assert world.status["phase"] == r.PHASE_READY
+
+
+@pytest.mark.parametrize("step", ["put_secret", "ensure_role", "sync_privileges"])
+def test_new_store_failing_mid_way_gets_one_role_and_one_password(world: World,
+                                                                  step: str) -> None:
+    """A first reconcile that fails at any credential step (an API or database error, or
+    the replica losing leadership) is finished by the next one without a second password:
+    workers that read the Secret in between keep a password that works."""
+    error: Exception
+    if step == "put_secret":
+        error = KubeError("create Secret: API answered 503", status=503)
+        world.kube.fail[step] = [error]
+    else:
+        error = DatabaseError(r.DATABASE_UNREACHABLE, "connection to 127.0.0.1:5432 lost")
+        world.db.fail[step] = [error]
+    world.reconcile()
+    assert world.status["phase"] != r.PHASE_READY, f"{step} failing did not fail the reconcile"
+    world.reconcile("resume")
+    active = world.roles[0]
+    assert world.status["phase"] == r.PHASE_READY, world.status
+    assert world.db.logs_in(active, world.secret_values()[KEY_PASSWORD]), \
+        "the Secret's password does not log in as the role"
+    role_writes = [w for w in world.db.writes if w.startswith(f"CREATE ROLE {active}")
+                   or w == f"ALTER ROLE {active} PASSWORD"]
+    assert role_writes == [f"CREATE ROLE {active} CONNECTION LIMIT -1"], \
+        f"after {step} failed once the role's password was set more than once: {role_writes}"
+    assert r.PASSWORD_RESET not in world.kube.reasons(), \
+        "a store whose credentials were never complete reported a password reset"
 
 
 def test_invalid_spec_fails_permanently(world: World) -> None:

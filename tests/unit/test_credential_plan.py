@@ -91,6 +91,9 @@ LIVE = {
         ("ours", True, None, False, cp.KEEP, OLD, None, None),
         # our Secret is intact but the role was dropped: it is recreated with that password
         ("ours", False, None, False, cp.CREATE, OLD, None, None),
+        # neither Secret nor role, state already recorded (a first attempt failed before
+        # writing anything): a creation, not a reset
+        ("none", False, None, False, cp.CREATE, FRESH, None, r.SECRET_CREATED),
         # the Secret was deleted: the workers' password is unknown, so it is reset
         ("none", True, None, False, cp.SET, FRESH, cp.RESET_SECRET_DELETED, r.PASSWORD_RESET),
         # tampered password that does not log in: reset
@@ -120,6 +123,8 @@ def test_active_role_password_and_secret(live: str, exists: bool, logs_in: bool 
     assert step.reset == reset
     assert step.granted == (ROLE_A,)
     assert step.report_drift == (action != cp.CREATE and not new_store)
+    # a role is only ever created with a password the Secret already holds
+    assert step.secret_first == (action == cp.CREATE and step.write is not None)
     if event is None:
         assert step.write is None, "an unchanged Secret was rewritten"
         return

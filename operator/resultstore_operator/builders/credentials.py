@@ -156,6 +156,19 @@ class Converge:
     def role_created(self) -> bool:
         return self.role.action == CREATE
 
+    @property
+    def secret_first(self) -> bool:
+        """Write the Secret before the role is created (and before its privileges).
+
+        Why: the Secret is the only place a password is kept. Created first, a role whose
+        Secret write then fails (an API error, a crash, a lost leadership) has a password
+        nobody knows, and the retry must set another one. Written first, the retry finds
+        the Secret's password trusted (our data hash) and creates the role with it: one
+        role, one password, however often the step runs. A worker that reads the Secret in
+        between fails one login and retries; no working password is ever replaced.
+        """
+        return self.role.action == CREATE and self.write is not None
+
 
 @dataclass(frozen=True)
 class CredentialPlan:
@@ -300,7 +313,10 @@ def _active_role(active: str, live: Mapping[str, Any] | None, report: RoleReport
     if password is not None:
         return RolePlan(active, password, KEEP if report.exists else CREATE), None
     reset = None
-    if live is None and not new_store:
+    # A reset replaces a password workers may hold. With neither a Secret nor a role there is
+    # none: the credentials are created (e.g. a retry after an attempt that recorded its
+    # state and then failed before writing anything).
+    if live is None and report.exists and not new_store:
         reset = RESET_SECRET_DELETED
     elif live is not None:
         reset = RESET_PASSWORD_CHANGED

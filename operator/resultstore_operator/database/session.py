@@ -311,11 +311,9 @@ class AdminSession:
     # --- roles -----------------------------------------------------------------------------
 
     def role_state(self, role: str) -> tuple[bool, bool]:
-        """(exists, can log in)."""
-        rows = self._query(q.ROLE_INFO, (role,))
-        if not rows:
-            return False, False
-        return True, bool(rows[0][0])
+        """(exists, can log in) of a role of ours; OwnershipError for an existing role
+        without our marker, before anything (a login attempt included) is tried on it."""
+        return self._owned_role_state(role)
 
     def _owned_role_state(self, role: str) -> tuple[bool, bool]:
         """role_state, refusing (OwnershipError) an existing role without our marker."""

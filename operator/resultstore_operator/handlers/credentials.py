@@ -109,6 +109,8 @@ class Convergence:
                   store: cp.Store) -> None:
         run = self.run
         active = step.role.role
+        if step.secret_first:
+            self._write(step.write)
         self._ensure(step.role, schema)
         if step.role_created:
             run.event("Normal", r.ROLE_CREATED, f"login role {active} created")
@@ -116,7 +118,8 @@ class Convergence:
         if changes and step.report_drift:
             run.event("Warning", r.PRIVILEGES_RESTORED,
                       "privileges drifted and were restored: " + "; ".join(changes)[:900])
-        self._write(step.write)
+        if not step.secret_first:
+            self._write(step.write)
         run.cond(r.CREDENTIALS_READY, True, r.ROLE_READY,
                  f"role {active} can log in; Secret {store.secret} is current")
 
