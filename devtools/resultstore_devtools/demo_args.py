@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cluster.add_argument("--operator-env", action="append", default=[], metavar="KEY=VALUE",
                          help="extra environment for the operator Deployment (repeatable), "
                               "e.g. RESULTSTORE_ROTATION_GRACE=30")
+    cluster.add_argument("--host-network", action="store_true",
+                         help="run the operator and worker pods with hostNetwork on loopback "
+                              "addresses: for a one-machine cluster without a pod network "
+                              "(resultstore-dev node), with --postgres and --broker-url on "
+                              "127.0.0.1")
     cluster.add_argument("--timeout", type=float, default=300.0,
                          help="seconds to wait for each rollout (image pulls included)")
     args = parser.parse_args(argv)

@@ -41,7 +41,7 @@ from .demo_story import (
     step,
 )
 from .image import project_version
-from .procs import eventually
+from .procs import eventually, free_port
 
 CRD = "customresourcedefinition/resultstores.resultstore.dev"
 OPERATOR_DEPLOYMENT = "deployment/resultstore-operator"
@@ -253,6 +253,8 @@ class ClusterTarget:
             else:
                 rendered = kubectl("kustomize", str(ROOT / "manifests"))
                 docs = render_install(rendered, self.image, extra)
+                if self.args.host_network:
+                    docs = self._on_host_network(docs, extra)
                 detail(kubectl("apply", "--server-side", "-f", "-",
                                stdin=yaml.safe_dump_all(docs)))
                 self.installed = [d for d in docs if
@@ -276,6 +278,23 @@ class ClusterTarget:
                 raise
             detail(kubectl("-n", OPERATOR_NS, "get", "pods", "-o", "wide"))
 
+    def _on_host_network(self, docs: list[dict[str, Any]],
+                         extra: dict[str, str]) -> list[dict[str, Any]]:
+        """--host-network: the install as a node without a pod network runs it
+        (localnode.local_node_install; the API server's own loopback address)."""
+        from urllib.parse import urlsplit
+
+        from .localnode import local_node_install
+
+        server = self.kubectl("config", "view", "--minify", "-o",
+                              "jsonpath={.clusters[0].cluster.server}").strip()
+        parts = urlsplit(server)
+        if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+            raise RuntimeError(f"--host-network needs an API server on 127.0.0.1, not {server}")
+        detail("--host-network: operator pod on hostNetwork, loopback addresses, one replica, "
+               "webhook by URL")
+        return local_node_install(docs, parts.port, free_port(), free_port(), extra_env=extra)
+
     def operator_logs(self) -> str:
         return self.kubectl("-n", OPERATOR_NS, "logs", OPERATOR_DEPLOYMENT, "--tail=60",
                             check=False)
@@ -291,6 +310,8 @@ class ClusterTarget:
         kubectl, ns = self.kubectl, self.namespace
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             container["image"] = self.worker_image
+        if self.args.host_network:
+            deployment["spec"]["template"]["spec"]["hostNetwork"] = True
         with step("The worker Deployment: its pod admitted, mutated and run on a node"):
             detail(kubectl("apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(deployment)))
             self._wait_rollout(ns, "deployment/orders-worker",

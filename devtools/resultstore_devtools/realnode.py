@@ -317,13 +317,18 @@ def cni_config() -> dict[str, Any]:
     return {"cniVersion": "0.4.0", "name": CNI_NETWORK, "plugins": [{"type": "loopback"}]}
 
 
-def kubelet_config(layout: NodeLayout, ports: NodePorts) -> dict[str, Any]:
+def kubelet_config(layout: NodeLayout, ports: NodePorts,
+                   sync_frequency: str | None = None) -> dict[str, Any]:
     """KubeletConfiguration (JSON is YAML) for this machine; defaults kept where they matter.
 
-    ``syncFrequency`` stays at the kubelet's default (1 min): how late a real kubelet
-    refreshes a mounted Secret is exactly what the rotation tests must live with.
+    ``syncFrequency`` stays at the kubelet's default (1 min) unless ``sync_frequency`` is
+    given: how late a real kubelet refreshes a mounted Secret is exactly what the rotation
+    tests must live with. Only the demo shortens it (to show a rotation in seconds, not
+    minutes), and says so.
     """
+    extra = {"syncFrequency": sync_frequency} if sync_frequency else {}
     return {
+        **extra,
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "address": LOOPBACK,
@@ -581,6 +586,7 @@ class RealNode:
     watchdog: bool = False
     claim_wait: float = 0.0
     progress: Progress = _stderr
+    sync_frequency: str | None = None
     settings: NodeSettings = field(default_factory=NodeSettings.from_env)
     node_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)
@@ -697,7 +703,8 @@ class RealNode:
             json.dumps(cni_config(), indent=2) + "\n")
         layout.containerd_config.write_text(containerd_config(
             layout, self.settings.runc, self.settings.cni_bin_dir))
-        layout.kubelet_config.write_text(json.dumps(kubelet_config(layout, ports), indent=2))
+        layout.kubelet_config.write_text(json.dumps(
+            kubelet_config(layout, ports, self.sync_frequency), indent=2))
         layout.kubeconfig.touch(mode=0o600)
         layout.kubeconfig.write_bytes(self.admin_kubeconfig.read_bytes())
         self._write_state(ports)

@@ -1,9 +1,14 @@
-"""End-to-end fixtures: one real Kubernetes control plane per test session.
+"""End-to-end fixtures: one real Kubernetes control plane, and one node, per test session.
 
 ``kube`` starts etcd + kube-apiserver + kube-controller-manager on loopback (building the
 pinned binaries first if they are not cached; never skipping), or uses the cluster named by
 ``RESULTSTORE_E2E_KUBECONFIG`` (kind, k3d, ...). Teardown always runs, and the children
 carry a parent-death signal, so no process outlives the session even if pytest is killed.
+
+``session_node`` is the node pods run on (tests/e2e/node_support.py): the real one, started
+when the first test asks for it and stopped (host restored) at the end; tests that need it
+run after the others, so the rest of the suite never shares the cluster with a kubelet.
+The header and the summary of the run say which node it was.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from resultstore_devtools.controlplane import (
     ExistingCluster,
     cluster_from_environment,
 )
+from resultstore_devtools.realnode import RealNode
+from tests.e2e.node_support import SessionNode, announce, session_choice
 from tests.e2e.operator_support import OPERATOR_LOGS, discard_operator_logs
 
 E2E_DIR = Path(__file__).parent
@@ -30,14 +37,36 @@ E2E_DIR = Path(__file__).parent
 COLD_BUILD_TIMEOUT = 3600
 
 
+NODE_FIXTURE = "session_node"
+_SESSION_NODE = pytest.StashKey[SessionNode]()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which node the e2e pods run on (shown when pytest is given e2e paths)."""
+    return f"e2e: {session_choice().describe()}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark e2e tests, and lift their timeout when the first one will have to build."""
+    """Mark e2e tests, lift their timeout when the first one will have to build, and run
+    the tests that need the node last (stable order otherwise): the node starts once, and
+    the tests before it never see their pending pods scheduled to a kubelet."""
     cold = bool(binaries.missing())
     for item in items:
         if E2E_DIR in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
             if cold:
                 item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT))
+    needs_node = [NODE_FIXTURE in getattr(item, "fixturenames", ()) for item in items]
+    items[:] = ([i for i, n in zip(items, needs_node, strict=True) if not n]
+                + [i for i, n in zip(items, needs_node, strict=True) if n])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            exitstatus: int, config: pytest.Config) -> None:
+    """The run's last lines name the node its pods ran on."""
+    node = config.stash.get(_SESSION_NODE, None)
+    if node is not None:
+        terminalreporter.write_line(f"[e2e] {node.summary()}", bold=True)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +84,32 @@ def kube(pytestconfig: pytest.Config) -> Iterator[ControlPlane | ExistingCluster
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def session_node(kube: ControlPlane | ExistingCluster,
+                 pytestconfig: pytest.Config) -> Iterator[SessionNode]:
+    """The session's node (real unless the stand-in was chosen or the machine cannot run
+    one); the real one is started by ``node`` or ``session_node.real()`` when first used."""
+    choice = session_choice()
+    announce(pytestconfig, choice.describe())
+    if choice.real:
+        assert isinstance(kube, ControlPlane), (
+            "the real node registers with the local control plane; unset "
+            "RESULTSTORE_E2E_KUBECONFIG (or set RESULTSTORE_NODE=standin)")
+    holder = SessionNode(kube.kubeconfig, pytestconfig, choice)
+    pytestconfig.stash[_SESSION_NODE] = holder
+    try:
+        yield holder
+    finally:
+        leftovers = holder.stop()
+        assert not leftovers, f"the real node's stop did not restore the host: {leftovers}"
+
+
+@pytest.fixture
+def node(session_node: SessionNode) -> RealNode:
+    """The running real node (started if needed); skips when the stand-in was chosen."""
+    return session_node.real()
 
 
 @pytest.fixture(scope="session")

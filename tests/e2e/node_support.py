@@ -1,29 +1,35 @@
-"""Which node runs the e2e tests' pods, and the real one as a context manager.
+"""Which node runs the e2e tests' pods: one real node per test session, started on first use.
 
 The real node (containerd + kubelet + kube-scheduler, resultstore_devtools.realnode) is the
-default. A machine where it cannot start (not root, no containerd) fails with the reason;
-the Python stand-in (resultstore_devtools.node) is used only when chosen explicitly with
-``RESULTSTORE_NODE=standin``. Every use prints which node it is, so a test run says it.
+default. The Python stand-in (resultstore_devtools.node) is used only when chosen with
+``RESULTSTORE_NODE=standin``, or when this machine lacks what a real node needs (not root,
+no containerd, ...) outside CI (resultstore_devtools.localnode.choose_node); with ``CI=true``
+that is a failure. The choice is printed in pytest's header and summary, and loudly when a
+test first asks for a node.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
 
 import pytest
 
-from resultstore_devtools import binaries
-from resultstore_devtools.realnode import NODE_ENV, RealNode
+from resultstore_devtools import binaries, image
+from resultstore_devtools.localnode import (
+    NodeChoice,
+    NodeKind,
+    NodeRequest,
+    choose_node,
+)
+from resultstore_devtools.localnode import local_node_install as local_node_install
+from resultstore_devtools.realnode import NodeError, NodeSettings, RealNode
 
-NodeKind = Literal["real", "standin"]
 STATE_PREFIX = "resultstore-node-"
 # kubelet + kube-scheduler compile from the Go build cache in about 2 minutes warm; with an
 # empty cache they are a large share of a Kubernetes build.
@@ -32,12 +38,20 @@ COLD_NODE_BUILD_TIMEOUT = 3600
 CLAIM_WAIT = 480.0
 
 
+@cache
+def session_choice() -> NodeChoice:
+    """Decided once per session (settings read once); a UsageError names a bad value."""
+    probe = RealNode(admin_kubeconfig=Path(os.devnull), settings=NodeSettings.from_env())
+    try:
+        return choose_node(NodeRequest.from_env(), probe.problems())
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    except NodeError as exc:  # CI: the tests that need a node fail with this, none skips
+        return NodeChoice("real", str(exc))
+
+
 def node_kind() -> NodeKind:
-    """``RESULTSTORE_NODE``: ``real`` (default) or ``standin``; anything else is an error."""
-    value = os.environ.get(NODE_ENV, "real").strip().lower() or "real"
-    if value not in ("real", "standin"):
-        raise pytest.UsageError(f"{NODE_ENV} must be 'real' or 'standin', not {value!r}")
-    return value  # type: ignore[return-value]
+    return session_choice().kind
 
 
 def node_binaries_missing() -> bool:
@@ -57,73 +71,65 @@ def announce(pytestconfig: pytest.Config, message: str) -> None:
         print(f"[e2e] {message}", file=sys.stderr, flush=True)
 
 
-@contextmanager
-def real_node(admin_kubeconfig: Path, images: Sequence[str],
-              pytestconfig: pytest.Config) -> Iterator[RealNode]:
-    """A real node in a fresh /tmp state directory, stopped (host restored) and removed after.
+@dataclass
+class SessionNode:
+    """The session's one real node: started when a test first needs it, with the project's
+    operator and worker images, and stopped (host restored) at the end of the session.
 
-    Fails, never skips, when this machine cannot run one, naming the stand-in switch.
-    A watchdog runs ``node stop`` if the test process is killed.
+    ``stop`` may be called mid-session (test_realnode.py checks the host around a start and
+    a stop); the next ``real()`` starts it again, a warm start of a few seconds.
     """
-    state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
-    node = RealNode(admin_kubeconfig=admin_kubeconfig, state_dir=state_dir, images=images,
-                    watchdog=True, claim_wait=CLAIM_WAIT,
-                    progress=lambda m: announce(pytestconfig, f"node: {m}"))
-    problems = node.problems()
-    if problems:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        pytest.fail(f"the real node cannot start here: {'; '.join(problems)}. "
-                    f"Set {NODE_ENV}=standin to run the e2e pods on the Python stand-in "
-                    "node instead.", pytrace=False)
-    try:
-        node.start()
-        announce(pytestconfig, f"pods run on the REAL node {node.node_name} (containerd + "
-                               f"kubelet {binaries.KUBERNETES_VERSION}); start "
-                               f"{node.timings.get('total', 0):.1f}s")
-        yield node
-    finally:
+
+    admin_kubeconfig: Path
+    pytestconfig: pytest.Config
+    choice: NodeChoice
+    node: RealNode | None = None
+    starts: int = 0
+    used: list[str] = field(default_factory=list)
+
+    def real(self) -> RealNode:
+        """The running real node; skips (outside CI) when the stand-in is this session's."""
+        if not self.choice.real:
+            pytest.skip(f"this test is about the real node; {self.choice.describe()}")
+        if self.node is not None:
+            return self.node
+        built = image.build()  # cached: seconds when the context did not change
+        state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+        node = RealNode(admin_kubeconfig=self.admin_kubeconfig, state_dir=state_dir,
+                        images=[built.operator, built.worker], watchdog=True,
+                        claim_wait=CLAIM_WAIT,
+                        progress=lambda m: announce(self.pytestconfig, f"node: {m}"))
+        try:
+            node.start()
+        except NodeError as exc:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            pytest.fail(f"the real node did not start: {exc}", pytrace=False)
+        self.node = node
+        self.starts += 1
+        announce(self.pytestconfig, f"pods run on the REAL node {node.node_name} (containerd "
+                                    f"+ kubelet {binaries.KUBERNETES_VERSION}); start "
+                                    f"{node.timings.get('total', 0):.1f}s")
+        if node.node_name not in self.used:
+            self.used.append(node.node_name)
+        return node
+
+    def stop(self) -> list[str]:
+        """Stop the node if it runs; returns what its host restore could not undo."""
+        node, self.node = self.node, None
+        if node is None:
+            return []
         leftovers = node.stop()
         if leftovers:
-            announce(pytestconfig, f"node stop left {leftovers}; logs kept in {state_dir}")
+            announce(self.pytestconfig, f"node stop left {leftovers}; logs kept in "
+                                        f"{node.state_dir}")
         else:
-            shutil.rmtree(state_dir, ignore_errors=True)
+            shutil.rmtree(node.state_dir, ignore_errors=True)
+        return leftovers
 
-
-def local_node_install(documents: list[dict[str, Any]], api_server_port: int,
-                       health_port: int, webhook_port: int) -> list[dict[str, Any]]:
-    """The manifests' objects as this machine's real node can run them (pure; unit tested).
-
-    What changes, and why (docs/CONTROLPLANE.md, the real node's network): the operator pod
-    uses hostNetwork and 127.0.0.1, because pods here have no network but the host's; so
-    one replica (two would claim the same host ports), the API server's own address instead
-    of the ``kubernetes`` Service (no kube-proxy), the health server and the webhook on
-    loopback ports of their own, the webhook registered by URL (no Service endpoints), and
-    the probes sent to 127.0.0.1. Image, command, ServiceAccount, security context,
-    resources and the probes' paths and timings stay as shipped.
-    """
-    out = copy.deepcopy(documents)
-    for doc in out:
-        if not doc or doc.get("kind") != "Deployment":
-            continue
-        doc["spec"]["replicas"] = 1
-        pod = doc["spec"]["template"]["spec"]
-        pod["hostNetwork"] = True
-        for container in pod["containers"]:
-            env = {e["name"]: e for e in container.get("env") or []}
-            overrides = {
-                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                "KUBERNETES_SERVICE_PORT": str(api_server_port),
-                "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{health_port}",
-                "RESULTSTORE_WEBHOOK_HOST": "127.0.0.1",
-                "RESULTSTORE_WEBHOOK_PORT": str(webhook_port),
-                "RESULTSTORE_WEBHOOK_URL": f"https://127.0.0.1:{webhook_port}/mutate-pods",
-            }
-            for name, value in overrides.items():
-                env[name] = {"name": name, "value": value}
-            container["env"] = list(env.values())
-            container["ports"] = [{"name": "health", "containerPort": health_port},
-                                  {"name": "webhook", "containerPort": webhook_port}]
-            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                if probe in container:
-                    container[probe]["httpGet"]["host"] = "127.0.0.1"
-    return out
+    def summary(self) -> str:
+        if not self.choice.real:
+            return self.choice.describe()
+        if not self.used:
+            return "no test of this run needed a node (the real one was the choice)"
+        return (f"pods ran on the REAL node {', '.join(self.used)} (containerd + kubelet "
+                f"{binaries.KUBERNETES_VERSION}; started {self.starts} time(s))")

@@ -22,10 +22,9 @@ from resultstore_devtools.realnode import wait_for_free_machine
 from tests.e2e.node_support import (
     CLAIM_WAIT,
     COLD_NODE_BUILD_TIMEOUT,
+    SessionNode,
     announce,
     node_binaries_missing,
-    node_kind,
-    real_node,
 )
 
 pytestmark = pytest.mark.timeout(COLD_NODE_BUILD_TIMEOUT if node_binaries_missing() else 900)
@@ -69,23 +68,23 @@ def _other_tools_mounts() -> list[Path]:
 
 def test_real_node_runs_a_pod_and_stop_restores_the_host(
     kube: ControlPlane | ExistingCluster, kube_tools: object, namespace: str,
-    pytestconfig: pytest.Config,
+    pytestconfig: pytest.Config, session_node: SessionNode,
 ) -> None:
-    if node_kind() == "standin":
-        announce(pytestconfig, "RESULTSTORE_NODE=standin: pods run on the Python stand-in node")
-        pytest.skip("the stand-in node was chosen explicitly (RESULTSTORE_NODE=standin); "
-                    "this test is about the real node's effect on the host")
-    assert isinstance(kube, ControlPlane), (
-        "the real node registers with the local control plane; unset "
-        "RESULTSTORE_E2E_KUBECONFIG (or set RESULTSTORE_NODE=standin)")
+    """The session's node is stopped first (when an earlier test started it) and started
+    again inside the snapshots; later tests get it back with a warm start."""
+    if not session_node.choice.real:
+        pytest.skip(f"this test is about the real node's effect on the host; "
+                    f"{session_node.choice.describe()}")
     worker = image.build().worker  # cached: seconds when the context did not change
     kubectl = kube_tools.kubectl  # type: ignore[attr-defined]
     ignored = _other_tools_mounts()
+    assert session_node.stop() == [], "the session's node did not restore the host"
     # Another session's real node would be in the snapshot and gone afterwards.
     wait_for_free_machine(CLAIM_WAIT, lambda m: announce(pytestconfig, m))
     before = hoststate.snapshot()
 
-    with real_node(kube.kubeconfig, [worker], pytestconfig) as node:
+    try:
+        node = session_node.real()
         name = f"hello-{uuid.uuid4().hex[:6]}"
         created = _kubectl(kubectl, kube.kubeconfig, "apply", "-f", "-",
                            stdin=json.dumps(_pod(name, namespace, worker)))
@@ -114,6 +113,9 @@ def test_real_node_runs_a_pod_and_stop_restores_the_host(
         deleted = _kubectl(kubectl, kube.kubeconfig, "delete", "pod", name, "-n", namespace,
                            "--wait=false")
         assert deleted.returncode == 0, deleted.stderr
+    finally:
+        leftovers = session_node.stop()
+    assert leftovers == [], f"node stop could not undo: {leftovers}"
 
     after = hoststate.snapshot()
     changed = hoststate.differences(hoststate.ignoring(before, ignored),

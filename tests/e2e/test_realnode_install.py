@@ -3,7 +3,7 @@ image, its ServiceAccount token as the kubelet projects it, Ready through the ku
 real probes.
 
 The manifests (`kubectl kustomize`) or the chart (`helm template`) are rendered and changed
-only as this machine's node needs (tests/e2e/node_support.local_node_install: hostNetwork,
+only as this machine's node needs (resultstore_devtools.localnode.local_node_install: hostNetwork,
 one replica, loopback addresses); the operator then takes the leader Lease and registers
 the injection webhook with the API server, which it can only do with the projected token's
 identity and RBAC.
@@ -14,40 +14,23 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from resultstore_devtools import binaries, image
-from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
+from resultstore_devtools import binaries
+from resultstore_devtools.controlplane import ControlPlane
+from resultstore_devtools.localnode import local_node_install
 from resultstore_devtools.procs import eventually, free_port
 from resultstore_devtools.realnode import RealNode
-from tests.e2e.node_support import (
-    COLD_NODE_BUILD_TIMEOUT,
-    local_node_install,
-    node_binaries_missing,
-    node_kind,
-    real_node,
-)
+from tests.e2e.node_support import COLD_NODE_BUILD_TIMEOUT, node_binaries_missing
 
 pytestmark = pytest.mark.timeout(COLD_NODE_BUILD_TIMEOUT if node_binaries_missing() else 900)
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "resultstore-system"
-
-
-@pytest.fixture(scope="module")
-def node(kube: ControlPlane | ExistingCluster, pytestconfig: pytest.Config) -> Iterator[RealNode]:
-    if node_kind() == "standin":
-        pytest.skip("the stand-in node was chosen explicitly (RESULTSTORE_NODE=standin); "
-                    "this test is about the operator's pod on the real node")
-    assert isinstance(kube, ControlPlane), "the real node registers with the local control plane"
-    built = image.build()
-    with real_node(kube.kubeconfig, [built.operator], pytestconfig) as started:
-        yield started
 
 
 def _kubectl(kube: ControlPlane, *args: str, stdin: str | None = None,

@@ -13,11 +13,11 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import pickle
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,22 +25,16 @@ import sqlalchemy as sa
 from kubernetes import client
 
 from resultstore_devtools import image
-from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
+from resultstore_devtools.controlplane import ControlPlane
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_devtools.realnode import RealNode
 from resultstore_devtools.redis import RedisServer
 from resultstore_operator.builders.cronjob import NON_ROOT_UID
 from resultstore_operator.builders.names import cronjob_name
-from resultstore_operator.injection import ENV_NAME, secret_name, volume_name
+from resultstore_operator.injection import ENV_NAME, MODE_ANNOTATION, secret_name, volume_name
 from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
 from resultstore_operator.webhook import GROUP, PLURAL, VERSION
-from tests.e2e.node_support import (
-    COLD_NODE_BUILD_TIMEOUT,
-    announce,
-    node_binaries_missing,
-    node_kind,
-    real_node,
-)
+from tests.e2e.node_support import COLD_NODE_BUILD_TIMEOUT, announce, node_binaries_missing
 from tests.e2e.test_webhook import (  # noqa: F401  (webhook and ns are fixtures)
     ADMIN_SECRET,
     WebhookEnv,
@@ -70,17 +64,6 @@ def add(x, y):
 '''
 
 
-@pytest.fixture(scope="module")
-def node(kube: ControlPlane | ExistingCluster, pytestconfig: pytest.Config) -> Iterator[RealNode]:
-    if node_kind() == "standin":
-        pytest.skip("the stand-in node was chosen explicitly (RESULTSTORE_NODE=standin); "
-                    "these tests are about pods on the real node")
-    assert isinstance(kube, ControlPlane), "the real node registers with the local control plane"
-    built = image.build()
-    with real_node(kube.kubeconfig, [built.operator, built.worker], pytestconfig) as started:
-        yield started
-
-
 def _kubectl(kube: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
     from resultstore_devtools import binaries
 
@@ -94,13 +77,15 @@ def _pod_phase(wenv: WebhookEnv, namespace: str, name: str) -> str:
 
 
 def _start_worker(webhook: WebhookEnv, ns: str, kube: ControlPlane,  # noqa: F811
-                  node: RealNode, store: str, redis_server: RedisServer) -> str:
+                  node: RealNode, store: str, redis_server: RedisServer,
+                  stock: bool = False) -> str:
     """An injected worker pod of the worker image, Running on the real node; its queue."""
     webhook.core.create_namespaced_config_map(ns, {
         "metadata": {"name": "app"}, "data": {"realnode_app.py": APP}})
     queue = f"q-{store}"
     worker_image = image.Targets(image.project_version()).worker
-    body = pod_body(store, "worker", containers=[{
+    annotations = {MODE_ANNOTATION: "stock"} if stock else None
+    body = pod_body(store, "worker", annotations=annotations, containers=[{
         "name": "worker", "image": worker_image, "imagePullPolicy": "Never",
         "command": ["celery", "-A", "realnode_app", "worker", "--pool=solo", "-Q", queue,
                     "-n", f"{store}@%h", "--loglevel=INFO", "--without-gossip",
@@ -111,7 +96,7 @@ def _start_worker(webhook: WebhookEnv, ns: str, kube: ControlPlane,  # noqa: F81
     body["spec"]["hostNetwork"] = True
     body["spec"]["volumes"] = [{"name": "app", "configMap": {"name": "app"}}]
     created, _ = webhook.create_pod(ns, body)
-    assert_injected(created, store)
+    assert_injected(created, store, stock=stock)
 
     def running() -> bool:
         phase = _pod_phase(webhook, ns, "worker")
@@ -124,12 +109,26 @@ def _start_worker(webhook: WebhookEnv, ns: str, kube: ControlPlane,  # noqa: F81
     return queue
 
 
+def decode_result(raw: bytes) -> Any:
+    """A ``result`` column value: a pickle (stock's PickleType layout) or the serializer's JSON.
+
+    Celery >= 5.6 stock writes the result_serializer's bytes; older rows and this project's
+    backend may store a pickle. Either way it must decode to the task's return value.
+    """
+    raw = bytes(raw)
+    return pickle.loads(raw) if raw[:1] == b"\x80" else json.loads(raw)
+
+
+@pytest.mark.parametrize("mode", ["resultstore", "stock"])
 def test_injected_worker_pod_stores_results_on_the_real_node(
         webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
-        postgres: PostgresServer, redis_server: RedisServer) -> None:
+        postgres: PostgresServer, redis_server: RedisServer, mode: str) -> None:
+    """The webhook's two modes, each in a pod of the worker image: ``resultstore`` (the
+    Secret volume and ``resultstore:///var/run/resultstore/<store>``) and ``stock`` (Celery's
+    own database backend from the Secret's ``result_backend`` key via ``secretKeyRef``)."""
     store = f"w{uuid.uuid4().hex[:6]}"
     schema = make_ready_store(webhook, ns, store)
-    queue = _start_worker(webhook, ns, kube, node, store, redis_server)
+    queue = _start_worker(webhook, ns, kube, node, store, redis_server, stock=mode == "stock")
 
     from celery import Celery
 
@@ -139,24 +138,30 @@ def test_injected_worker_pod_stores_results_on_the_real_node(
     try:
         ids = [sender.send_task("e2e.add", args=(i, i), queue=queue).id for i in range(5)]
 
-        def stored() -> dict[str, str] | None:
+        def stored() -> dict[str, tuple[str, bytes]] | None:
             with engine.connect() as conn:
                 rows = conn.execute(sa.text(
-                    f'SELECT task_id, status FROM "{schema}".celery_taskmeta '
+                    f'SELECT task_id, status, result FROM "{schema}".celery_taskmeta '
                     "WHERE task_id = ANY(:ids)"), {"ids": ids}).all()
-            done = {r.task_id: r.status for r in rows}
-            return done if len(done) == len(ids) and set(done.values()) == {"SUCCESS"} else None
+            done = {r.task_id: (r.status, r.result) for r in rows}
+            complete = {status for status, _ in done.values()} == {"SUCCESS"}
+            return done if len(done) == len(ids) and complete else None
 
         try:
-            eventually(stored, 120, "the pod's results in the store's schema", 0.5)
+            done = eventually(stored, 120, "the pod's results in the store's schema", 0.5)
         except AssertionError:
             failed = _kubectl(kube, "logs", "worker", "-n", ns)
             raise AssertionError(f"no results; worker log:\n{failed.stdout}{failed.stderr}"
                                  ) from None
+        for i, task_id in enumerate(ids):
+            assert decode_result(done[task_id][1]) == 2 * i
         worker_log = _kubectl(kube, "logs", "worker", "-n", ns).stdout
         assert "e2e.add" in worker_log, worker_log
         env = _kubectl(kube, "exec", "worker", "-n", ns, "--", "printenv", ENV_NAME).stdout
-        assert env.strip() == f"resultstore:///var/run/resultstore/{store}"
+        if mode == "stock":
+            assert env.strip().startswith("db+postgresql+psycopg://"), "stock URL expected"
+        else:
+            assert env.strip() == f"resultstore:///var/run/resultstore/{store}"
     finally:
         sender.close()
         engine.dispose()

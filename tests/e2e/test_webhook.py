@@ -6,22 +6,18 @@ the ``<name>-resultstore`` Secret, Ready condition), and the webhook plug-in ser
 over TLS from the CA it keeps in a Secret, registering its configuration in URL mode
 (https://127.0.0.1:PORT). The stock-mode rollout plug-in runs in the same process.
 
-No kubelet runs, so pods are stored but never start. The worker test does the kubelet's part:
-it materialises the Secret volume into a kubelet-style directory (the ``..data`` symlink) at the
-pod's mount path, resolves the pod's env (including ``secretKeyRef``), and starts a real Celery
-worker with the pod's command.
+No node runs while these tests do (the tests that need one run last, tests/e2e/conftest.py),
+so pods are stored but never start. An injected worker pod really running, in both modes, is
+test_realnode_workloads.py's (the worker image on the real node).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import json
 import logging
 import os
-import pickle
-import shutil
 import signal
 import subprocess
 import time
@@ -32,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from resultstore_devtools.controlplane import ControlPlane, ExistingCluster
 from resultstore_devtools.postgres import PostgresServer
 from resultstore_devtools.procs import free_port, port_open
-from resultstore_devtools.redis import RedisServer
 from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.crd import build_crd
 from resultstore_operator.injection import (
@@ -58,7 +52,6 @@ from resultstore_operator.rollout import HASH_ANNOTATION, ROLLOUT_ANNOTATION, se
 from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
 from resultstore_operator.webhook import GROUP, PLURAL, VERSION, WEBHOOK_PATH
 from resultstore_operator.webhook_tls import TlsBundle
-from tests.helpers.kubelet_dir import KubeletDir
 from tests.helpers.waiting import eventually
 
 log = logging.getLogger(__name__)
@@ -646,135 +639,6 @@ def test_unlabelled_and_excluded_namespaces_untouched(webhook: WebhookEnv, ns: s
     # The same pod in an ordinary namespace is injected: the exclusions are what differ.
     control, _ = webhook.create_pod(ns, pod_body("orders", "control"))
     assert_injected(control, "orders")
-
-
-# --------------------------------------------------------------------------------------------
-# Running the worker the way the pod would
-# --------------------------------------------------------------------------------------------
-
-
-def materialise_pod(wenv: WebhookEnv, namespace: str, pod: dict[str, Any],
-                    container: str) -> dict[str, str]:
-    """Do the kubelet's part for one container: Secret volumes as files, env resolved.
-
-    Returns the container's environment. Volumes are written at their real mount paths (the
-    tests run as root on a throwaway machine), so the injected URL is used verbatim.
-    """
-    spec = pod["spec"]
-    c = next(c for c in spec["containers"] if c["name"] == container)
-    volumes = {v["name"]: v for v in spec.get("volumes") or []}
-    for mount in c.get("volumeMounts") or []:
-        secret = volumes[mount["name"]].get("secret")
-        if secret is None:
-            continue  # the ServiceAccount token (projected) is not needed by a worker
-        data = wenv.core.read_namespaced_secret(secret["secretName"], namespace).data or {}
-        KubeletDir(mount["mountPath"]).write(
-            {k: base64.b64decode(v) for k, v in data.items()})
-    env: dict[str, str] = {}
-    for entry in c.get("env") or []:
-        if "value" in entry:
-            env[entry["name"]] = entry["value"]
-        else:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            data = wenv.core.read_namespaced_secret(ref["name"], namespace).data or {}
-            env[entry["name"]] = base64.b64decode(data[ref["key"]]).decode()
-    return env
-
-
-def decode_result(raw: bytes) -> Any:
-    """A ``result`` column value: a pickle (stock's PickleType layout) or the serializer's JSON.
-
-    Celery >= 5.6 stock writes the result_serializer's bytes; older rows and this project's
-    backend may store a pickle. Either way it must decode to the task's return value.
-    """
-    raw = bytes(raw)
-    return pickle.loads(raw) if raw[:1] == b"\x80" else json.loads(raw)
-
-
-@dataclass
-class Worker:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-    def tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
-
-
-@pytest.mark.parametrize("mode", ["resultstore", "stock"])
-def test_worker_runs_with_injected_config(
-        webhook: WebhookEnv, ns: str, mode: str, postgres: PostgresServer,
-        redis_server: RedisServer, tmp_path: Path) -> None:
-    store = f"w{uuid.uuid4().hex[:6]}"
-    schema = make_ready_store(webhook, ns, store)  # the operator writes the Secret
-    engine = sa.create_engine(postgres.url(webhook.database))
-    try:
-        queue = f"q-{store}"
-        command = ["celery", "-A", "tests.e2e.test_webhook_app", "worker", "--pool=solo",
-                   "-Q", queue, "-n", f"{store}@%h", "--loglevel=INFO",
-                   "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        annotations = {MODE_ANNOTATION: "stock"} if mode == "stock" else None
-        body = pod_body(store, "worker", annotations=annotations, containers=[{
-            "name": "worker", "image": "example/worker:1", "command": command,
-            "env": [{"name": "CELERY_BROKER_URL", "value": redis_server.url}]}])
-        webhook.create_pod(ns, body)
-        pod = webhook.read_pod(ns, "worker")
-        assert_injected(pod, store, stock=mode == "stock")
-
-        env = materialise_pod(webhook, ns, pod, "worker")
-        if mode == "stock":
-            assert env[ENV_NAME].startswith("db+postgresql+psycopg://")
-        else:
-            assert env[ENV_NAME] == f"resultstore:///var/run/resultstore/{store}"
-            assert os.path.islink(f"{mount_path(store)}/..data")
-        process_env = {"PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
-                       "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "LANG": "C.UTF-8",
-                       **env}
-        log_path = tmp_path / "worker.log"
-        with log_path.open("wb") as out:
-            worker = Worker(subprocess.Popen(
-                pod["spec"]["containers"][0]["command"], env=process_env, cwd=REPO,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True), log_path)
-        try:
-            from celery import Celery
-
-            sender = Celery("sender", broker=redis_server.url)
-            sender.conf.update(task_serializer="json", accept_content=["json"])
-            ids = [sender.send_task("e2e.add", args=(i, i), queue=queue).id for i in range(5)]
-
-            def stored() -> dict[str, tuple[str, Any]] | None:
-                assert worker.proc.poll() is None, f"worker exited:\n{worker.tail()}"
-                with engine.connect() as conn:
-                    rows = conn.execute(sa.text(
-                        f'SELECT task_id, status, result FROM "{schema}".celery_taskmeta '
-                        "WHERE task_id = ANY(:ids)"), {"ids": ids}).all()
-                done = {r.task_id: (r.status, r.result) for r in rows}
-                if len(done) == len(ids) and all(s == "SUCCESS" for s, _ in done.values()):
-                    return done
-                return None
-
-            try:
-                done = eventually(stored, 90, "the worker's results in the store's schema", 0.5)
-            except AssertionError:
-                raise AssertionError(f"no results; worker log:\n{worker.tail()}") from None
-            for i, task_id in enumerate(ids):
-                assert decode_result(done[task_id][1]) == 2 * i
-            sender.close()
-        finally:
-            worker.stop()
-    finally:
-        engine.dispose()
-        shutil.rmtree(mount_path(store), ignore_errors=True)
-        with contextlib.suppress(OSError):  # leave the machine as found (if nobody else uses it)
-            os.rmdir(os.path.dirname(mount_path(store)))
 
 
 # --------------------------------------------------------------------------------------------
