@@ -97,6 +97,24 @@ def set_search_path(role: str, database: str, schema: str) -> sql.Composed:
         sql.Identifier(role), sql.Identifier(database), sql.Identifier(schema))
 
 
+#: First key of the transaction lock taken before GRANT/REVOKE ... ON DATABASE ("RSDA");
+#: the second is the database name's hash
+DATABASE_ACL_LOCK = 0x52534441
+
+
+def lock_database_acl(database: str) -> sql.Composed:
+    """The first statement of a transaction that grants or revokes on the database.
+
+    Why: GRANT and REVOKE ON DATABASE rewrite the database's one pg_database row, and of two
+    sessions doing it at once the later fails with "tuple concurrently updated" instead of
+    waiting. Stores provisioned together (a new namespace, hundreds after a failover) then
+    fail a reconcile each and report a DatabaseError for nothing. Under this lock they wait
+    their turn (milliseconds each); it ends with the transaction.
+    """
+    return sql.SQL("SELECT pg_advisory_xact_lock({}, hashtext({}))").format(
+        sql.Literal(DATABASE_ACL_LOCK), sql.Literal(database))
+
+
 def grant_connect(role: str, database: str) -> sql.Composed:
     return sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
         sql.Identifier(database), sql.Identifier(role))
@@ -184,7 +202,8 @@ def revoke_everything(role: str, schema: str | None, objects: Iterable[DbObject]
     role is disabled instead).
     """
     r = sql.Identifier(role)
-    out: list[sql.Composed] = [
+    out: list[sql.Composed] = [lock_database_acl(database)]
+    out += [
         sql.SQL("REVOKE ALL ON {} {} FROM {}").format(sql.SQL(obj.kind), obj.ident(), r)
         for obj in objects if obj.kind in (KIND_TABLE, KIND_SEQUENCE)
     ]

@@ -357,6 +357,7 @@ class AdminSession:
             statements.append(q.set_connection_limit(role, limit))
         exists = info is not None
         if statements or not exists:
+            statements.insert(0, q.lock_database_acl(self.target.database))
             statements.append(q.set_search_path(role, self.target.database, schema))
             statements.append(q.grant_connect(role, self.target.database))
         if statements:
