@@ -8,7 +8,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import LOOPBACK, find_binary, free_port, kill_group, port_open, wait_for
+from .procs import (
+    LOOPBACK,
+    disarm_watchdog,
+    find_binary,
+    free_port,
+    kill_group,
+    port_open,
+    start_watchdog,
+    wait_for,
+)
 
 
 def _die_with_parent() -> None:
@@ -34,6 +43,7 @@ class RedisServer:
             self.base_dir = Path(tempfile.mkdtemp(prefix="resultstore-redis-"))
         self._binary = find_binary("redis-server", ["/usr/bin", "/usr/sbin"])
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -46,6 +56,11 @@ class RedisServer:
         if self._proc is not None and self._proc.poll() is None:
             return
         assert self.base_dir is not None
+        if not self.detached and self._owns_dir and (
+                self._watchdog is None or self._watchdog.poll() is not None):
+            # redis-server dies with us (parent-death signal); its directory (the log) is
+            # removed by a watchdog if we are SIGKILLed and no finalizer runs
+            self._watchdog = start_watchdog(["true"], self.base_dir)
         log = (self.base_dir / "redis.log").open("ab")
         self._proc = subprocess.Popen(
             [
@@ -73,6 +88,8 @@ class RedisServer:
 
     def destroy(self) -> None:
         self.stop()
+        disarm_watchdog(self._watchdog)
+        self._watchdog = None
         if self._owns_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 

@@ -2,7 +2,7 @@
 
 A SIGKILLed pytest (or demo) runs no finalizer. PostgreSQL is daemonised by pg_ctl, so a
 watchdog stops it and removes its directory; Redis and PgBouncer carry a parent-death signal
-(and a watchdog removes PgBouncer's directory, which holds its auth_file).
+(and a watchdog removes their directories: PgBouncer's holds its auth_file, Redis's its log).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def test_services_stop_when_their_owner_is_killed() -> None:
                    "Redis to stop after its owner was SIGKILLed")
         eventually(lambda: not Path(info["pg_dir"]).exists(), 30,
                    "the private cluster's directory to be removed")
+        eventually(lambda: not Path(info["redis_dir"]).exists(), 30,
+                   "Redis's directory (its log) to be removed")
         eventually(lambda: not port_open(info["bouncer_port"]), 30,
                    "PgBouncer to stop after its owner was SIGKILLed")
         eventually(lambda: not Path(info["bouncer_dir"]).exists(), 30,
@@ -57,7 +59,6 @@ def test_services_stop_when_their_owner_is_killed() -> None:
     finally:
         if owner.poll() is None:
             owner.kill()
-        # Redis dies with its owner (parent-death signal) but has no watchdog to remove its
-        # directory (only a log): the test removes what it made.
-        if "info" in locals():
-            shutil.rmtree(info["redis_dir"], ignore_errors=True)
+        if "info" in locals():  # whatever a failed watchdog left
+            for key in ("pg_dir", "redis_dir", "bouncer_dir"):
+                shutil.rmtree(info[key], ignore_errors=True)
