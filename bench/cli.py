@@ -85,6 +85,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
             timed("waiter", phases.waiter, runner, settings, active + twins, raw, _log)
             timed("live", phases.live, runner, settings, services, active, raw, _log)
             timed("cleanup", phases.cleanup, runner, settings, active, raw, _log)
+            pooled = _pooler_section(settings, services, active, run_dir)
         except Exception:
             keep_run_dir = True
             _log(f"failed; job logs kept in {run_dir}")
@@ -107,12 +108,30 @@ def run(settings: BenchSettings) -> dict[str, Any]:
             "raw": raw_summary(raw),
             "table": table,
             "floor": floor_line(raw),
+            "pooler": pooled,
         }
         return record
     finally:
         services.stop()
         if not keep_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _pooler_section(settings: BenchSettings, services: BenchServices,
+                    active: list[BackendEntry], run_dir: Path) -> dict[str, Any] | str:
+    """The resultstore direct against through PgBouncer (bench.pooler.measure), or why not."""
+    if not settings.pooler_tasks:
+        return "not run (--no-pooler)"
+    if "resultstore" not in {e.key for e in active}:
+        return "not run (the resultstore backend is not in this run)"
+    if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
+        return "not run: pgbouncer is not installed (apt-get install pgbouncer)"
+    from bench import pooler
+
+    _log("PgBouncer section (resultstore direct vs through PgBouncer, transaction mode)")
+    section_dir = run_dir / "pooler"
+    section_dir.mkdir()
+    return pooler.measure(services, section_dir, settings.quick, settings.pooler_tasks)
 
 
 def print_record(record: dict[str, Any], json_path: Path) -> None:
@@ -135,6 +154,15 @@ def print_record(record: dict[str, Any], json_path: Path) -> None:
     print(record["table"])
     if record.get("floor"):
         print(record["floor"])
+    pooled = record.get("pooler")
+    print()
+    if isinstance(pooled, dict):
+        from bench import pooler
+
+        print(pooler.header(pooled))
+        print(pooled["table"])
+    elif pooled:
+        print(f"PgBouncer section: {pooled}")
     print()
     print(f"JSON: {json_path}")
     print(TABLE_END)

@@ -1,5 +1,8 @@
 """`python -m bench.pooler [--quick]`: the resultstore through PgBouncer against direct (issue 17).
 
+`python -m bench` runs this same section (`measure`) at the end of its run, on its own
+services, so the figures of record come from one run; this command runs it alone.
+
 The same private durable PostgreSQL and Redis as `python -m bench` (bench.services), plus
 Debian's PgBouncer in transaction mode in front of it (resultstore_devtools.pgbouncer). Two
 entries share one database and schema: `resultstore` (direct) and `resultstore_pgbouncer`
@@ -188,15 +191,15 @@ def settings_for(quick: bool) -> BenchSettings:
     return base.replace(backends=("resultstore",), live_group_repeats=1, chord_repeats=0)
 
 
-def run(quick: bool, tasks: int) -> dict[str, Any]:
+def measure(services: BenchServices, run_dir: Path, quick: bool, tasks: int) -> dict[str, Any]:
+    """The PgBouncer section on running ``services`` (its own direct/pooled pairs,
+    interleaved per repeat): what `python -m bench` appends to its run and this command
+    runs alone. PgBouncer is started here and removed before returning."""
     settings = settings_for(quick)
-    services = BenchServices()
-    run_dir = Path(tempfile.mkdtemp(prefix="resultstore-bench-pooler-"))
     bouncer: PgBouncer | None = None
     started = time.time()
     load_start = [round(x, 2) for x in os.getloadavg()]
     try:
-        services.start([RESULTSTORE_DB])
         bouncer = PgBouncer(services.pg, pool_mode="transaction")
         bouncer.start()
         bouncer.install_lookup(RESULTSTORE_DB)
@@ -230,6 +233,25 @@ def run(quick: bool, tasks: int) -> dict[str, Any]:
     finally:
         if bouncer is not None:
             bouncer.destroy()
+
+
+def header(record: dict[str, Any]) -> str:
+    """The line above the PgBouncer table: version, mode, load and duration."""
+    bouncer = record["pgbouncer"]
+    kept = "yes" if bouncer["prepared_statements"] else "no"
+    return (f"PgBouncer {bouncer['version']}, pool_mode={bouncer['pool_mode']}, prepared "
+            f"statements kept in transaction mode: {kept}; load average "
+            f"{record['load_start']} at start, {record['load_end']} at end; "
+            f"section took {record['duration_s']}s")
+
+
+def run(quick: bool, tasks: int) -> dict[str, Any]:
+    services = BenchServices()
+    run_dir = Path(tempfile.mkdtemp(prefix="resultstore-bench-pooler-"))
+    try:
+        services.start([RESULTSTORE_DB])
+        return measure(services, run_dir, quick, tasks)
+    finally:
         services.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -248,12 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = results / f"{stamp}-pooler{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(record, indent=2, default=str))
-    bouncer = record["pgbouncer"]
-    kept = "yes" if bouncer["prepared_statements"] else "no"
-    print(f"PgBouncer {bouncer['version']}, pool_mode={bouncer['pool_mode']}, prepared "
-          f"statements kept in transaction mode: {kept}"
-          f"; load average {record['load_start']} at start, {record['load_end']} at end; "
-          f"run took {record['duration_s']}s")
+    print(header(record))
     print(record["table"])
     print(f"JSON: {path}")
     return 0

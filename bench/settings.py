@@ -45,6 +45,8 @@ class BenchSettings:
     worker_concurrency: int  # prefork children of the real worker used for chords
     backends: tuple[str, ...]
     results_dir: Path
+    #: queued tasks of the PgBouncer section's connections row; 0: no PgBouncer section
+    pooler_tasks: int = 4000
 
     @classmethod
     def full(cls, **overrides: object) -> BenchSettings:
@@ -65,7 +67,7 @@ class BenchSettings:
             quick=True, repeats=1, n_store=100, n_get=50, op_budget_s=1.0, min_ops=20,
             warmup=10, group_size=100, writer_seconds=1.0, writer_repeats=1, chord_parts=50,
             chord_repeats=1, live_group_repeats=1, rt_calls=10, rt_budget_s=5.0, rt_min=5,
-            cleanup_rows=20_000,
+            cleanup_rows=20_000, pooler_tasks=800,
         )
         return base.replace(**overrides)
 
@@ -103,6 +105,12 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
                         "(default 1000000, --quick 20000)")
     parser.add_argument("--cleanup-repeats", type=int, default=None)
     parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--pooler-tasks", type=int, default=None,
+                        help="queued tasks of the PgBouncer section's connections row "
+                        "(default 4000, --quick 800)")
+    parser.add_argument("--no-pooler", action="store_true",
+                        help="skip the PgBouncer section (resultstore direct vs through "
+                        "PgBouncer; also `python -m bench.pooler` alone)")
     args = parser.parse_args(argv)
     backends: tuple[str, ...] | None = None
     if args.backends:
@@ -116,6 +124,7 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
         "writers": args.writers, "writer_seconds": args.writer_seconds,
         "cleanup_rows": args.cleanup_rows, "cleanup_repeats": args.cleanup_repeats,
         "results_dir": args.results_dir,
+        "pooler_tasks": 0 if args.no_pooler else args.pooler_tasks,
     }
     if args.quick:
         return BenchSettings.quick_mode(**overrides)

@@ -2,7 +2,8 @@
 
 No timing assertions: numbers on a shared 2-core machine are noise for a test. This only
 proves the harness works (services start, every phase runs for every installed backend, the
-table and the JSON record are complete), so the full run is never the first run.
+table and the JSON record are complete, the PgBouncer section included), so the full run is
+never the first run.
 """
 
 from __future__ import annotations
@@ -39,12 +40,19 @@ NOTIFY_OFF_METRICS = (
 )
 
 
+POOLER_ROWS = ("store_result latency | worker", "store_result latency | client",
+               "get: AsyncResult.get (ready) | worker", "get: backend.get_task_meta | client",
+               "delay -> get round trip, no-op task | prefork",
+               "delay -> get round trip, no-op task | threads")
+
+
 @pytest.mark.integration
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_quick_benchmark_completes_with_full_table(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=380,
+        [sys.executable, "-m", "bench", "--quick", "--pooler-tasks", "200",
+         "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=680,
     )
     assert result.returncode == 0, f"bench failed:\n{result.stdout}\n{result.stderr[-5000:]}"
     out = result.stdout
@@ -77,3 +85,15 @@ def test_quick_benchmark_completes_with_full_table(tmp_path: Path) -> None:
         for metric in NOTIFY_OFF_METRICS:
             assert metric in out, f"table lacks the notifications-off row {metric!r}:\n{out}"
         assert "resultstore's own store statement" in out, f"no store-statement line:\n{out}"
+
+    # The PgBouncer section of the same run: both columns filled, the connections counted.
+    assert "pool_mode=transaction" in out, out
+    lines = out.splitlines()
+    for row in POOLER_ROWS:
+        line = next((text for text in lines if text.startswith(row)), None)
+        assert line is not None, f"the PgBouncer table lacks {row!r}:\n{out}"
+        direct, pooled = line.split(" | ")[3:5]
+        assert "p99" in direct and "p99" in pooled, f"{row}: a column has no value: {line}"
+    peaks = {key: value["peak"] for key, value in record["pooler"]["connections"].items()}
+    assert peaks["resultstore"]["direct"] >= 1, peaks
+    assert peaks["resultstore_pgbouncer"]["pgbouncer_clients"] >= 1, peaks
