@@ -111,7 +111,10 @@ class PortForward:
 class ClusterTarget:
     """The demo against the cluster of ``--kubeconfig``."""
 
-    rotation_timeout = 600.0  # the operator's default rotation grace (90 s) is in there
+    rotation_timeout = 600.0  # the operator's default rotation grace (120 s) is in there
+    # A kubelet with the default sync (1 min) refreshes a Secret volume after 60-90 s; the
+    # previous role's sessions must outlive that (and the operator's 120 s grace).
+    drain_timeout = "3m"
 
     def __init__(self, args: argparse.Namespace, stack: contextlib.ExitStack,
                  work: Path) -> None:

@@ -60,6 +60,8 @@ class LocalTarget:
     work: Path
     namespace: str = "demo"
     rotation_timeout: float = 180.0
+    # The stand-in kubelet republishes a Secret within a second.
+    drain_timeout: str = "20s"
     kubectl: Kubectl = field(init=False)
 
     def start_cluster(self) -> None:

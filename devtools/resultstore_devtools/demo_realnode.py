@@ -63,6 +63,9 @@ def worker_on_node(deployment: dict[str, Any]) -> dict[str, Any]:
 class RealNodeTarget(LocalTarget):
     """LocalTarget whose operator and worker are pods on the real node."""
 
+    # The kubelet (syncFrequency 10 s) refreshes the worker's Secret volume within ~15 s;
+    # the previous role's sessions are ended only after this, and the grace (30 s) passes.
+    drain_timeout: str = "60s"
     node: RealNode | None = None
 
     def install_operator(self) -> None:

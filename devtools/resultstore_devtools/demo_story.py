@@ -124,6 +124,7 @@ class Target(Protocol):
     kubectl: Kubectl
     namespace: str
     rotation_timeout: float
+    drain_timeout: str
 
     def start_cluster(self) -> None: ...
     def start_services(self) -> tuple[Database, Broker]: ...
@@ -144,8 +145,8 @@ def examples() -> list[dict[str, Any]]:
     return docs
 
 
-def point_examples(docs: list[dict[str, Any]], db: Database,
-                   broker: Broker) -> list[dict[str, Any]]:
+def point_examples(docs: list[dict[str, Any]], db: Database, broker: Broker,
+                   drain_timeout: str = "20s") -> list[dict[str, Any]]:
     """manifests/examples/, pointed at the demo's PostgreSQL and broker (pure)."""
     out = json.loads(json.dumps(docs))
     for doc in out:
@@ -156,8 +157,9 @@ def point_examples(docs: list[dict[str, Any]], db: Database,
             spec = doc["spec"]
             spec["database"].update(host=db.cluster_host, port=db.cluster_port, name=db.name,
                                     sslMode="disable")
-            # A demo-sized drain: the previous role goes as soon as its sessions are gone.
-            spec["credentials"]["drainTimeout"] = "20s"
+            # A demo-sized drain (the target's: a pod's kubelet must refresh its Secret
+            # volume within it, since the previous role's sessions are ended at its end).
+            spec["credentials"]["drainTimeout"] = drain_timeout
             # The teardown retains the schema; a rerun against the same PostgreSQL
             # (--postgres) is a new ResultStore (new uid) and re-attaches to it explicitly.
             spec["schemaPolicy"] = "AdoptExisting"

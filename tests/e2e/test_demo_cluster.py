@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
+import pytest
 from kubernetes import client
 
 from resultstore_devtools import image
@@ -37,6 +38,8 @@ from resultstore_devtools.procs import free_port
 from tests.e2e.node_support import SessionNode
 
 OPERATOR_NS = "resultstore-system"
+# The rotation waits for the kubelet's default refresh (60-90 s) and the operator's 120 s grace.
+pytestmark = pytest.mark.timeout(900)
 
 
 def namespace_names(core: client.CoreV1Api) -> set[str]:
