@@ -65,8 +65,10 @@ CONTAINERS_ANNOTATION = f"{GROUP}/containers"
 MODE_ANNOTATION = f"{GROUP}/mode"
 OVERRIDE_ENV_ANNOTATION = f"{GROUP}/override-env"
 STATUS_ANNOTATION = f"{GROUP}/injected"
-#: On a workload: roll it when its store's Secret changes; on its pod template: the hash.
-ROLLOUT_ANNOTATION = f"{GROUP}/rollout"
+#: On a workload, a label (so the watch selects it on the server): roll it when its store's
+#: Secret changes; on its pod template, an annotation: the hash.
+ROLLOUT_LABEL = f"{GROUP}/rollout"
+ROLLOUT_SELECTOR = f"{ROLLOUT_LABEL}=true"
 HASH_ANNOTATION = f"{GROUP}/secret-hash"
 
 # --- how we talk to the API server ---------------------------------------------------------------

@@ -3,10 +3,12 @@
 Why: a worker in ``resultstore.dev/mode: stock`` gets ``CELERY_RESULT_BACKEND`` from the
 Secret's ``result_backend`` key through ``valueFrom``, which the kubelet resolves once at
 container start. After a credential rotation those workers keep the old password until they
-restart, and the operator's drain step then waits for them. Workloads that opt in with
-``resultstore.dev/rollout: "true"`` get a pod-template annotation holding a hash of the keys
-that reach the environment; when the Secret changes, the hash changes, and the Deployment /
-StatefulSet / DaemonSet controller performs its ordinary rolling update.
+restart, and the operator's drain step then waits for them. Workloads that opt in with the
+label ``resultstore.dev/rollout: "true"`` get a pod-template annotation holding a hash of the
+keys that reach the environment; when the Secret changes, the hash changes, and the Deployment /
+StatefulSet / DaemonSet controller performs its ordinary rolling update. The opt-in is a
+label on the workload (not an annotation) so that the watches and the listing select on the
+API server: workloads that did not opt in never reach the operator.
 
 Only env-consumed keys are hashed: an engine-option change rewrites ``engine_options.json``,
 which file-mode workers reload by themselves, and must not restart every stock worker.
@@ -31,20 +33,21 @@ from .api import (
     CORE_VERSION,
     HASH_ANNOTATION,
     INJECT_LABEL,
-    ROLLOUT_ANNOTATION,
+    ROLLOUT_LABEL,
+    ROLLOUT_SELECTOR,
     WORKLOAD_PLURALS,
 )
 from .builders.names import SECRET_SUFFIX, secret_name
 from .builders.ownership import controller_of, is_resultstore_ref
 from .injection import STOCK_KEY
 from .kube import WORKLOAD_CLIENT_NAMES, Kube, meta, new_api_client, pod_template
-from .settings import TRUTHY, OperatorSettings
+from .settings import OperatorSettings
 
 log = logging.getLogger("resultstore.rollout")
 
-__all__ = ["HASH_ANNOTATION", "ROLLOUT_ANNOTATION", "WORKLOAD_CLIENT_NAMES", "WORKLOAD_KINDS",
-           "WorkloadClient", "register", "roll_workloads_for_secret", "rollout_patch",
-           "secret_hash", "store_of_secret", "sync_workload", "workload_store"]
+__all__ = ["HASH_ANNOTATION", "ROLLOUT_LABEL", "ROLLOUT_SELECTOR", "WORKLOAD_CLIENT_NAMES",
+           "WORKLOAD_KINDS", "WorkloadClient", "register", "roll_workloads_for_secret",
+           "rollout_patch", "secret_hash", "store_of_secret", "sync_workload", "workload_store"]
 
 HASHED_KEYS = (STOCK_KEY,)
 WORKLOAD_KINDS = WORKLOAD_PLURALS
@@ -56,7 +59,8 @@ class WorkloadClient(Protocol):
 
     def read_secret(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 
-    def list_workloads(self, namespace: str, plural: str) -> list[dict[str, Any]]: ...
+    def list_workloads(self, namespace: str, plural: str,
+                       selector: str) -> list[dict[str, Any]]: ...
 
     def patch_workload(self, plural: str, namespace: str, name: str,
                        patch: Mapping[str, Any]) -> None: ...
@@ -102,8 +106,8 @@ def store_of_secret(secret: Mapping[str, Any]) -> str | None:
 
 def workload_store(workload: Mapping[str, Any]) -> str | None:
     """The store an opted-in workload's pods are injected with (None: not opted in)."""
-    annotations = meta(workload).annotations
-    if str(annotations.get(ROLLOUT_ANNOTATION, "")).strip().lower() not in TRUTHY:
+    # exactly the value the server-side selector (ROLLOUT_SELECTOR) matches
+    if meta(workload).labels.get(ROLLOUT_LABEL) != "true":
         return None
     store = meta(pod_template(workload)).labels.get(INJECT_LABEL)
     if store is None:
@@ -129,7 +133,7 @@ def roll_workloads_for_secret(kube: WorkloadClient, namespace: str, store: str,
         return []
     rolled = []
     for kind in WORKLOAD_KINDS:
-        for workload in kube.list_workloads(namespace, kind):
+        for workload in kube.list_workloads(namespace, kind, ROLLOUT_SELECTOR):
             if workload_store(workload) != store:
                 continue
             patch = rollout_patch(workload, digest)
@@ -189,6 +193,12 @@ def register(registry: Any, settings: OperatorSettings) -> None:
         if rolled:
             log.info("Secret %s/%s changed: rolling %s", namespace, meta(body).name,
                      ", ".join(rolled))
+
+    @kopf.on.startup(registry=registry, id="resultstore-rollout-selectors")
+    def _select(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Before the watches start: only opted-in workloads are streamed to this process.
+        for kind in WORKLOAD_KINDS:
+            settings.watching.label_selectors[("apps", kind)] = ROLLOUT_SELECTOR
 
     def opted_in(body: Mapping[str, Any], **_: Any) -> bool:
         return workload_store(body) is not None

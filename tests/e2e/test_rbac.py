@@ -431,7 +431,7 @@ def workload(kind: str, name: str, store: str) -> dict[str, Any]:
     if kind == "StatefulSet":
         spec["serviceName"] = name
     return {"apiVersion": "apps/v1", "kind": kind,
-            "metadata": {"name": name, "annotations": {"resultstore.dev/rollout": "true"}},
+            "metadata": {"name": name, "labels": {"resultstore.dev/rollout": "true"}},
             "spec": spec}
 
 

@@ -48,7 +48,7 @@ from resultstore_operator.injection import (
     secret_name,
     volume_name,
 )
-from resultstore_operator.rollout import HASH_ANNOTATION, ROLLOUT_ANNOTATION, secret_hash
+from resultstore_operator.rollout import HASH_ANNOTATION, ROLLOUT_LABEL, secret_hash
 from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
 from resultstore_operator.webhook import GROUP, PLURAL, VERSION, WEBHOOK_PATH
 from resultstore_operator.webhook_tls import TlsBundle
@@ -654,7 +654,7 @@ def test_rollout_annotation_follows_secret_rotation(webhook: WebhookEnv, ns: str
     template["metadata"]["labels"]["app"] = "rollout"
     apps.create_namespaced_deployment(ns, {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "workers", "annotations": {ROLLOUT_ANNOTATION: "true"}},
+        "metadata": {"name": "workers", "labels": {ROLLOUT_LABEL: "true"}},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "rollout"}},
                  "template": {"metadata": template["metadata"], "spec": template["spec"]}}})
     apps.create_namespaced_deployment(ns, {

@@ -11,7 +11,9 @@ import pytest
 from resultstore_operator.injection import INJECT_LABEL
 from resultstore_operator.rollout import (
     HASH_ANNOTATION,
-    ROLLOUT_ANNOTATION,
+    ROLLOUT_LABEL,
+    ROLLOUT_SELECTOR,
+    roll_workloads_for_secret,
     rollout_patch,
     secret_hash,
     store_of_secret,
@@ -25,11 +27,11 @@ def b64(text: str) -> str:
 
 def workload(rollout: str | None = "true", store: str | None = "orders",
              digest: str | None = None) -> dict[str, Any]:
-    annotations = {ROLLOUT_ANNOTATION: rollout} if rollout is not None else {}
+    labels = {ROLLOUT_LABEL: rollout} if rollout is not None else {}
     template_meta: dict[str, Any] = {"labels": {INJECT_LABEL: store} if store else {}}
     if digest is not None:
         template_meta["annotations"] = {HASH_ANNOTATION: digest}
-    return {"metadata": {"name": "w", "namespace": "team", "annotations": annotations},
+    return {"metadata": {"name": "w", "namespace": "team", "labels": labels},
             "spec": {"template": {"metadata": template_meta, "spec": {}}}}
 
 
@@ -70,7 +72,8 @@ def test_store_of_secret(secret: dict[str, Any], store: str | None) -> None:
 
 @pytest.mark.parametrize("rollout,store,expected", [
     ("true", "orders", "orders"),
-    ("True", "orders", "orders"),
+    # only what the server-side selector (resultstore.dev/rollout=true) streams
+    ("True", "orders", None),
     ("false", "orders", None),
     (None, "orders", None),
     ("true", None, None),
@@ -100,17 +103,23 @@ def test_client_method_names_exist() -> None:
 
 class _Gateway:
     """The rollout's calls of the Kubernetes client (rollout.WorkloadClient), in memory:
-    one Secret, no listed workloads, records the patches."""
+    one Secret, the workloads it is given, records the listings' selectors and the
+    patches."""
 
-    def __init__(self, secret: dict[str, Any] | None) -> None:
+    def __init__(self, secret: dict[str, Any] | None,
+                 workloads: list[dict[str, Any]] | None = None) -> None:
         self._secret = secret
+        self._workloads = workloads or []
+        self.selectors: list[str] = []
         self.patches: list[tuple[str, str, str, dict[str, Any]]] = []
 
     def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._secret
 
-    def list_workloads(self, namespace: str, plural: str) -> list[dict[str, Any]]:
-        return []
+    def list_workloads(self, namespace: str, plural: str,
+                       selector: str) -> list[dict[str, Any]]:
+        self.selectors.append(selector)
+        return self._workloads if plural == "deployments" else []
 
     def patch_workload(self, plural: str, namespace: str, name: str,
                        patch: Mapping[str, Any]) -> None:
@@ -128,3 +137,41 @@ def test_sync_workload_hashes_only_the_stores_own_secret(owner: str | None,
     assert sync_workload(gateway, "deployments", workload()) is patched
     assert bool(gateway.patches) is patched, (
         f"a Secret controlled by {owner!r} must {'' if patched else 'not '}roll the workload")
+
+
+def test_roll_lists_only_opted_in_workloads_and_patches_the_stores() -> None:
+    """The listing asks the API server for opted-in workloads only (a label selector);
+    of those, only the ones injected with this store are patched."""
+    data = {"result_backend": b64("db+postgresql+psycopg://u:p@h/d")}
+    ours, other = workload(), workload(store="billing")
+    other["metadata"]["name"] = "other"
+    gateway = _Gateway(None, [ours, other])
+    assert roll_workloads_for_secret(gateway, "team", "orders", data) == ["deployments/w"]
+    assert gateway.selectors and set(gateway.selectors) == {ROLLOUT_SELECTOR}, \
+        f"workloads were listed without the opt-in selector: {gateway.selectors}"
+    assert [p[2] for p in gateway.patches] == ["w"]
+
+
+@pytest.mark.parametrize("plural,kind", [("deployments", "Deployment"),
+                                         ("statefulsets", "StatefulSet"),
+                                         ("daemonsets", "DaemonSet")])
+def test_workload_watches_select_on_the_server(plural: str, kind: str) -> None:
+    """Kopf's watch (and its initial listing) for each workload kind carries the opt-in
+    selector once the rollout's startup activity ran: other workloads are never streamed."""
+    import kopf
+    from kopf._cogs.structs import references
+
+    from resultstore_operator.rollout import register
+    from resultstore_operator.settings import OperatorSettings
+
+    registry = kopf.OperatorRegistry()
+    register(registry, OperatorSettings())
+    settings = kopf.OperatorSettings()
+    startup = [h for h in registry._activities.get_all_handlers()
+               if h.id == "resultstore-rollout-selectors"]
+    assert len(startup) == 1, "the rollout registers no startup activity for its selectors"
+    select: Any = startup[0].fn  # called as Kopf would, with the one argument it uses
+    select(settings=settings)
+    resource = references.Resource(group="apps", version="v1", plural=plural, kind=kind,
+                                   singular=kind.lower(), namespaced=True)
+    assert settings.watching.label_selectors.collect(resource) == [ROLLOUT_SELECTOR]
