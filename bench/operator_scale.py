@@ -93,6 +93,7 @@ class Replica:
     def __init__(self, name: str, env: dict[str, str], namespace: str) -> None:
         self.name = name
         self.port = free_port()
+        self.metrics_port = free_port()
         # A private TMPDIR, removed at stop: the kubernetes client writes the kubeconfig's
         # client key to temporary files it deletes only at a clean exit, and the failover
         # measurement SIGKILLs the leader.
@@ -104,6 +105,7 @@ class Replica:
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "resultstore-operator")],
             env={**env, "POD_NAME": name, "RESULTSTORE_HEALTH_ADDRESS": f"127.0.0.1:{self.port}",
+                 "RESULTSTORE_METRICS_ADDRESS": f"127.0.0.1:{self.metrics_port}",
                  "TMPDIR": str(self.tmp_dir)},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -139,11 +141,103 @@ class Replica:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
-def count_ready(custom: Any, namespace: str, names: set[str]) -> int:
-    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-    return sum(1 for o in items if o["metadata"]["name"] in names and any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (o.get("status") or {}).get("conditions") or []))
+def is_ready(obj: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+class ReadyWatch(threading.Thread):
+    """The names of the namespace's stores that report Ready, from one watch stream.
+
+    A watch, not a LIST every second: listing 1000 stores with their status once a second
+    costs the API server (and this process) about as much CPU as a good part of the
+    operator's work, on the same two cores, and would slow what it measures.
+    """
+
+    def __init__(self, custom: Any, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.custom = custom
+        self.namespace = namespace
+        self.ready: set[str] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from kubernetes import watch
+
+        version = ""
+        while not self._halt.is_set():
+            try:
+                if not version:
+                    listing = self.custom.list_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, PLURAL)
+                    self.ready = {o["metadata"]["name"] for o in listing["items"]
+                                  if is_ready(o)}
+                    version = listing["metadata"]["resourceVersion"]
+                stream = watch.Watch().stream(
+                    self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                    self.namespace, PLURAL, resource_version=version, timeout_seconds=60,
+                    allow_watch_bookmarks=True)
+                for event in stream:
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    name = obj["metadata"]["name"]
+                    if event["type"] != "DELETED" and is_ready(obj):
+                        self.ready.add(name)
+                    else:
+                        self.ready.discard(name)
+                    if self._halt.is_set():
+                        return
+            except client.exceptions.ApiException as exc:
+                if exc.status != 410:  # 410 Gone: resume from a fresh listing
+                    time.sleep(0.5)
+                version = ""
+            except Exception:  # noqa: BLE001 - a broken stream is re-listed
+                time.sleep(0.5)
+                version = ""
+
+    def count(self, names: set[str]) -> int:
+        return len(self.ready & names)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
+def scrape(api: Any, path: str, port: int | None = None) -> str:
+    """A Prometheus text exposition: the API server's (`path` on it) or a replica's."""
+    if port is not None:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return str(r.read().decode())
+    method, url, headers, body, post = api.param_serialize(
+        "GET", path, header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"])
+    response = api.call_api(method, url, headers, body, post, _request_timeout=30)
+    response.read()
+    return str(response.data.decode())
+
+
+def counters(text: str, metric: str, labels: tuple[str, ...]) -> dict[str, float]:
+    """`metric`'s samples summed by `labels` (joined with '/'), from an exposition."""
+    import re
+
+    out: dict[str, float] = {}
+    pattern = re.compile(r'(\w+)="([^"]*)"')
+    for line in text.splitlines():
+        if not line.startswith(metric + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        found = dict(pattern.findall(head))
+        key = "/".join(found.get(label, "") for label in labels).strip("/")
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float], top: int = 15) -> dict[str, int]:
+    diff = {k: int(v - before.get(k, 0.0)) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in diff.items() if v > 0),
+                       key=lambda kv: -kv[1])[:top])
+
+
+API_REQUESTS = ("apiserver_request_total", ("verb", "resource", "subresource"))
 
 
 def steady_rss(replica: Replica, settle: float = 10.0) -> float:
@@ -227,15 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--unrelated-secrets", type=int, default=5000)
     parser.add_argument("--no-failover", dest="failover", action="store_false")
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="copy each replica's log into DIR before it is removed")
     args = parser.parse_args(argv)
 
     cluster = cluster_from_environment()
     pg = PostgresServer(durable=False, max_connections=400)
     replicas: list[Replica] = []
+    watcher: ReadyWatch | None = None
     try:
         cluster.start()
         pg.start()
-        _api, core, custom, namespace, operator_namespace, _pw = prepare(cluster, pg)
+        api, core, custom, namespace, operator_namespace, _pw = prepare(cluster, pg)
+        watcher = ReadyWatch(custom, namespace)
+        watcher.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTSTORE_")}
         env.update(KUBECONFIG=str(cluster.kubeconfig), RESULTSTORE_WATCH_NAMESPACES=namespace,
                    RESULTSTORE_WORKERS=str(args.workers), RESULTSTORE_LEADER_ELECTION="true",
@@ -252,15 +351,30 @@ def main(argv: list[str] | None = None) -> int:
 
         single = singles(custom, namespace, pg, args.single)
         names = [f"s{i:04d}" for i in range(args.stores)]
+        requests_before = counters(scrape(api, "/metrics"), *API_REQUESTS)
         t0 = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda n: custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, store_body(n, pg, "bench")), names))
         created = time.monotonic() - t0
         wanted = set(names)
-        wait_for(lambda: count_ready(custom, namespace, wanted) == len(names), 1800,
-                 f"{args.stores} stores Ready", interval=1.0)
+        wait_for(lambda: watcher.count(wanted) == len(names), 1800,
+                 f"{args.stores} stores Ready", interval=0.2)
         total = time.monotonic() - t0
+        # What the burst cost the API server, and what the leader did meanwhile (drift
+        # checks of the stores already Ready compete with the provisioning of the others).
+        requests = delta(counters(scrape(api, "/metrics"), *API_REQUESTS), requests_before)
+        reconciles: dict[str, float] = {}
+        current = leader if leader.proc.poll() is None else standby
+        if current.proc.poll() is None:
+            reconciles = counters(scrape(api, "/metrics", current.metrics_port),
+                                  "resultstore_reconciliations_total", ("handler", "outcome"))
+        # A leader that lost its Lease under load exits (the standby finished the work):
+        # its RSS figures would then be those of a dead process, so say so.
+        leader_exit = leader.proc.poll()
+        if leader_exit is not None:
+            # the standby took over mid-burst: it is the leader whose figures follow
+            leader, standby = standby, leader
         rss_steady = steady_rss(leader)
         result: dict[str, Any] = {
             "stores": args.stores,
@@ -272,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             "operator_idle_rss_mib": idle_rss,
             "operator_peak_rss_mib": round(leader.sampler.peak / 2**20, 1),
             "operator_steady_rss_mib": rss_steady,
-            "standby_rss_mib": standby.rss_mib(),
+            "standby_rss_mib": standby.rss_mib() if standby.proc.poll() is None else None,
+            "leader_exit_code_at_ready": leader_exit,
+            "leader_at_ready": leader.name,
+            "leader_reconciles_at_ready": {k: int(v) for k, v in reconciles.items() if v},
+            "api_requests_during_burst": requests,
             "operator_workers": args.workers,
             "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -284,19 +402,27 @@ def main(argv: list[str] | None = None) -> int:
             result["operator_steady_rss_with_secrets_mib"] = steady_rss(leader)
             result["rss_with_secrets_ratio"] = round(
                 result["operator_steady_rss_with_secrets_mib"] / rss_steady, 3)
-        if args.failover:
+        if args.failover and leader_exit is not None:
+            # the SIGKILLed replica is not restarted here: no standby is left to measure
+            result["failover"] = "not measured: the leader already changed during the burst"
+        elif args.failover:
             result.update(measure_failover(custom, namespace, pg, leader, standby))
             wanted.add("after-failover")
-            wait_for(lambda: count_ready(custom, namespace, wanted) == len(wanted), 1800,
-                     "every store Ready under the new leader", interval=1.0)
+            wait_for(lambda: watcher.count(wanted) == len(wanted), 1800,
+                     "every store Ready under the new leader", interval=0.2)
             # The new leader listed the namespace with the unrelated Secrets already there.
             result["new_leader_steady_rss_mib"] = steady_rss(standby)
             result["new_leader_peak_rss_mib"] = round(standby.sampler.peak / 2**20, 1)
         print(json.dumps(result, indent=2))
         return 0
     finally:
+        if watcher is not None:
+            watcher.stop()
         for replica in reversed(replicas):
             replica.stop()
+            if args.keep_logs is not None and replica.log_path.exists():
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(replica.log_path, args.keep_logs / f"{replica.name}.log")
             replica.remove_files()
         pg.destroy()
         cluster.stop()

@@ -139,3 +139,31 @@ def test_conditions_and_sections() -> None:
 ])
 def test_the_client_calls_exist(api: type, method: str) -> None:
     assert callable(getattr(api, method, None)), f"{api.__name__}.{method} does not exist"
+
+
+def test_new_api_client_keeps_a_connection_per_thread(tmp_path: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's default pool is 5 connections per CPU; 16 reconcile threads sharing
+    one opened and dropped a TLS connection per request beyond that."""
+    from resultstore_operator.kube import new_api_client
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+    from kubernetes.config import kube_config
+
+    # read at import time from KUBECONFIG; load_kube_config falls back to it
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    api = new_api_client(pool_size=20)
+    try:
+        assert api.configuration.connection_pool_maxsize >= 20
+        assert api.rest_client.pool_manager.connection_pool_kw["maxsize"] >= 20
+        default = new_api_client()
+        assert default.rest_client.pool_manager.connection_pool_kw["maxsize"] >= 32
+        default.close()
+    finally:
+        api.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .connection import (
     REQUIRE_AUTH,
+    AdminEngines,
     Credentials,
     DatabaseError,
     Target,
@@ -21,6 +22,6 @@ from .connection import (
 from .seam import Database, Postgres, Session
 from .session import AdminSession, CleanupRun, OwnershipError
 
-__all__ = ["REQUIRE_AUTH", "AdminSession", "CleanupRun", "Credentials", "Database",
+__all__ = ["REQUIRE_AUTH", "AdminEngines", "AdminSession", "CleanupRun", "Credentials", "Database",
            "DatabaseError", "OwnershipError", "Postgres", "Session", "Target", "check_login",
            "classify", "connection_security"]

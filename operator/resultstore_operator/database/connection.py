@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import QueuePool
 
 from resultstore_backend.config import redact
 
@@ -176,3 +181,105 @@ def check_login(target: Target, creds: Credentials) -> bool:
     finally:
         ca.close()
 
+
+
+@dataclass
+class _Kept:
+    engine: sa.Engine
+    ca: CaFile
+    last_used: float
+
+
+class AdminEngines:
+    """The admin connections of a running operator, kept from one reconcile to the next.
+
+    Why: a reconcile used to build a SQLAlchemy engine, initialise its dialect (server
+    version, string settings) and authenticate a new backend, and throw all of it away a
+    second later; at 1000 stores that was done for every provisioning and every drift check,
+    and the engine's compiled-statement cache went with it, so the schema migration's
+    catalog queries were compiled again for every store (a third of the operator's CPU in a
+    1000-store profile). Here there is one engine per (target, admin credentials) and a pool
+    of its connections:
+
+    - at most `size` idle connections per engine, `size + overflow` in use (the reconcile
+      threads are the only users);
+    - a connection is pinged at checkout (a server restart costs no failed reconcile) and
+      replaced once older than `max_age` seconds, so a password or TLS setting changed on the
+      server side is met within that time by a fresh authentication (a changed Secret is a
+      new key, so a new engine, at once);
+    - an engine unused for `idle` seconds is disposed: its connections close and its CA file
+      is removed, so stores that went away leave no session open on their server;
+    - automatic server-side statement preparation is off (as it was for a connection that
+      lived one reconcile): a long-lived session must not keep plans of objects that
+      migrations change.
+
+    The session a reconcile gets is reset (rolled back) when returned; nothing of one
+    reconcile's transaction state reaches the next. Thread-safe.
+    """
+
+    def __init__(self, size: int = 4, overflow: int = 16, idle: float = 30.0,
+                 max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = size
+        self.overflow = overflow
+        self.idle = idle
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._kept: dict[tuple[Target, Credentials], _Kept] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _engine(self, target: Target, admin: Credentials) -> sa.Engine:
+        now = self._clock()
+        with self._lock:
+            self._reap(now)
+            kept = self._kept.get((target, admin))
+            if kept is None:
+                ca = CaFile(target.ca_cert)
+                url = URL.create("postgresql+psycopg", username=admin.username,
+                                 password=admin.password, host=target.host,
+                                 port=target.port, database=target.database)
+                engine = sa.create_engine(
+                    url, poolclass=QueuePool, pool_size=self.size,
+                    max_overflow=self.overflow, pool_pre_ping=True,
+                    pool_recycle=max(1, int(self.max_age)),
+                    connect_args={**connect_args(target, ca), "prepare_threshold": None})
+                kept = self._kept[(target, admin)] = _Kept(engine, ca, now)
+            kept.last_used = now
+            return kept.engine
+
+    def _reap(self, now: float) -> None:
+        """Dispose of the engines nobody used for `idle` seconds (none checked out)."""
+        for key, kept in list(self._kept.items()):
+            if now - kept.last_used < self.idle:
+                continue
+            pool = kept.engine.pool
+            if isinstance(pool, QueuePool) and pool.checkedout():
+                continue
+            del self._kept[key]
+            kept.engine.dispose()
+            kept.ca.close()
+
+    def connect(self, target: Target, admin: Credentials) -> sa.Connection:
+        """A pooled admin connection (return it with `close()`); driver errors propagate."""
+        engine = self._engine(target, admin)
+        try:
+            return engine.connect()
+        finally:
+            with self._lock:
+                kept = self._kept.get((target, admin))
+                if kept is not None:
+                    kept.last_used = self._clock()
+
+    def reap(self) -> None:
+        with self._lock:
+            self._reap(self._clock())
+
+    def close(self) -> None:
+        """Dispose of every engine (operator shutdown, tests)."""
+        with self._lock:
+            for kept in self._kept.values():
+                kept.engine.dispose()
+                kept.ca.close()
+            self._kept.clear()

@@ -16,7 +16,7 @@ from resultstore_backend.schema import TableNames
 
 from ..builders import marker as m
 from ..builders.connections import ConnectionUsage
-from .connection import Credentials, Target, check_login
+from .connection import AdminEngines, Credentials, Target, check_login
 from .session import AdminSession, CleanupRun
 
 
@@ -71,11 +71,17 @@ class Database(Protocol):
 
 
 class Postgres:
-    """The Database of a running operator: real connections (AdminSession, check_login)."""
+    """The Database of a running operator: real connections (AdminSession, check_login).
+
+    Admin sessions come from `engines` (connection.AdminEngines: kept between reconciles);
+    a login check always opens a connection of its own (it is what proves a password)."""
+
+    def __init__(self, engines: AdminEngines | None = None) -> None:
+        self.engines = engines or AdminEngines()
 
     def session(self, target: Target, admin: Credentials,
                 owner: m.Owner) -> AbstractContextManager[Session]:
-        return AdminSession(target, admin, owner)
+        return AdminSession(target, admin, owner, self.engines)
 
     def check_login(self, target: Target, creds: Credentials) -> bool:
         return check_login(target, creds)

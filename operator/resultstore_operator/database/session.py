@@ -1,8 +1,9 @@
 """The admin session: schema migration, roles, grants, drain and teardown of one store.
 
-Each reconcile opens one short-lived admin session (no pool: the operator talks to a
-database for a fraction of a second per store per interval, and a pool per store would hold
-hundreds of idle connections at scale). Statements come from builders.sql; this module only
+Each reconcile works in one admin session. A running operator takes it from its kept
+connections (connection.AdminEngines: one small pool per server and admin credentials,
+never one per store, closed when unused); a session made without them has a connection of
+its own, closed with it. Statements come from builders.sql; this module only
 executes them. Nothing is altered, granted, revoked, terminated or dropped unless the object
 carries this store's ownership marker (builders.marker); every such method checks the marker
 itself, right before acting.
@@ -16,6 +17,8 @@ be easy to bypass.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,9 +37,32 @@ from ..builders import marker as m
 from ..builders import reasons as r
 from ..builders import sql as q
 from ..builders.connections import ConnectionUsage
-from .connection import CaFile, Credentials, DatabaseError, Target, classify, connect_args
+from .connection import (
+    AdminEngines,
+    CaFile,
+    Credentials,
+    DatabaseError,
+    Target,
+    classify,
+    connect_args,
+)
 
 log = logging.getLogger(__name__)
+
+#: How often `_execute` runs a transaction again after a concurrent catalog update.
+CATALOG_RETRIES = 5
+
+
+def concurrent_catalog_update(exc: BaseException) -> bool:
+    """PostgreSQL's "tuple concurrently updated": two sessions rewrote one catalog row.
+
+    Every new store's role gets `GRANT CONNECT ON DATABASE`, which rewrites the one
+    pg_database row of that database (its ACL); two reconciles doing it at the same moment
+    make one of them fail (62 of 1000 stores created at once, each then waiting out a
+    backoff). The failed transaction is rolled back whole, so it is simply run again.
+    """
+    return isinstance(exc, psycopg.errors.InternalError_) and \
+        "tuple concurrently updated" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -66,23 +92,30 @@ class AdminSession:
     """
 
     def __init__(self, target: Target, admin: Credentials,
-                 owner: m.Owner | None = None) -> None:
+                 owner: m.Owner | None = None, engines: AdminEngines | None = None) -> None:
         self.target = target
         self.admin = admin
         self.owner = owner
-        self._ca = CaFile(target.ca_cert)
+        #: the running operator's kept connections (connection.AdminEngines); None: a
+        #: connection of this session's own, closed with it (tests, one-off tools)
+        self._engines = engines
+        self._ca: CaFile | None = None
         self._engine: sa.Engine | None = None
         self._conn: sa.Connection | None = None
 
     # --- connection ----------------------------------------------------------------------
 
     def __enter__(self) -> AdminSession:
-        url = URL.create("postgresql+psycopg", username=self.admin.username,
-                         password=self.admin.password, host=self.target.host,
-                         port=self.target.port, database=self.target.database)
-        self._engine = sa.create_engine(url, poolclass=NullPool,
-                                        connect_args=connect_args(self.target, self._ca))
         try:
+            if self._engines is not None:
+                self._conn = self._engines.connect(self.target, self.admin)
+                return self
+            self._ca = CaFile(self.target.ca_cert)
+            url = URL.create("postgresql+psycopg", username=self.admin.username,
+                             password=self.admin.password, host=self.target.host,
+                             port=self.target.port, database=self.target.database)
+            self._engine = sa.create_engine(url, poolclass=NullPool,
+                                            connect_args=connect_args(self.target, self._ca))
             self._conn = self._engine.connect()
         except Exception as exc:
             self.close()
@@ -94,15 +127,20 @@ class AdminSession:
 
     def close(self) -> None:
         if self._conn is not None:
+            conn, self._conn = self._conn, None
             try:
-                self._conn.close()
+                driver = conn.connection.driver_connection
+                if isinstance(driver, psycopg.Connection) and driver.broken:
+                    conn.invalidate()  # never back into the pool
+                conn.close()  # a kept connection goes back to its pool, rolled back
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
-            self._conn = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-        self._ca.close()
+        if self._ca is not None:
+            self._ca.close()
+            self._ca = None
 
     @property
     def conn(self) -> sa.Connection:
@@ -138,11 +176,22 @@ class AdminSession:
             pass
 
     def _execute(self, statements: Iterable[sql.SQL | sql.Composed]) -> None:
-        with self._errors():
-            with self.raw.cursor() as cur:
-                for statement in statements:
-                    cur.execute(statement)
-            self.raw.commit()
+        """Run `statements` in one transaction; run it again when PostgreSQL reports two
+        sessions updating one catalog row at once (`concurrent_catalog_update`)."""
+        statements = list(statements)
+        for attempt in range(CATALOG_RETRIES + 1):
+            with self._errors():
+                try:
+                    with self.raw.cursor() as cur:
+                        for statement in statements:
+                            cur.execute(statement)
+                    self.raw.commit()
+                    return
+                except psycopg.errors.InternalError_ as exc:
+                    if attempt == CATALOG_RETRIES or not concurrent_catalog_update(exc):
+                        raise
+                    self._rollback()
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
 
     def _fetch(self, statement: sql.SQL | sql.Composed,
                params: Any = None) -> list[tuple[Any, ...]]:

@@ -64,16 +64,25 @@ class Controller:
                  clock: Callable[[], datetime] = _now) -> None:
         self.settings = settings
         self._kube = kube
-        self.database: dbio.Database = database or dbio.Postgres()
+        # One admin pool per server and admin credentials, as large as the thread pool
+        # (the reconcile threads are its only users), instead of a connection per reconcile.
+        self.database: dbio.Database = database or dbio.Postgres(
+            dbio.AdminEngines(size=settings.workers, overflow=settings.workers))
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=settings.workers,
                                            thread_name_prefix="reconcile")
         self.states: dict[str, ObjectState] = {}
+        #: change-handler reconciles (create/resume/spec/rotate) waiting for or holding a
+        #: thread: while there are any, the timer's drift-only checks wait (see `tick`)
+        self.changes_pending = 0
 
     @property
     def kube(self) -> StoreApi:
         if self._kube is None:
-            self._kube = Kube(new_api_client())
+            # Connections for every reconcile thread (and a spare): the client's default
+            # pool (5 per CPU) made the threads beyond it open and drop a TLS connection
+            # per request.
+            self._kube = Kube(new_api_client(pool_size=self.settings.workers + 4))
         return self._kube
 
     def state_for(self, uid: str) -> ObjectState:
@@ -97,10 +106,14 @@ class Controller:
         `handler` is the Kopf handler id, the `handler` label of the reconcile metrics."""
         meta = body.get("metadata") or {}
         state = self.state_for(meta["uid"])
-        async with state.lock:
-            state.handled = True
-            error = await self._reconcile_locked(state, meta["namespace"], meta["name"], why,
-                                                 handler)
+        self.changes_pending += 1
+        try:
+            async with state.lock:
+                state.handled = True
+                error = await self._reconcile_locked(state, meta["namespace"], meta["name"],
+                                                     why, handler)
+        finally:
+            self.changes_pending -= 1
         if error is not None:
             raise kopf.PermanentError(f"invalid spec: {error}")
 
@@ -162,9 +175,16 @@ class Controller:
                                              "timer")
 
     def _work_due(self, body: Mapping[str, Any], state: ObjectState, mono: float) -> bool:
-        if mono - state.last_full >= self.settings.drift_interval:
+        """Whether the store needs a reconcile now: its status asks for one (`work_due`:
+        not provisioned, rotating, rotation requested or scheduled), or its drift check is
+        due. A drift check is a re-check of a Ready store, so it waits while change
+        handlers are pending: when 1000 stores are created at once, the first ones' checks
+        would otherwise take threads (and API and database time) from the provisioning of
+        the rest. It runs at the first tick after they are done."""
+        if work_due(body, self.clock()):
             return True
-        return work_due(body, self.clock())
+        return mono - state.last_full >= self.settings.drift_interval and \
+            self.changes_pending == 0
 
     async def finalize(self, body: Mapping[str, Any], retry: int) -> None:
         meta = body.get("metadata") or {}
