@@ -41,21 +41,24 @@ NODE_FIXTURE = "session_node"
 _SESSION_NODE = pytest.StashKey[SessionNode]()
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Which node the e2e pods run on (shown when pytest is given e2e paths)."""
-    return f"e2e: {session_choice().describe()}"
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark e2e tests, lift their timeout when the first one will have to build, and run
-    the tests that need the node last (stable order otherwise): the node starts once, and
-    the tests before it never see their pending pods scheduled to a kubelet."""
+    """Mark e2e tests, lift their timeout when the first one will have to build, say which
+    node the pods will run on, and run the tests that need the node last (stable order
+    otherwise): the node starts once, and the tests before it never see their pending pods
+    scheduled to a kubelet."""
     cold = bool(binaries.missing())
+    e2e = False
     for item in items:
         if E2E_DIR in Path(str(item.path)).parents:
+            e2e = True
             item.add_marker(pytest.mark.e2e)
             if cold:
                 item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if e2e and reporter is not None:
+        # A header line: this conftest is loaded after pytest's own header when the run
+        # starts from tests/, so pytest_report_header would be missed there.
+        reporter.write_line(f"e2e: {session_choice().describe()}", bold=True)
     needs_node = [NODE_FIXTURE in getattr(item, "fixturenames", ()) for item in items]
     items[:] = ([i for i, n in zip(items, needs_node, strict=True) if not n]
                 + [i for i, n in zip(items, needs_node, strict=True) if n])

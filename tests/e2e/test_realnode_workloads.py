@@ -10,7 +10,6 @@ this machine).
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import pickle
@@ -31,10 +30,11 @@ from resultstore_devtools.realnode import RealNode
 from resultstore_devtools.redis import RedisServer
 from resultstore_operator.builders.cronjob import NON_ROOT_UID
 from resultstore_operator.builders.names import cronjob_name
-from resultstore_operator.injection import ENV_NAME, MODE_ANNOTATION, secret_name, volume_name
+from resultstore_operator.injection import ENV_NAME, MODE_ANNOTATION, volume_name
 from resultstore_operator.spec import ANNOTATION_ROTATE as ROTATE_ANNOTATION
 from resultstore_operator.webhook import GROUP, PLURAL, VERSION
 from tests.e2e.node_support import COLD_NODE_BUILD_TIMEOUT, announce, node_binaries_missing
+from tests.e2e.operator_support import Cluster, can_login
 from tests.e2e.test_webhook import (  # noqa: F401  (webhook and ns are fixtures)
     ADMIN_SECRET,
     WebhookEnv,
@@ -243,8 +243,9 @@ def test_rotation_with_the_real_kubelet_refresh_loses_no_store(
     pod = webhook.read_pod(ns, "worker")
     mounted = (node.layout.kubelet_root / "pods" / pod["metadata"]["uid"] / "volumes"
                / "kubernetes.io~secret" / volume_name(store) / "username")
-    old_role = base64.b64decode(
-        webhook.core.read_namespaced_secret(secret_name(store), ns).data["username"]).decode()
+    cluster = Cluster(webhook.api)
+    old = cluster.binding(ns, store)
+    old_role = old["username"]
     assert mounted.read_text() == old_role
 
     from celery import Celery
@@ -324,6 +325,21 @@ def test_rotation_with_the_real_kubelet_refresh_loses_no_store(
                                  f"stored; worker log tail:\n{logs[-4000:]}") from None
         statuses = set(stored().values())
         assert statuses == {"SUCCESS"}, statuses
+        # What the rotation leaves: new credentials that log in, the previous role gone,
+        # its steps as Events, and the conditions back to rest.
+        new = cluster.binding(ns, store)
+        assert new["username"] != old_role and new["password"] != old["password"]
+        assert can_login(new), "the new credentials do not log in"
+        assert not can_login(old), "the previous role still logs in after the rotation"
+        reasons = cluster.reasons(ns, store)
+        for reason in ("RotationStarted", "NextRoleReady", "SecretSwitched",
+                       "PreviousRoleRemoved", "RotationComplete"):
+            assert reason in reasons, reasons
+        rotating = cluster.condition(ns, store, "CredentialsRotating")
+        assert rotating is not None and (rotating["status"], rotating["reason"]) == (
+            "False", "RotationComplete"), rotating
+        ready = cluster.condition(ns, store, "Ready")
+        assert ready is not None and ready["status"] == "True", ready
     finally:
         sender.close()
         engine.dispose()
