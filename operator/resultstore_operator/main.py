@@ -267,8 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("resultstore").setLevel(settings.log_level)
     if not (args.verbose or args.debug):
-        # Kopf logs every timer tick ("Timer 'tick' succeeded") at INFO; with hundreds of
-        # stores that drowns our own action lines, which already say what happened.
+        # Kopf logs every handler's success ("Handler 'observe' succeeded") at INFO; with
+        # hundreds of stores that drowns our own action lines, which already say what
+        # happened.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     registry = kopf.OperatorRegistry()

@@ -13,10 +13,18 @@ API server: workloads that did not opt in never reach the operator.
 Only env-consumed keys are hashed: an engine-option change rewrites ``engine_options.json``,
 which file-mode workers reload by themselves, and must not restart every stock worker.
 
+A Secret event does not list workloads: the workload watches (already selected on the
+server by the opt-in label) keep a :class:`WorkloadIndex` of the opted-in workloads by store
+and their current hash, and a Secret event patches only the ones of its store whose hash
+differs. At 1000 stores, three LISTs per Secret event were 3000 requests of a burst for no
+workload at all. A workload event that comes before its store's Secret was seen reads that
+Secret itself (:func:`sync_workload`), so the order of the watches' initial listings does
+not matter.
+
 Pure: :func:`secret_hash`, :func:`store_of_secret`, :func:`workload_store`,
-:func:`rollout_patch`. I/O: through the operator's one client (:class:`~resultstore_operator.
-kube.Kube`, the :class:`WorkloadClient` calls). Wiring: :func:`register` (Kopf event
-handlers, which store no state on the user's objects).
+:func:`rollout_patch`, :class:`WorkloadIndex`. I/O: through the operator's one client
+(:class:`~resultstore_operator.kube.Kube`, the :class:`WorkloadClient` calls). Wiring:
+:func:`register` (Kopf event handlers, which store no state on the user's objects).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -46,7 +55,8 @@ from .settings import OperatorSettings
 log = logging.getLogger("resultstore.rollout")
 
 __all__ = ["HASH_ANNOTATION", "ROLLOUT_LABEL", "ROLLOUT_SELECTOR", "WORKLOAD_CLIENT_NAMES",
-           "WORKLOAD_KINDS", "WorkloadClient", "register", "roll_workloads_for_secret",
+           "WORKLOAD_KINDS", "WorkloadClient", "WorkloadIndex", "register",
+           "roll_indexed_workloads", "roll_workloads_for_secret",
            "rollout_patch", "secret_hash", "store_of_secret", "sync_workload", "workload_store"]
 
 HASHED_KEYS = (STOCK_KEY,)
@@ -144,6 +154,68 @@ def roll_workloads_for_secret(kube: WorkloadClient, namespace: str, store: str,
     return rolled
 
 
+class WorkloadIndex:
+    """The opted-in workloads as their watches last showed them: by (namespace, store), each
+    with the hash its pod template carries. Only what a roll needs is kept (no bodies).
+    Thread-safe: Kopf runs the (sync) event handlers that feed and read it in its threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: (namespace, store) -> {(kind, name): current hash annotation or None}
+        self._stores: dict[tuple[str, str], dict[tuple[str, str], str | None]] = {}
+        #: (kind, namespace, name) -> the store it was indexed under
+        self._where: dict[tuple[str, str, str], str] = {}
+
+    def observe(self, kind: str, workload: Mapping[str, Any], event_type: str | None) -> None:
+        """A watch event of a workload (DELETED, or no longer opted in, forgets it)."""
+        m = meta(workload)
+        key = (kind, m.namespace, m.name)
+        store = workload_store(workload)
+        current = meta(pod_template(workload)).annotations.get(HASH_ANNOTATION)
+        with self._lock:
+            previous = self._where.pop(key, None)
+            if previous is not None:
+                members = self._stores.get((m.namespace, previous), {})
+                members.pop((kind, m.name), None)
+                if not members:
+                    self._stores.pop((m.namespace, previous), None)
+            if event_type == "DELETED" or store is None:
+                return
+            self._stores.setdefault((m.namespace, store), {})[(kind, m.name)] = current
+            self._where[key] = store
+
+    def of_store(self, namespace: str, store: str) -> list[tuple[str, str, str | None]]:
+        """(kind, name, current hash) of the store's opted-in workloads, sorted."""
+        with self._lock:
+            members = dict(self._stores.get((namespace, store), {}))
+        return sorted((kind, name, digest) for (kind, name), digest in members.items())
+
+    def record(self, kind: str, namespace: str, name: str, digest: str) -> None:
+        """A patch of ours landed: until the watch says otherwise, the workload has it."""
+        with self._lock:
+            store = self._where.get((kind, namespace, name))
+            if store is not None:
+                self._stores[(namespace, store)][(kind, name)] = digest
+
+
+def roll_indexed_workloads(kube: WorkloadClient, index: WorkloadIndex, namespace: str,
+                           store: str, data: Mapping[str, str] | None) -> list[str]:
+    """As `roll_workloads_for_secret`, from the index instead of three listings: patch the
+    store's opted-in workloads whose hash differs from the Secret's; return their names."""
+    digest = secret_hash(data)
+    if digest is None:
+        return []
+    rolled = []
+    for kind, name, current in index.of_store(namespace, store):
+        if current == digest:
+            continue
+        kube.patch_workload(kind, namespace, name, {
+            "spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: digest}}}}})
+        index.record(kind, namespace, name, digest)
+        rolled.append(f"{kind}/{name}")
+    return rolled
+
+
 def sync_workload(kube: WorkloadClient, kind: str, workload: Mapping[str, Any]) -> bool:
     """Bring one opted-in workload's hash up to date with its store's Secret; True if patched."""
     store = workload_store(workload)
@@ -172,6 +244,7 @@ def register(registry: Any, settings: OperatorSettings) -> None:
     import kopf
 
     holder: dict[str, Kube] = {}
+    index = WorkloadIndex()
 
     def client() -> Kube:
         if "k" not in holder:
@@ -189,7 +262,7 @@ def register(registry: Any, settings: OperatorSettings) -> None:
             return
         store = store_of_secret(body)
         assert store is not None
-        rolled = roll_workloads_for_secret(client(), namespace, store, body.get("data"))
+        rolled = roll_indexed_workloads(client(), index, namespace, store, body.get("data"))
         if rolled:
             log.info("Secret %s/%s changed: rolling %s", namespace, meta(body).name,
                      ", ".join(rolled))
@@ -200,18 +273,18 @@ def register(registry: Any, settings: OperatorSettings) -> None:
         for kind in WORKLOAD_KINDS:
             settings.watching.label_selectors[("apps", kind)] = ROLLOUT_SELECTOR
 
-    def opted_in(body: Mapping[str, Any], **_: Any) -> bool:
-        return workload_store(body) is not None
-
     for kind in WORKLOAD_KINDS:
+        # No `when` filter: a workload whose opt-in label was removed arrives as DELETED
+        # from the selected watch, without the label, and must leave the index too.
         def _on_workload(body: Mapping[str, Any], type: str | None, kind: str = kind,
                          **_: Any) -> None:
-            if type == "DELETED":
+            index.observe(kind, body, type)
+            if type == "DELETED" or workload_store(body) is None:
                 return
             if sync_workload(client(), kind, body):
                 m = meta(body)
                 log.info("%s %s/%s: pod template annotated with the Secret hash", kind,
                          m.namespace, m.name)
 
-        kopf.on.event("apps", "v1", kind, registry=registry, when=opted_in,
+        kopf.on.event("apps", "v1", kind, registry=registry,
                       id=f"resultstore-rollout-{kind}")(_on_workload)

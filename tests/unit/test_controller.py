@@ -82,7 +82,12 @@ class World:
         asyncio.run(self.ctl.reconcile(copy.deepcopy(self.store), why, why))
 
     def tick(self) -> None:
-        asyncio.run(self.ctl.tick(copy.deepcopy(self.store)))
+        """One pass of the periodic checks over the store as the watch would show it."""
+        async def one_pass() -> None:
+            self.ctl.observe(copy.deepcopy(self.store), None)
+            await asyncio.gather(*self.ctl.start_due())
+
+        asyncio.run(one_pass())
 
     def finalize(self, retry: int = 0) -> None:
         asyncio.run(self.ctl.finalize(copy.deepcopy(self.store), retry))
@@ -354,3 +359,32 @@ def test_invalid_spec_fails_permanently(world: World) -> None:
     world.tick()
     assert len(world.kube.calls) == calls
 
+
+
+def test_admin_secret_data_is_read_again_only_when_its_version_changed(world: World) -> None:
+    """The admin Secret's metadata is read on every reconcile (opt-in label, version), its
+    data only for a version not read before (AdminSecrets): a changed password is used at
+    once, a removed opt-in label refuses whatever was read before."""
+    def data_reads() -> int:  # the store's own Secret is read in full once per reconcile
+        return world.kube.calls.count("read_secret")
+
+    world.reconcile()
+    world.kube.calls.clear()
+    world.reconcile("resume")
+    assert "read_secret_metadata" in world.kube.calls
+    assert data_reads() == 1, f"the admin Secret's data was read again: {world.kube.calls}"
+    assert world.status["phase"] == r.PHASE_READY
+    # a new admin password (a new resourceVersion): read again, and used for the session
+    world.db.admin = Credentials(ADMIN.username, "new-admin-password")
+    world.kube.add_secret({"metadata": {"name": "pg-admin", "namespace": NS,
+                                        "labels": {ADMIN_CREDENTIALS_LABEL: "true"}},
+                           "data": {"username": _b64(ADMIN.username),
+                                    "password": _b64("new-admin-password")}})
+    world.kube.calls.clear()
+    world.reconcile("resume")
+    assert data_reads() == 2
+    assert world.status["phase"] == r.PHASE_READY
+    # the opt-in label removed, nothing else changed in the test's fake: refused
+    world.kube.secrets[(NS, "pg-admin")]["metadata"]["labels"] = {}
+    world.reconcile("resume")
+    assert r.ADMIN_SECRET_NOT_OPTED_IN in world.kube.reasons()

@@ -6,6 +6,7 @@ tests/e2e/test_operator_failover.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from datetime import UTC, datetime
@@ -182,3 +183,103 @@ def test_health_liveness_is_the_loop_readiness_is_the_webhook(webhook_ready: boo
     live, live_body, ready, ready_body = asyncio.run(scenario())
     assert live == 200 and live_body == {"leader": "standby", "loop": "alive"}
     assert ready == status and ready_body["ready"] is webhook_ready
+
+
+class CountingLeaseApi(LeaseApi):
+    """LeaseApi that records each call and the timeout it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, float]] = []
+
+    def read_lease(self, namespace: str, name: str, timeout: float = 30) -> Any:
+        self.calls.append(("read", timeout))
+        return super().read_lease(namespace, name, timeout)
+
+    def create_lease(self, namespace: str, body: dict[str, Any], timeout: float = 30) -> Any:
+        self.calls.append(("create", timeout))
+        return super().create_lease(namespace, body, timeout)
+
+    def replace_lease(self, namespace: str, name: str, body: dict[str, Any],
+                      timeout: float = 30) -> Any:
+        self.calls.append(("replace", timeout))
+        return super().replace_lease(namespace, name, body, timeout)
+
+
+def test_a_leader_renews_with_one_request_per_attempt() -> None:
+    api, clock, exits = CountingLeaseApi(), Clock(), list[int]()
+    a = elector(api, clock, "a_1", exits)
+    asyncio.run(a.attempt())
+    assert [c for c, _ in api.calls] == ["read", "create"]
+    api.calls.clear()
+    for _ in range(5):
+        clock.now += 2
+        asyncio.run(a.attempt())
+    assert [c for c, _ in api.calls] == ["replace"] * 5, \
+        "the leader read the Lease before renewing it"
+    assert a.leader and exits == []
+
+
+def test_a_renewal_that_conflicts_reads_again_and_steps_down_if_another_holds_it() -> None:
+    api, clock, exits = CountingLeaseApi(), Clock(), list[int]()
+    a = elector(api, clock, "a_1", exits)
+    asyncio.run(a.attempt())
+    # someone else wrote the Lease (an admin, or a replica that believes it lapsed)
+    lease = api.leases["leader"]
+    lease["spec"]["holderIdentity"] = "b_2"
+    api._stored(lease)
+    api.calls.clear()
+    clock.now += 2
+    assert asyncio.run(a.attempt()) == 0.0  # Conflict: decide again at once
+    assert exits == []
+    asyncio.run(a.attempt())
+    assert [c for c, _ in api.calls] == ["replace", "read"]
+    assert exits == [EXIT_LOST_LEADERSHIP]
+
+
+def test_a_failed_renewal_is_retried_soon_with_a_timeout_inside_the_deadline() -> None:
+    api, clock, exits = CountingLeaseApi(), Clock(), list[int]()
+    a = elector(api, clock, "a_1", exits)
+    asyncio.run(a.attempt())
+    api.down = True
+    api.calls.clear()
+    clock.now += 2
+    wait = asyncio.run(a.attempt())
+    assert wait < SETTINGS.retry_period, "a failed renewal waited a whole retry period"
+    clock.now += 3.5  # 5.5 s after the last renewal: 0.5 s of the 6 s deadline left
+    asyncio.run(a.attempt())
+    timeouts = [t for _, t in api.calls]
+    assert timeouts[0] <= SETTINGS.renew_deadline / 3
+    assert timeouts[-1] <= 0.5 + 1e-9, \
+        "a renewal request may run past the renew deadline"
+    api.down = False
+    clock.now += 0.4
+    asyncio.run(a.attempt())
+    assert a.leader and exits == []
+
+
+def test_keep_renews_from_its_own_thread_while_the_event_loop_is_blocked() -> None:
+    from dataclasses import replace
+
+    api, exits = CountingLeaseApi(), list[int]()
+    fast = replace(SETTINGS, identity="a_1", lease_duration=5, renew_deadline=4,
+                   retry_period=0.05)
+    a = LeaderElector(api, fast, exit_process=exits.append)  # type: ignore[arg-type]
+
+    async def scenario() -> int:
+        await a.attempt()
+        keeping = asyncio.ensure_future(a.keep())
+        await asyncio.sleep(0)  # keep() started its thread
+        before = len(api.calls)
+        time.sleep(1.0)  # the event loop is blocked (a GIL-hungry handler, say)
+        renewed = len(api.calls) - before
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+        await a.release()
+        return renewed
+
+    renewed = asyncio.run(scenario())
+    assert renewed >= 1, "no renewal while the event loop was blocked"
+    assert api.leases["leader"]["spec"]["holderIdentity"] == ""
+    assert exits == []

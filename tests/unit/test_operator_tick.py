@@ -1,4 +1,4 @@
-"""The per-store timer leaves a store to its change handlers until one of them has run.
+"""The periodic checks leave a store to its change handlers until one of them has run.
 
 Found through the reconcile metrics: a new (invalid) store was attempted twice, once by a
 tick that fired before the create handler took the store's lock. The controller runs over
@@ -44,8 +44,17 @@ def ctl(kube: FakeKube) -> Iterator[Controller]:
         controller.executor.shutdown(wait=True)
 
 
+def _check_pass(ctl: Controller, body: dict[str, Any]) -> None:
+    """The store as the watch shows it, then one pass of the periodic checks."""
+    async def one_pass() -> None:
+        ctl.observe(body, None)
+        await asyncio.gather(*ctl.start_due())
+
+    asyncio.run(one_pass())
+
+
 def test_tick_before_any_change_handler_does_nothing(ctl: Controller, kube: FakeKube) -> None:
-    asyncio.run(ctl.tick(BODY))
+    _check_pass(ctl, BODY)
     assert kube.calls == [], "the timer reconciled a store no change handler has seen yet"
 
 
@@ -61,7 +70,7 @@ def test_tick_after_create_reconciles_when_work_is_due(ctl: Controller,
     asyncio.run(ctl.reconcile(body, "create", "create"))
     assert ctl.states["u1"].failures == 0 and kube.calls.count("read_store") == 1
     # The cached body has no credentials status yet, so work is due: the tick reconciles.
-    asyncio.run(ctl.tick(body))
+    _check_pass(ctl, body)
     assert kube.calls.count("read_store") == 2, "the due tick did not reconcile"
 
 

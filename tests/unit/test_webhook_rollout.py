@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -175,3 +176,34 @@ def test_workload_watches_select_on_the_server(plural: str, kind: str) -> None:
     resource = references.Resource(group="apps", version="v1", plural=plural, kind=kind,
                                    singular=kind.lower(), namespaced=True)
     assert settings.watching.label_selectors.collect(resource) == [ROLLOUT_SELECTOR]
+
+
+def test_a_secret_event_rolls_from_the_index_without_listing() -> None:
+    """The workload watches keep the index; a Secret event patches the store's workloads
+    whose hash differs, lists nothing, and the index follows deletions and lost opt-ins."""
+    from resultstore_operator.rollout import WorkloadIndex, roll_indexed_workloads, secret_hash
+
+    data = {"result_backend": b64("db+postgresql+psycopg://u:p@h/d")}
+    index = WorkloadIndex()
+    ours, other, gone = workload(), workload(store="billing"), workload()
+    other["metadata"]["name"] = "other"
+    gone["metadata"]["name"] = "gone"
+    for body in (ours, other, gone):
+        index.observe("deployments", body, "ADDED")
+    index.observe("deployments", gone, "DELETED")
+    gateway = _Gateway(None)
+    assert roll_indexed_workloads(gateway, index, "team", "orders", data) == ["deployments/w"]
+    assert gateway.selectors == [], "a Secret event listed workloads"
+    assert [p[2] for p in gateway.patches] == ["w"]
+    # the same Secret again: the index knows the hash landed, nothing is patched twice
+    assert roll_indexed_workloads(gateway, index, "team", "orders", data) == []
+    # up to date per the watch too
+    ours["spec"]["template"]["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = \
+        secret_hash(data)
+    index.observe("deployments", ours, "MODIFIED")
+    assert index.of_store("team", "orders") == [("deployments", "w", secret_hash(data))]
+    # the opt-in label removed: the selected watch sends DELETED without it
+    unlabelled = copy.deepcopy(ours)
+    del unlabelled["metadata"]["labels"][ROLLOUT_LABEL]
+    index.observe("deployments", unlabelled, "DELETED")
+    assert index.of_store("team", "orders") == []

@@ -2,8 +2,9 @@
 
 One idempotent `reconcile` converges everything a store needs (schema, roles, grants,
 Secret, CronJob, rotation, status). Kopf calls it on create/resume/spec change/rotate
-request; a per-store timer calls it again for drift checks, rotation progress (draining)
-and retries with exponential backoff. A per-store asyncio lock serialises these callers, and
+request; the controller's one periodic loop (not a Kopf timer per store) calls it again for
+drift checks, rotation progress (draining) and retries with exponential backoff, from the
+stores as the watch last showed them. A per-store asyncio lock serialises these callers, and
 each reconcile re-reads the object from the API, so a decision is never taken on a stale
 status (rotation state lives there and must be exact after a crash).
 
@@ -11,7 +12,7 @@ Blocking I/O (PostgreSQL, the Kubernetes client) runs in a bounded thread pool; 
 loop only schedules. Errors become conditions with distinct reasons and Warning Events, never
 carrying a password; an invalid spec is a PermanentError until the spec changes.
 
-The package, by noun: `controller` (locks, backoff, the timer's decision, the thread pool),
+The package, by noun: `controller` (locks, backoff, the periodic checks, the thread pool),
 `reconcile` (the synchronous reconcile: inputs, database, CronJob, reporting),
 `credentials` (observe -> builders.credentials.plan -> apply), `deletion` (the finalizer),
 `run` (one reconcile's status and Events, and the `StoreApi` seam of the Kubernetes calls).
@@ -78,8 +79,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
         # loading rules (in-cluster service account, else KUBECONFIG), like our own calls.
         return kopf.login_via_client(**kwargs)
 
+    @kopf.on.startup(registry=registry, id="resultstore-checks")
+    async def _start_checks(**_: Any) -> None:
+        # Kopf runs only on the replica that holds the Lease (main.py), and so does this
+        # loop; a replica that loses the Lease ends its process (elector.py).
+        ctl.start_checks()
+
     @kopf.on.cleanup(registry=registry, id="resultstore-cleanup")
-    def _cleanup(**_: Any) -> None:
+    async def _cleanup(**_: Any) -> None:
+        await ctl.stop_checks()
         ctl.executor.shutdown(wait=False, cancel_futures=True)
 
     @kopf.on.resume(*resource, registry=registry, id="resume")
@@ -100,18 +108,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
         if new:
             await ctl.reconcile(body, "rotation requested", "rotate")
 
-    @kopf.timer(*resource, registry=registry, id="tick", interval=settings.tick_interval,
-                sharp=False)
-    async def _tick(body: kopf.Body, **_: Any) -> None:
-        await ctl.tick(body)
-
     @kopf.on.event(*resource, registry=registry, id="observe")
     async def _observe(body: kopf.Body, event: kopf.RawEvent, **_: Any) -> None:
-        # Every watch event carries the whole object: the store gauges follow the API.
+        # Every watch event carries the whole object: the store gauges and the periodic
+        # checks' view of the store follow the API.
         # Async: a few dict reads under a lock, not worth a thread hop per watch event
         # (a sync handler runs in Kopf's thread pool; at 1000 stores that was one hop for
         # every status patch).
         metrics.observe_store(body, event.get("type"))
+        ctl.observe(body, event.get("type"))
 
     @kopf.on.delete(*resource, registry=registry, id="finalize")
     async def _delete(body: kopf.Body, retry: int, **_: Any) -> None:

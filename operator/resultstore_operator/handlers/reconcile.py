@@ -47,14 +47,49 @@ from .run import Run, StoreApi, StoreError
 RECONCILE_ERRORS = (StoreError, KubeError, dbio.DatabaseError)
 
 
+class AdminSecrets:
+    """Admin credentials already read, by Secret and the exact version read (uid and
+    resourceVersion): a reconcile still reads the Secret's metadata (the opt-in label, the
+    version), but its data only when that version was not read before. One GET per
+    reconcile less (1000 of a burst of 1000 stores that share one admin Secret).
+
+    Any change of the Secret (data, labels, a replacement) changes its resourceVersion or
+    uid, so a stale entry is never used; entries of versions no longer current are replaced.
+    Shared by the reconcile threads: single dict operations only.
+    """
+
+    def __init__(self) -> None:
+        self._by_secret: dict[tuple[str, str, str, str], tuple[str, str, dbio.Credentials]] = {}
+
+    def get(self, key: tuple[str, str, str, str], head: Mapping[str, Any]
+            ) -> dbio.Credentials | None:
+        uid, version = _version_of(head)
+        found = self._by_secret.get(key)
+        if found is None or not uid or not version or found[:2] != (uid, version):
+            return None
+        return found[2]
+
+    def put(self, key: tuple[str, str, str, str], secret: Mapping[str, Any],
+            credentials: dbio.Credentials) -> None:
+        uid, version = _version_of(secret)
+        if uid and version:
+            self._by_secret[key] = (uid, version, credentials)
+
+
+def _version_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("uid") or ""), str(meta.get("resourceVersion") or "")
+
+
 class Reconciler:
     """The API client, the database and the settings one reconcile works with."""
 
     def __init__(self, settings: OperatorSettings, kube: StoreApi,
-                 database: dbio.Database) -> None:
+                 database: dbio.Database, admin_secrets: AdminSecrets | None = None) -> None:
         self.settings = settings
         self.kube = kube
         self.database = database
+        self.admin_secrets = admin_secrets if admin_secrets is not None else AdminSecrets()
 
     @property
     def cleanup_policy(self) -> CleanupPolicy:
@@ -145,6 +180,10 @@ class Reconciler:
             raise missing
         if not admin_secret_opted_in(head):
             raise not_opted_in
+        key = (run.namespace, ref.name, ref.username_key, ref.password_key)
+        known = self.admin_secrets.get(key, head)
+        if known is not None:
+            return known
         secret = self.kube.read_secret(run.namespace, ref.name)
         if secret is None:
             raise missing
@@ -157,7 +196,9 @@ class Reconciler:
             raise StoreError(r.ADMIN_SECRET_INVALID,
                              f"admin Secret {ref.name!r} lacks the keys "
                              f"{ref.username_key!r} and {ref.password_key!r}")
-        return dbio.Credentials(username, password)
+        credentials = dbio.Credentials(username, password)
+        self.admin_secrets.put(key, secret, credentials)
+        return credentials
 
     def read_ca(self, run: Run, spec: ResultStoreSpec) -> str | None:
         ref = spec.database.ca_secret
