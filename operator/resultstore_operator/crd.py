@@ -278,6 +278,9 @@ def spec_schema() -> Schema:
             "tolerations": {"type": "array", "description": "Tolerations.",
                             "maxItems": 50, "items": toleration},
             "serviceAccountName": _string("ServiceAccount of the job's pods.", max_length=253),
+            "hostNetwork": _bool("Run the job's pods on the node's network (hostNetwork, "
+                                 "dnsPolicy ClusterFirstWithHostNet), for a PostgreSQL "
+                                 "reachable only from the host network.", False),
             "successfulJobsHistoryLimit": _integer("Finished jobs kept.",
                                                    default=s.DEFAULT_SUCCESS_HISTORY,
                                                    bounds=s.HISTORY_RANGE),

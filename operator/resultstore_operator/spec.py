@@ -239,6 +239,9 @@ class CleanupJobSpec:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     service_account_name: str | None = None
+    #: the Job's pod on the node's network (hostNetwork, dnsPolicy ClusterFirstWithHostNet),
+    #: for a PostgreSQL reachable only from the host network
+    host_network: bool = False
     successful_jobs_history_limit: int = DEFAULT_SUCCESS_HISTORY
     failed_jobs_history_limit: int = DEFAULT_FAILED_HISTORY
     suspend: bool = False
@@ -500,6 +503,7 @@ def _cleanup_job(raw: Mapping[str, Any]) -> CleanupJobSpec:
         node_selector=dict(node_selector),
         tolerations=tuple(dict(t) for t in tolerations),
         service_account_name=_str(job, "serviceAccountName", "spec.cleanupJob") or None,
+        host_network=_bool(job, "hostNetwork", "spec.cleanupJob", False),
         successful_jobs_history_limit=_int(job, "successfulJobsHistoryLimit", "spec.cleanupJob",
                                            DEFAULT_SUCCESS_HISTORY, HISTORY_RANGE),
         failed_jobs_history_limit=_int(job, "failedJobsHistoryLimit", "spec.cleanupJob",

@@ -225,6 +225,29 @@ def test_cronjob_manifest(job: dict[str, Any], retention: dict[str, Any]) -> Non
     assert pod.get("tolerations") == job.get("tolerations")
     assert pod.get("serviceAccountName") == job.get("serviceAccountName")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+
+
+@pytest.mark.parametrize(
+    ("job", "network"),
+    [({}, {}),
+     ({"hostNetwork": False}, {}),
+     ({"hostNetwork": True},
+      {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}),
+     ({"hostNetwork": True, "nodeSelector": {"pool": "db"}},
+      {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"})],
+)
+def test_cronjob_host_network(job: dict[str, Any], network: dict[str, Any]) -> None:
+    """spec.cleanupJob.hostNetwork puts the Job's pod on the node's network with the DNS
+    policy Kubernetes pairs with it; nothing else of the pod changes (no token, non-root)."""
+    pod = cronjob_manifest("orders", "ns", OWNER, spec(cleanupJob=job),
+                           "default/img:1")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert {k: pod[k] for k in ("hostNetwork", "dnsPolicy") if k in pod} == network
+    plain = cronjob_manifest("orders", "ns", OWNER, spec(cleanupJob={}),
+                             "default/img:1")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    rest = {k: v for k, v in pod.items() if k not in ("hostNetwork", "dnsPolicy", "nodeSelector")}
+    assert rest == plain
+    assert pod["automountServiceAccountToken"] is False
 
 
 # --- conditions ----------------------------------------------------------------------------

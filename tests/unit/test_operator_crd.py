@@ -70,7 +70,8 @@ def test_every_string_is_bounded_for_cel_cost() -> None:
     [(".spec.database.port", 5432), (".spec.database.sslMode", "prefer"),
      (".spec.engine.poolSize", 5), (".spec.engine.poolTimeout", "30s"),
      (".spec.retention.batchSize", 1000), (".spec.credentials.drainTimeout", "5m"),
-     (".spec.deletionPolicy", "Retain"), (".spec.tables.taskTable", "celery_taskmeta")],
+     (".spec.deletionPolicy", "Retain"), (".spec.tables.taskTable", "celery_taskmeta"),
+     (".spec.cleanupJob.hostNetwork", False)],
 )
 def test_defaults(path: str, default: Any) -> None:
     nodes = dict(_walk(_root()))

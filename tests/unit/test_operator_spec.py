@@ -100,12 +100,31 @@ def test_full_spec_is_typed() -> None:
                        "adminSecretRef": {"name": "a"}}}, "spec.database.port"),
         ({"cleanupJob": {"tolerations": "all"}}, "spec.cleanupJob.tolerations"),
         ({"cleanupJob": {"imagePullPolicy": "Sometimes"}}, "spec.cleanupJob.imagePullPolicy"),
+        ({"cleanupJob": {"hostNetwork": "true"}}, "spec.cleanupJob.hostNetwork"),
     ],
 )
 def test_invalid_specs_name_the_field(override: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecError) as err:
         parse_spec(minimal(**override))
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("job", "host_network"),
+    [(None, False), ({}, False), ({"hostNetwork": None}, False),
+     ({"hostNetwork": False}, False), ({"hostNetwork": True}, True),
+     ({"hostNetwork": True, "nodeSelector": {"a": "b"}}, True)],
+)
+def test_cleanup_job_host_network(job: dict[str, Any] | None, host_network: bool) -> None:
+    over = {} if job is None else {"cleanupJob": job}
+    assert parse_spec(minimal(**over)).cleanup_job.host_network is host_network
+
+
+@pytest.mark.parametrize("value", ["true", "yes", 1, 0, [], {}, "false"])
+def test_cleanup_job_host_network_must_be_a_bool(value: Any) -> None:
+    with pytest.raises(SpecError,
+                       match=r"^spec\.cleanupJob\.hostNetwork: expected true or false$"):
+        parse_spec(minimal(cleanupJob={"hostNetwork": value}))
 
 
 def test_missing_schema_is_reported() -> None:

@@ -10,6 +10,11 @@ mounted. The job needs neither the API nor a custom image, so the ServiceAccount
 never mounted, the image is the operator's own unless the operator's settings allow-list
 another, a ServiceAccount is honoured only when the settings allow it, and tolerations are
 checked against the Toleration schema (they reach the pod template verbatim).
+
+`hostNetwork` is the store's choice (for a PostgreSQL reachable only from the node's network):
+the pod still runs the operator's command in an allowed image, as a non-root user without
+capabilities or token; a namespace enforcing the Pod Security Standard `baseline` refuses
+such pods, and the Job then reports FailedCreate.
 """
 
 from __future__ import annotations
@@ -199,6 +204,11 @@ def cronjob_manifest(store: str, namespace: str, owner: Mapping[str, Any],
         pod_spec["tolerations"] = [dict(t) for t in job.tolerations]
     if job.service_account_name:
         pod_spec["serviceAccountName"] = job.service_account_name
+    if job.host_network:
+        # The pairing Kubernetes recommends: without it a hostNetwork pod resolves names
+        # with the node's resolv.conf and cannot see cluster Services.
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
