@@ -92,7 +92,8 @@ def _story(args: argparse.Namespace, work: Path) -> None:
         with step(f"kubectl apply -f manifests/examples/ (namespace {namespace!r})"):
             kubectl("apply", "-f", "-", stdin=yaml.safe_dump(
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
-            docs = point_examples(examples(), db, broker, target.drain_timeout)
+            docs = point_examples(examples(), db, broker, target.drain_timeout,
+                                  target.cleanup_host_network)
             # Store first, worker after it is Ready: the webhook injects only Ready stores.
             workers = [d for d in docs if d["kind"] == "Deployment"]
             first = [d for d in docs if d["kind"] != "Deployment"]

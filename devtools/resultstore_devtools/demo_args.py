@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               "e.g. RESULTSTORE_ROTATION_GRACE=30")
     cluster.add_argument("--host-network", action="store_true",
                          help="run the operator and worker pods with hostNetwork on loopback "
-                              "addresses: for a one-machine cluster without a pod network "
+                              "addresses, and the store's cleanup Jobs with "
+                              "spec.cleanupJob.hostNetwork: for a one-machine cluster "
+                              "without a pod network "
                               "(resultstore-dev node), with --postgres and --broker-url on "
                               "127.0.0.1")
     cluster.add_argument("--timeout", type=float, default=300.0,

@@ -122,6 +122,8 @@ class ClusterTarget:
         self.stack = stack
         self.work = work
         self.namespace: str = args.namespace
+        # --host-network: the store's cleanup Jobs too (spec.cleanupJob.hostNetwork)
+        self.cleanup_host_network: bool = bool(args.host_network)
         version = project_version()
         self.image: str = args.image or f"celery-resultstore:{version}"
         self.worker_image: str = args.worker_image or f"celery-resultstore-worker:{version}"
@@ -295,7 +297,7 @@ class ClusterTarget:
         if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
             raise RuntimeError(f"--host-network needs an API server on 127.0.0.1, not {server}")
         detail("--host-network: operator pod on hostNetwork, loopback addresses, one replica, "
-               "webhook by URL")
+               "webhook by URL; the worker and the store's cleanup Jobs on hostNetwork too")
         return local_node_install(docs, parts.port, free_port(), free_port(), extra_env=extra)
 
     def operator_logs(self) -> str:

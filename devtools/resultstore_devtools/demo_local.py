@@ -62,6 +62,8 @@ class LocalTarget:
     rotation_timeout: float = 180.0
     # The stand-in kubelet republishes a Secret within a second.
     drain_timeout: str = "20s"
+    # The stand-in runs a pod's containers as host processes: no network of their own.
+    cleanup_host_network: bool = False
     kubectl: Kubectl = field(init=False)
 
     def start_cluster(self) -> None:

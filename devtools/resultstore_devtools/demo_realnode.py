@@ -6,7 +6,8 @@ probes.
 Control plane, PostgreSQL and Redis are LocalTarget's (demo_local.py); what differs is where
 the pods run. The manifests are changed only as this machine's node needs
 (localnode.local_node_install: hostNetwork and loopback addresses, since all traffic stays
-on this machine), and the demo's operator gets a short rotation grace. For the same reason
+on this machine; the ResultStore's spec.cleanupJob.hostNetwork, so that the CronJob's own
+Jobs run here too), and the demo's operator gets a short rotation grace. For the same reason
 of length the demo's kubelet resyncs pods every 10 s instead of the default minute, so a
 rotation takes seconds: the e2e tests keep the default (docs/CONTROLPLANE.md).
 """
@@ -66,6 +67,8 @@ class RealNodeTarget(LocalTarget):
     # The kubelet (syncFrequency 10 s) refreshes the worker's Secret volume within ~15 s;
     # the previous role's sessions are ended only after this, and the grace (30 s) passes.
     drain_timeout: str = "60s"
+    # The CronJob's own Jobs reach PostgreSQL on 127.0.0.1 (loopback-only CNI).
+    cleanup_host_network: bool = True
     node: RealNode | None = None
 
     def install_operator(self) -> None:
@@ -100,6 +103,8 @@ class RealNodeTarget(LocalTarget):
             detail("(the Deployment changed only as this machine's node needs: hostNetwork, "
                    "one replica, loopback addresses, the webhook by URL; "
                    + ", ".join(f"{k}={v}" for k, v in DEMO_OPERATOR_ENV.items()) + ")")
+            detail("(the ResultStore will get spec.cleanupJob.hostNetwork: true, so that its "
+                   "CronJob's Jobs reach PostgreSQL on 127.0.0.1 here)")
 
         with step("The operator's pod: Ready through its readiness probe, serving the webhook"):
             try:

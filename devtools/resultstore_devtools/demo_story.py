@@ -125,6 +125,8 @@ class Target(Protocol):
     namespace: str
     rotation_timeout: float
     drain_timeout: str
+    #: the store's cleanup Jobs on the host network (spec.cleanupJob.hostNetwork)
+    cleanup_host_network: bool
 
     def start_cluster(self) -> None: ...
     def start_services(self) -> tuple[Database, Broker]: ...
@@ -146,8 +148,13 @@ def examples() -> list[dict[str, Any]]:
 
 
 def point_examples(docs: list[dict[str, Any]], db: Database, broker: Broker,
-                   drain_timeout: str = "20s") -> list[dict[str, Any]]:
-    """manifests/examples/, pointed at the demo's PostgreSQL and broker (pure)."""
+                   drain_timeout: str = "20s",
+                   cleanup_host_network: bool = False) -> list[dict[str, Any]]:
+    """manifests/examples/, pointed at the demo's PostgreSQL and broker (pure).
+
+    ``cleanup_host_network``: the store's cleanup Jobs get ``spec.cleanupJob.hostNetwork``,
+    for a node whose pods reach PostgreSQL only on the host's loopback address.
+    """
     out = json.loads(json.dumps(docs))
     for doc in out:
         kind = doc["kind"]
@@ -163,6 +170,8 @@ def point_examples(docs: list[dict[str, Any]], db: Database, broker: Broker,
             # The teardown retains the schema; a rerun against the same PostgreSQL
             # (--postgres) is a new ResultStore (new uid) and re-attaches to it explicitly.
             spec["schemaPolicy"] = "AdoptExisting"
+            if cleanup_host_network:
+                spec.setdefault("cleanupJob", {})["hostNetwork"] = True
         elif kind == "Deployment":
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 for env in container.get("env") or []:

@@ -60,6 +60,41 @@ def test_point_examples_targets_the_demo_services_without_touching_the_files() -
     assert env["CELERY_BROKER_URL"] == broker.cluster_url
 
 
+@pytest.mark.parametrize("host_network", [False, True])
+def test_point_examples_puts_cleanup_jobs_on_the_host_network_when_asked(
+        host_network: bool) -> None:
+    """A node whose pods reach PostgreSQL only on loopback (the real node, --host-network)
+    gets the store's spec.cleanupJob.hostNetwork; the spec parses with it either way."""
+    from resultstore_operator.spec import parse_spec
+
+    broker = Broker("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0")
+    docs = point_examples(examples(), DIRECT, broker, cleanup_host_network=host_network)
+    store = next(d for d in docs if d["kind"] == "ResultStore")
+    assert (store["spec"].get("cleanupJob") or {}).get("hostNetwork", False) is host_network
+    assert parse_spec(store["spec"]).cleanup_job.host_network is host_network
+
+
+@pytest.mark.parametrize(("argv", "host_network"), [
+    ([], False), (["--host-network"], True)])
+def test_demo_targets_say_where_cleanup_jobs_run(argv: list[str], host_network: bool) -> None:
+    """The real node's target sets the option, the stand-in's does not; a cluster target
+    follows --host-network (all three only record it: nothing is started here)."""
+    import contextlib
+
+    from resultstore_devtools.demo_args import parse_args
+    from resultstore_devtools.demo_cluster import ClusterTarget
+    from resultstore_devtools.demo_local import LocalTarget
+    from resultstore_devtools.demo_realnode import RealNodeTarget
+
+    work = Path("/nonexistent")
+    with contextlib.ExitStack() as stack:
+        assert LocalTarget(False, stack, work).cleanup_host_network is False
+        assert RealNodeTarget(False, stack, work).cleanup_host_network is True
+        cluster = ClusterTarget(parse_args(["--kubeconfig", "/nonexistent", *argv]),
+                                stack, work)
+        assert cluster.cleanup_host_network is host_network
+
+
 @pytest.mark.parametrize("extra", [{}, {"RESULTSTORE_ROTATION_GRACE": "5",
                                         "RESULTSTORE_WEBHOOK_PORT": "10443"}])
 def test_render_install_sets_image_cleanup_image_and_env(extra: dict[str, str]) -> None:
