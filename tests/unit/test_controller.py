@@ -388,3 +388,12 @@ def test_admin_secret_data_is_read_again_only_when_its_version_changed(world: Wo
     world.kube.secrets[(NS, "pg-admin")]["metadata"]["labels"] = {}
     world.reconcile("resume")
     assert r.ADMIN_SECRET_NOT_OPTED_IN in world.kube.reasons()
+
+
+def test_a_new_store_reads_no_secret_data_but_the_admins(world: World) -> None:
+    """Its own Secret was seen absent by the ownership check (metadata): the credential
+    observation does not read it again; a Secret that appears in between is a Conflict on
+    create, retried, never overwritten."""
+    world.reconcile()
+    assert world.kube.calls.count("read_secret") == 1, world.kube.calls
+    assert world.status["phase"] == r.PHASE_READY

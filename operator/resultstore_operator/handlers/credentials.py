@@ -56,7 +56,9 @@ class Convergence:
         """The live Secret, whether the role exists, and (only when our hash cannot vouch
         for it) whether the Secret's password logs in."""
         run = self.run
-        live = run.kube.read_secret(run.namespace, secret_name(run.name))
+        # A new store's Secret was just seen absent (its metadata): no second read for it.
+        live = None if run.secret_absent else run.kube.read_secret(run.namespace,
+                                                                   secret_name(run.name))
         role = cp.role_to_observe(creds)
         exists = self.db.role_state(role)[0]
         password = cp.password_to_verify(creds, live)

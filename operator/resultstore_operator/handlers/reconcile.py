@@ -160,6 +160,7 @@ class Reconciler:
     def _check_secret_owned(self, run: Run) -> None:
         # Metadata only: a foreign Secret's data is none of the operator's business.
         head = self.kube.read_secret_metadata(run.namespace, secret_name(run.name))
+        run.secret_absent = head is None
         refused = cp.refusal(head, run.uid, run.conditions)
         if refused is not None:
             raise StoreError(refused.reason, refused.message, refused.affects)

@@ -68,6 +68,10 @@ class Run:
         self.updates: list[c.Condition] = []
         self.patch: dict[str, Any] = {}
         self.owner = owner_reference(self.name, self.uid)
+        #: the store's Secret did not exist when its ownership was checked: the credential
+        #: observation then needs no read of it (a Secret created in between makes the
+        #: create a Conflict, retried, never an overwrite)
+        self.secret_absent = False
 
     @property
     def conditions(self) -> Any:
