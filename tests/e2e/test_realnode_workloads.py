@@ -10,7 +10,6 @@ this machine).
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 import subprocess
@@ -171,46 +170,52 @@ def test_injected_worker_pod_stores_results_on_the_real_node(
 def test_cleanup_job_runs_to_completion_in_its_image(
         webhook: WebhookEnv, ns: str, node: RealNode, kube: ControlPlane,  # noqa: F811
         postgres: PostgresServer) -> None:
+    """The CronJob's own Job, as the operator builds it for ``spec.cleanupJob.hostNetwork:
+    true`` (this node's pods reach PostgreSQL on 127.0.0.1 only on the host network), started
+    with ``kubectl create job --from=cronjob/...``: nothing of the template is changed."""
     store = f"c{uuid.uuid4().hex[:6]}"
-    schema = make_ready_store(webhook, ns, store)
+    schema = make_ready_store(webhook, ns, store, cleanup_job={"hostNetwork": True})
     batch: Any = client.BatchV1Api(webhook.api)
     cronjob = webhook.to_dict(batch.read_namespaced_cron_job(cronjob_name(store), ns))
-    template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
-    pod_spec = template["spec"]["template"]["spec"]
-    assert pod_spec["automountServiceAccountToken"] is False
-    # The one change to the operator's Job: hostNetwork, because this node's pods reach
-    # PostgreSQL on 127.0.0.1 (loopback-only CNI); image, command, volumes, security context
-    # and the absent token are the operator's.
-    pod_spec["hostNetwork"] = True
+    template_pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert template_pod["automountServiceAccountToken"] is False
+    assert template_pod["hostNetwork"] is True
+    assert template_pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     job_name = f"{store}-now"
-    batch.create_namespaced_job(ns, {"apiVersion": "batch/v1", "kind": "Job",
-                                     "metadata": {"name": job_name},
-                                     "spec": template["spec"]})
-
-    def finished() -> str | None:
-        status = webhook.to_dict(batch.read_namespaced_job(job_name, ns)).get("status") or {}
-        for cond in status.get("conditions") or []:
-            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
-                return str(cond["type"])
-        return None
-
-    outcome = eventually(finished, 180, f"Job {ns}/{job_name} to finish on {node.node_name}")
-    pods = _kubectl(kube, "get", "pods", "-n", ns, "-l", f"job-name={job_name}", "-o", "json")
-    items = json.loads(pods.stdout)["items"]
-    logs = _kubectl(kube, "logs", "-n", ns, f"job/{job_name}")
-    assert outcome == "Complete", f"cleanup Job {outcome}:\n{logs.stdout}{logs.stderr}"
-    pod = items[0]
-    assert pod["spec"]["nodeName"] == node.node_name
-    assert pod["spec"]["automountServiceAccountToken"] is False
-    mounts = [m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts") or []]
-    assert not any("serviceaccount" in m for m in mounts), mounts
-    status = pod["status"]["containerStatuses"][0]
-    assert status["state"]["terminated"]["exitCode"] == 0
-    # the operator's image, as the CronJob names it (short name -> docker.io/library)
-    assert status["image"].endswith(pod["spec"]["containers"][0]["image"])
-    assert pod["spec"]["securityContext"]["runAsUser"] == NON_ROOT_UID
+    created = _kubectl(kube, "create", "job", job_name, f"--from=cronjob/{cronjob_name(store)}",
+                       "-n", ns)
+    assert created.returncode == 0, created.stderr
     engine = sa.create_engine(postgres.url(webhook.database))
     try:
+        def finished() -> str | None:
+            status = webhook.to_dict(batch.read_namespaced_job(job_name, ns)).get("status") or {}
+            for cond in status.get("conditions") or []:
+                if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+                    return str(cond["type"])
+            return None
+
+        outcome = eventually(finished, 180, f"Job {ns}/{job_name} to finish on {node.node_name}")
+        job = webhook.to_dict(batch.read_namespaced_job(job_name, ns))
+        # The CronJob's template as is (kubectl copies it; the API server adds only the
+        # Job controller's selector labels).
+        assert job["spec"]["template"]["spec"] == template_pod
+        assert [o["kind"] for o in job["metadata"]["ownerReferences"]] == ["CronJob"]
+        pods = _kubectl(kube, "get", "pods", "-n", ns, "-l", f"job-name={job_name}", "-o",
+                        "json")
+        items = json.loads(pods.stdout)["items"]
+        logs = _kubectl(kube, "logs", "-n", ns, f"job/{job_name}")
+        assert outcome == "Complete", f"cleanup Job {outcome}:\n{logs.stdout}{logs.stderr}"
+        pod = items[0]
+        assert pod["spec"]["nodeName"] == node.node_name
+        assert pod["spec"]["hostNetwork"] is True
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        mounts = [m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts") or []]
+        assert not any("serviceaccount" in m for m in mounts), mounts
+        status = pod["status"]["containerStatuses"][0]
+        assert status["state"]["terminated"]["exitCode"] == 0
+        # the operator's image, as the CronJob names it (short name -> docker.io/library)
+        assert status["image"].endswith(pod["spec"]["containers"][0]["image"])
+        assert pod["spec"]["securityContext"]["runAsUser"] == NON_ROOT_UID
         with engine.connect() as conn:
             runs = conn.execute(sa.text(
                 f'SELECT count(*) FROM "{schema}".resultstore_cleanup_runs')).scalar_one()

@@ -291,18 +291,22 @@ def ensure_admin_secret(wenv: WebhookEnv, namespace: str) -> None:
 
 
 def make_store(wenv: WebhookEnv, namespace: str, name: str,
-               admin_secret: str = ADMIN_SECRET) -> str:
+               admin_secret: str = ADMIN_SECRET,
+               cleanup_job: dict[str, Any] | None = None) -> str:
     """Create a ResultStore on the session's PostgreSQL; return its schema."""
     ensure_admin_secret(wenv, namespace)
     schema = f"rs_{uuid.uuid4().hex[:10]}"
+    spec: dict[str, Any] = {
+        "database": {"host": wenv.postgres.host, "port": wenv.postgres.port,
+                     "name": wenv.database, "sslMode": "disable",
+                     "adminSecretRef": {"name": admin_secret}},
+        "schema": schema,
+        "credentials": {"drainTimeout": "5s"}}
+    if cleanup_job is not None:
+        spec["cleanupJob"] = cleanup_job
     wenv.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResultStore",
-        "metadata": {"name": name},
-        "spec": {"database": {"host": wenv.postgres.host, "port": wenv.postgres.port,
-                              "name": wenv.database, "sslMode": "disable",
-                              "adminSecretRef": {"name": admin_secret}},
-                 "schema": schema,
-                 "credentials": {"drainTimeout": "5s"}},
+        "metadata": {"name": name}, "spec": spec,
     })
     return schema
 
@@ -330,9 +334,10 @@ def wait_ready(wenv: WebhookEnv, namespace: str, name: str, want: str = "True") 
                              f"{wenv.operator.tail()}") from None
 
 
-def make_ready_store(wenv: WebhookEnv, namespace: str, name: str) -> str:
+def make_ready_store(wenv: WebhookEnv, namespace: str, name: str,
+                     cleanup_job: dict[str, Any] | None = None) -> str:
     """A ResultStore provisioned by the operator and Ready; return its schema."""
-    schema = make_store(wenv, namespace, name)
+    schema = make_store(wenv, namespace, name, cleanup_job=cleanup_job)
     wait_ready(wenv, namespace, name)
     return schema
 
