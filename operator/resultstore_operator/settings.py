@@ -338,6 +338,10 @@ class OperatorSettings:
     #: pod needs no API access (its token is not even mounted), and naming a ServiceAccount
     #: would let a store's author run with that account's permissions.
     cleanup_allow_service_account: bool = False
+    #: Whether spec.cleanupJob.hostNetwork is honoured. Off by default: a hostNetwork pod
+    #: shares the node's network namespace (its loopback services and interfaces, outside
+    #: the namespace's NetworkPolicies), which creating a ResultStore must not grant.
+    cleanup_allow_host_network: bool = False
     health_address: str = "0.0.0.0:8080"
     #: host:port of the Prometheus endpoint; empty disables it (the chart sets it when
     #: metrics.enabled). Validated at start-up, like every other setting.
@@ -416,6 +420,8 @@ class OperatorSettings:
                 p + "CLEANUP_IMAGE_ALLOWLIST", env.get(p + "CLEANUP_IMAGE_ALLOWLIST", "")),
             cleanup_allow_service_account=env_flag(
                 env, p + "CLEANUP_ALLOW_SERVICE_ACCOUNT", cls.cleanup_allow_service_account),
+            cleanup_allow_host_network=env_flag(
+                env, p + "CLEANUP_ALLOW_HOST_NETWORK", cls.cleanup_allow_host_network),
             health_address=env.get(p + "HEALTH_ADDRESS", cls.health_address).strip(),
             metrics_address=metrics_address,
             metrics_path=metrics_path,

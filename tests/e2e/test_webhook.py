@@ -235,6 +235,9 @@ def webhook(kube: ControlPlane | ExistingCluster, api_client: client.ApiClient,
         "RESULTSTORE_WEBHOOK_URL": f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
         "RESULTSTORE_WEBHOOK_CONFIG_NAME": config_name,
         "RESULTSTORE_WEBHOOK_EVENT_DEDUP_SECONDS": "0",
+        # test_realnode_workloads.py's cleanup store asks for spec.cleanupJob.hostNetwork
+        # (its Job reaches PostgreSQL on 127.0.0.1); off by default, refused without this.
+        "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK": "true",
     }
     operator = OperatorProcess(env, port, config_name, operator_ns,
                                tmp_path_factory.mktemp("operator") / "operator.log")

@@ -132,7 +132,7 @@ def test_only_certificates_leave_a_ca_secret() -> None:
         assert certificates_only(value) is None
 
 
-# --- settings: allow-list and service accounts -----------------------------------------------
+# --- settings: allow-list, service accounts, hostNetwork ---------------------------------------
 
 def test_settings_defaults_allow_only_the_default_image_and_no_service_account() -> None:
     s = OperatorSettings.from_env({})
@@ -154,6 +154,24 @@ def test_allowlist_refuses_prefix_wildcards(raw: str) -> None:
 def test_service_account_flag_must_be_boolean() -> None:
     with pytest.raises(SettingsError, match="ALLOW_SERVICE_ACCOUNT"):
         OperatorSettings.from_env({"RESULTSTORE_CLEANUP_ALLOW_SERVICE_ACCOUNT": "maybe"})
+
+
+@pytest.mark.parametrize(("raw", "allowed"), [
+    (None, False), ("", False), ("  ", False), ("false", False), ("0", False), ("no", False),
+    ("off", False), ("true", True), ("TRUE", True), (" 1 ", True), ("yes", True), ("on", True),
+])
+def test_host_network_setting(raw: str | None, allowed: bool) -> None:
+    env = {} if raw is None else {"RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK": raw}
+    s = OperatorSettings.from_env(env)
+    assert s.cleanup_allow_host_network is allowed
+    # one setting, one field: the ServiceAccount gate does not move with it
+    assert s.cleanup_allow_service_account is False
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "enabled", "true!"])
+def test_host_network_flag_must_be_boolean(raw: str) -> None:
+    with pytest.raises(SettingsError, match="RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK"):
+        OperatorSettings.from_env({"RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK": raw})
 
 
 ALLOW = ("reg.example/tools/cleanup:2.0", "reg.example:5000/team/img:*")
@@ -200,6 +218,13 @@ def test_cleanup_pod_never_mounts_a_service_account_token() -> None:
     ({"tolerations": [{"key": "k", "operator": "Sometimes"}]}, POLICY, "Exists or Equal"),
     ({"resources": {"limits": {"cpu": "lots"}}}, POLICY, "quantities"),
     ({"resources": {"claims": [{"name": "gpu"}]}}, POLICY, "unknown field(s) claims"),
+    ({"hostNetwork": True}, POLICY, "spec.cleanupJob.hostNetwork is not allowed by the "
+                                    "operator's settings (RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK)"),
+    # each gate opens only its own field
+    ({"hostNetwork": True}, CleanupPolicy(DEFAULT_IMAGE, allow_service_account=True),
+     "hostNetwork is not allowed"),
+    ({"serviceAccountName": "cleaner"}, CleanupPolicy(DEFAULT_IMAGE, allow_host_network=True),
+     "serviceAccountName is not allowed"),
 ])
 def test_refused_cleanup_jobs(job: dict[str, Any], policy: CleanupPolicy, words: str) -> None:
     problems = cleanup_job_problems(spec(**job).cleanup_job, policy)
@@ -217,6 +242,8 @@ def test_refused_cleanup_jobs(job: dict[str, Any], policy: CleanupPolicy, words:
         "reg.example/other:2",))),
     ({"serviceAccountName": "cleaner"}, CleanupPolicy(DEFAULT_IMAGE,
                                                       allow_service_account=True)),
+    ({"hostNetwork": False}, POLICY),
+    ({"hostNetwork": True}, CleanupPolicy(DEFAULT_IMAGE, allow_host_network=True)),
     ({"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch",
                        "effect": "NoSchedule"},
                       {"operator": "Exists"},
@@ -232,6 +259,18 @@ def test_allowed_cleanup_jobs(job: dict[str, Any], policy: CleanupPolicy) -> Non
     pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == (job.get("image") or DEFAULT_IMAGE)
     assert pod["automountServiceAccountToken"] is False
+    assert pod.get("hostNetwork", False) is job.get("hostNetwork", False)
+
+
+def test_refusal_names_every_refused_field_at_once() -> None:
+    job = spec(hostNetwork=True, serviceAccountName="admin").cleanup_job
+    with pytest.raises(CleanupJobRefused) as info:
+        check_cleanup_job(job, POLICY)
+    message = str(info.value)
+    assert "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK" in message
+    assert "RESULTSTORE_CLEANUP_ALLOW_SERVICE_ACCOUNT" in message
+    check_cleanup_job(job, CleanupPolicy(DEFAULT_IMAGE, allow_service_account=True,
+                                         allow_host_network=True))
 
 
 @pytest.mark.parametrize(("toleration", "words"), [

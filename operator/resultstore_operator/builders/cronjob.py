@@ -11,10 +11,14 @@ never mounted, the image is the operator's own unless the operator's settings al
 another, a ServiceAccount is honoured only when the settings allow it, and tolerations are
 checked against the Toleration schema (they reach the pod template verbatim).
 
-`hostNetwork` is the store's choice (for a PostgreSQL reachable only from the node's network):
-the pod still runs the operator's command in an allowed image, as a non-root user without
-capabilities or token; a namespace enforcing the Pod Security Standard `baseline` refuses
-such pods, and the Job then reports FailedCreate.
+`hostNetwork` (for a PostgreSQL reachable only from the node's network) is honoured only
+when the operator's settings allow it (RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK): otherwise
+anyone allowed to create a ResultStore, but not hostNetwork pods, would get one through the
+operator (the node's network namespace: its loopback services, its interfaces, traffic not
+subject to the namespace's NetworkPolicies). Allowed, the pod still runs the operator's
+command in an allowed image, as a non-root user without capabilities or token; a namespace
+enforcing the Pod Security Standard `baseline` still refuses such pods (the Job then
+reports FailedCreate).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class CleanupPolicy:
     default_pull_policy: str = "IfNotPresent"
     image_allowlist: tuple[str, ...] = ()
     allow_service_account: bool = False
+    allow_host_network: bool = False
 
 
 def toleration_problems(tolerations: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -140,6 +145,11 @@ def cleanup_job_problems(job: CleanupJobSpec, policy: CleanupPolicy) -> list[str
         elif not _DNS_LABEL.fullmatch(job.service_account_name) and not re.fullmatch(
                 r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", job.service_account_name):
             problems.append("spec.cleanupJob.serviceAccountName is not a valid name")
+    if job.host_network and not policy.allow_host_network:
+        problems.append(
+            "spec.cleanupJob.hostNetwork is not allowed by the operator's settings "
+            "(RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK); it would run the cleanup pod in the "
+            "node's network namespace")
     problems += toleration_problems(job.tolerations)
     problems += resources_problems(job.resources)
     return problems

@@ -95,7 +95,8 @@ class Reconciler:
     def cleanup_policy(self) -> CleanupPolicy:
         s = self.settings
         return CleanupPolicy(s.cleanup_image, s.cleanup_image_pull_policy,
-                             s.cleanup_image_allowlist, s.cleanup_allow_service_account)
+                             s.cleanup_image_allowlist, s.cleanup_allow_service_account,
+                             s.cleanup_allow_host_network)
 
     def reconcile(self, namespace: str, name: str, now: datetime,
                   invalid: Callable[[str, int | None], None]) -> None:
