@@ -310,6 +310,29 @@ def test_cleanup_policy_values_reach_the_operator() -> None:
     assert settings.cleanup_image == c["image"]
 
 
+@pytest.mark.parametrize(("values", "allowed"), [
+    ([], False),
+    (["operator.cleanupAllowHostNetwork=false"], False),
+    (["operator.cleanupAllowHostNetwork=true"], True),
+])
+def test_cleanup_host_network_value_reaches_the_operator(values: list[str],
+                                                         allowed: bool) -> None:
+    from resultstore_operator.settings import OperatorSettings
+
+    c = container(find(render(values=values), "Deployment"))
+    assert env_values(c)["RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK"] == str(allowed).lower()
+    settings = OperatorSettings.from_env(env_values(c))
+    assert settings.cleanup_allow_host_network is allowed
+    assert settings.cleanup_allow_service_account is False
+
+
+def test_cleanup_host_network_value_must_be_a_boolean() -> None:
+    result = run_helm("template", "x", str(CHART), "--set",
+                      "operator.cleanupAllowHostNetwork=sometimes")
+    assert result.returncode != 0
+    assert "cleanupAllowHostNetwork" in result.stderr, result.stderr
+
+
 def test_webhook_client_ca_enables_mutual_tls() -> None:
     assert "RESULTSTORE_WEBHOOK_CLIENT_CA_FILE" not in env_values(
         container(find(render(), "Deployment")))

@@ -344,6 +344,7 @@ def test_manifests_pass_the_cleanup_policy_settings() -> None:
                                                                   "Deployment"))))
     assert settings.cleanup_image_allowlist == ()
     assert settings.cleanup_allow_service_account is False
+    assert settings.cleanup_allow_host_network is False
 
 
 def test_lease_rbac_is_namespaced_and_named_where_kubernetes_allows() -> None:
