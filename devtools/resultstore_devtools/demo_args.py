@@ -73,10 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cluster.add_argument("--host-network", action="store_true",
                          help="run the operator and worker pods with hostNetwork on loopback "
                               "addresses, and the store's cleanup Jobs with "
-                              "spec.cleanupJob.hostNetwork: for a one-machine cluster "
-                              "without a pod network "
-                              "(resultstore-dev node), with --postgres and --broker-url on "
-                              "127.0.0.1")
+                              "spec.cleanupJob.hostNetwork (the operator it installs gets "
+                              "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK=true): for a "
+                              "one-machine cluster without a pod network (resultstore-dev "
+                              "node), with --postgres and --broker-url on 127.0.0.1")
     cluster.add_argument("--timeout", type=float, default=300.0,
                          help="seconds to wait for each rollout (image pulls included)")
     args = parser.parse_args(argv)

@@ -30,12 +30,14 @@ import yaml
 from .demo_services import build_postgres, build_redis, service_host
 from .demo_story import (
     ADMIN_USER,
+    ALLOW_HOST_NETWORK,
     OPERATOR_NS,
     ROOT,
     WORKER_LABEL,
     Broker,
     Database,
     Kubectl,
+    cleanup_policy_env,
     detail,
     show_pod,
     step,
@@ -250,11 +252,14 @@ class ClusterTarget:
         kubectl = self.kubectl
         had_crd = kubectl.exists(CRD)
         had_operator = kubectl.exists("-n", OPERATOR_NS, OPERATOR_DEPLOYMENT)
-        extra = dict(item.split("=", 1) for item in self.args.operator_env)
+        extra = self.operator_env()
         with step(f"Install the operator (image {self.image}): kubectl kustomize manifests/ "
                   "| kubectl apply"):
             if had_operator:
                 detail(f"an operator is already installed in {OPERATOR_NS}: using it as is")
+                if self.cleanup_host_network:
+                    detail("(the store's spec.cleanupJob.hostNetwork is refused unless that "
+                           f"operator runs with {ALLOW_HOST_NETWORK}=true)")
             else:
                 rendered = kubectl("kustomize", str(ROOT / "manifests"))
                 docs = render_install(rendered, self.image, extra)
@@ -283,6 +288,12 @@ class ClusterTarget:
                 raise
             detail(kubectl("-n", OPERATOR_NS, "get", "pods", "-o", "wide"))
 
+    def operator_env(self) -> dict[str, str]:
+        """The Deployment's extra env: hostNetwork cleanup Jobs allowed when the store asks
+        for them (--host-network), then --operator-env (the user's word wins)."""
+        given = dict(item.split("=", 1) for item in self.args.operator_env)
+        return {**cleanup_policy_env(self.cleanup_host_network), **given}
+
     def _on_host_network(self, docs: list[dict[str, Any]],
                          extra: dict[str, str]) -> list[dict[str, Any]]:
         """--host-network: the install as a node without a pod network runs it
@@ -297,7 +308,8 @@ class ClusterTarget:
         if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
             raise RuntimeError(f"--host-network needs an API server on 127.0.0.1, not {server}")
         detail("--host-network: operator pod on hostNetwork, loopback addresses, one replica, "
-               "webhook by URL; the worker and the store's cleanup Jobs on hostNetwork too")
+               "webhook by URL; the worker and the store's cleanup Jobs on hostNetwork too "
+               f"({ALLOW_HOST_NETWORK}=true)")
         return local_node_install(docs, parts.port, free_port(), free_port(), extra_env=extra)
 
     def operator_logs(self) -> str:

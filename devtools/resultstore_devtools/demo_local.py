@@ -31,6 +31,7 @@ from .demo_story import (
     Broker,
     Database,
     Kubectl,
+    cleanup_policy_env,
     detail,
     show_pod,
     step,
@@ -65,6 +66,13 @@ class LocalTarget:
     # The stand-in runs a pod's containers as host processes: no network of their own.
     cleanup_host_network: bool = False
     kubectl: Kubectl = field(init=False)
+
+    def operator_env(self) -> dict[str, str]:
+        """The operator's settings for this target (addresses and ports aside): hostNetwork
+        cleanup Jobs allowed exactly when the store will ask for them."""
+        return {"RESULTSTORE_ROTATION_GRACE": "5", "RESULTSTORE_TICK_INTERVAL": "1",
+                "RESULTSTORE_CLEANUP_IMAGE": "celery-resultstore:0.1.0",
+                **cleanup_policy_env(self.cleanup_host_network)}
 
     def start_cluster(self) -> None:
         from .binaries import ensure_all
@@ -133,9 +141,7 @@ class LocalTarget:
                 "RESULTSTORE_WEBHOOK_HOST": "127.0.0.1",
                 "RESULTSTORE_WEBHOOK_PORT": str(webhook_port),
                 "RESULTSTORE_WEBHOOK_URL": f"https://127.0.0.1:{webhook_port}/mutate-pods",
-                "RESULTSTORE_ROTATION_GRACE": "5",
-                "RESULTSTORE_TICK_INTERVAL": "1",
-                "RESULTSTORE_CLEANUP_IMAGE": "celery-resultstore:0.1.0",
+                **self.operator_env(),
             })
             log = open(self.op_log, "ab")  # noqa: SIM115 - owned by the child
             operator = subprocess.Popen(

@@ -32,6 +32,7 @@ from .demo_story import (
     WORKER_LABEL,
     Broker,
     Database,
+    cleanup_policy_env,
     detail,
     show_pod,
     step,
@@ -71,6 +72,11 @@ class RealNodeTarget(LocalTarget):
     cleanup_host_network: bool = True
     node: RealNode | None = None
 
+    def operator_env(self) -> dict[str, str]:
+        """The Deployment's extra env: the demo's timings, and hostNetwork cleanup Jobs
+        allowed (the store asks for them: RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK)."""
+        return {**DEMO_OPERATOR_ENV, **cleanup_policy_env(self.cleanup_host_network)}
+
     def install_operator(self) -> None:
         kubectl = self.kubectl
         with step("The real node: containerd + kubelet + kube-scheduler (pods really run)"):
@@ -94,17 +100,19 @@ class RealNodeTarget(LocalTarget):
             port = urllib.parse.urlsplit(self.cluster.server).port
             assert port is not None
             self.webhook_port = free_port()
+            extra_env = self.operator_env()
             install = local_node_install(docs, port, free_port(), self.webhook_port,
-                                         extra_env=DEMO_OPERATOR_ENV)
+                                         extra_env=extra_env)
             detail(kubectl("apply", "--server-side", "-f", "-",
                            stdin=yaml.safe_dump_all(install)))
             kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     "crd/resultstores.resultstore.dev")
             detail("(the Deployment changed only as this machine's node needs: hostNetwork, "
                    "one replica, loopback addresses, the webhook by URL; "
-                   + ", ".join(f"{k}={v}" for k, v in DEMO_OPERATOR_ENV.items()) + ")")
+                   + ", ".join(f"{k}={v}" for k, v in extra_env.items()) + ")")
             detail("(the ResultStore will get spec.cleanupJob.hostNetwork: true, so that its "
-                   "CronJob's Jobs reach PostgreSQL on 127.0.0.1 here)")
+                   "CronJob's Jobs reach PostgreSQL on 127.0.0.1 here; the operator refuses "
+                   "that unless RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK=true, set above)")
 
         with step("The operator's pod: Ready through its readiness probe, serving the webhook"):
             try:

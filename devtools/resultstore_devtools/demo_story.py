@@ -21,9 +21,10 @@ import yaml
 
 from .demo_args import ADMIN_USER, DATABASE
 
-__all__ = ["ADMIN_USER", "DATABASE", "OPERATOR_NS", "OPERATOR_SA", "ROOT", "STORE",
-           "WORKER_LABEL", "Broker", "Database", "Kubectl", "Target", "condition", "detail",
-           "elapsed", "examples", "point_examples", "say", "show_pod", "step"]
+__all__ = ["ADMIN_USER", "ALLOW_HOST_NETWORK", "DATABASE", "OPERATOR_NS", "OPERATOR_SA", "ROOT",
+           "STORE", "WORKER_LABEL", "Broker", "Database", "Kubectl", "Target",
+           "cleanup_policy_env", "condition", "detail", "elapsed", "examples",
+           "point_examples", "say", "show_pod", "step"]
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE = "orders"
@@ -145,6 +146,17 @@ def examples() -> list[dict[str, Any]]:
     for path in sorted((ROOT / "manifests" / "examples").glob("*.yaml")):
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
+
+
+#: The operator setting without which a store's spec.cleanupJob.hostNetwork is refused.
+ALLOW_HOST_NETWORK = "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK"
+
+
+def cleanup_policy_env(cleanup_host_network: bool) -> dict[str, str]:
+    """The operator environment the demo's store needs (pure): a target whose store gets
+    ``spec.cleanupJob.hostNetwork`` runs its operator with that allowed (off by default:
+    a ResultStore must not grant its author a pod on the node's network)."""
+    return {ALLOW_HOST_NETWORK: "true"} if cleanup_host_network else {}
 
 
 def point_examples(docs: list[dict[str, Any]], db: Database, broker: Broker,

@@ -95,6 +95,39 @@ def test_demo_targets_say_where_cleanup_jobs_run(argv: list[str], host_network: 
         assert cluster.cleanup_host_network is host_network
 
 
+@pytest.mark.parametrize(("argv", "host_network"), [
+    ([], False), (["--host-network"], True)])
+def test_demo_operators_allow_the_host_network_their_stores_ask_for(
+        argv: list[str], host_network: bool) -> None:
+    """Each target's operator env, parsed as the operator parses it, allows
+    spec.cleanupJob.hostNetwork exactly when that target's store asks for it (otherwise the
+    store would be refused: CleanupJobNotAllowed)."""
+    import contextlib
+
+    from resultstore_devtools.demo_cluster import ClusterTarget
+    from resultstore_devtools.demo_local import LocalTarget
+    from resultstore_devtools.demo_realnode import DEMO_OPERATOR_ENV, RealNodeTarget
+    from resultstore_operator.settings import OperatorSettings
+
+    work = Path("/nonexistent")
+    with contextlib.ExitStack() as stack:
+        targets = [LocalTarget(False, stack, work), RealNodeTarget(False, stack, work),
+                   ClusterTarget(parse_args(["--kubeconfig", "/nonexistent", *argv]),
+                                 stack, work)]
+        for target in targets:
+            settings = OperatorSettings.from_env(target.operator_env())
+            assert settings.cleanup_allow_host_network is target.cleanup_host_network, target
+        real = targets[1].operator_env()
+        assert {k: real[k] for k in DEMO_OPERATOR_ENV} == DEMO_OPERATOR_ENV
+        # --operator-env still reaches the Deployment, and wins over the demo's choice
+        cluster = ClusterTarget(parse_args([
+            "--kubeconfig", "/nonexistent", *argv, "--operator-env",
+            "RESULTSTORE_TICK_INTERVAL=1", "--operator-env",
+            "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK=false"]), stack, work)
+        assert cluster.operator_env() == {"RESULTSTORE_TICK_INTERVAL": "1",
+                                          "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK": "false"}
+
+
 @pytest.mark.parametrize("extra", [{}, {"RESULTSTORE_ROTATION_GRACE": "5",
                                         "RESULTSTORE_WEBHOOK_PORT": "10443"}])
 def test_render_install_sets_image_cleanup_image_and_env(extra: dict[str, str]) -> None:
