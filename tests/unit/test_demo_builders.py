@@ -111,13 +111,14 @@ def test_demo_operators_allow_the_host_network_their_stores_ask_for(
 
     work = Path("/nonexistent")
     with contextlib.ExitStack() as stack:
-        targets = [LocalTarget(False, stack, work), RealNodeTarget(False, stack, work),
-                   ClusterTarget(parse_args(["--kubeconfig", "/nonexistent", *argv]),
-                                 stack, work)]
+        real_node = RealNodeTarget(False, stack, work)
+        targets: list[LocalTarget | ClusterTarget] = [
+            LocalTarget(False, stack, work), real_node,
+            ClusterTarget(parse_args(["--kubeconfig", "/nonexistent", *argv]), stack, work)]
         for target in targets:
             settings = OperatorSettings.from_env(target.operator_env())
             assert settings.cleanup_allow_host_network is target.cleanup_host_network, target
-        real = targets[1].operator_env()
+        real = real_node.operator_env()
         assert {k: real[k] for k in DEMO_OPERATOR_ENV} == DEMO_OPERATOR_ENV
         # --operator-env still reaches the Deployment, and wins over the demo's choice
         cluster = ClusterTarget(parse_args([
