@@ -143,11 +143,14 @@ def test_cleanup_pods_run_only_what_the_settings_allow(env: OpEnv) -> None:
     ns = env.namespace
     env.create("miner", "s_miner", cleanupJob={"image": "docker.io/attacker/miner:latest"})
     env.create("account", "s_account", cleanupJob={"serviceAccountName": "default"})
+    env.create("hostnet", "s_hostnet", cleanupJob={"hostNetwork": True})
     env.create("allowed", "s_allowed", cleanupJob={"image": f"{ALLOWED}:2.0"})
     env.create("plain", "s_plain")
     expected = {"miner": "spec.cleanupJob.image 'docker.io/attacker/miner:latest' is not "
                          "allowed",
-                "account": "spec.cleanupJob.serviceAccountName is not allowed"}
+                "account": "spec.cleanupJob.serviceAccountName is not allowed",
+                "hostnet": "spec.cleanupJob.hostNetwork is not allowed by the operator's "
+                           "settings (RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK)"}
     for store, words in expected.items():
         cond = env.cluster.wait_condition(ns, store, "Ready", "False",
                                           reason="CleanupJobNotAllowed", timeout=45)
@@ -166,6 +169,7 @@ def test_cleanup_pods_run_only_what_the_settings_allow(env: OpEnv) -> None:
         pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False, "cleanup pod mounts an SA token"
         assert "serviceAccountName" not in pod
+        assert "hostNetwork" not in pod
         images[store] = pod["containers"][0]["image"]
     assert images == {"allowed": f"{ALLOWED}:2.0", "plain": "celery-resultstore:e2e"}
 

@@ -38,6 +38,7 @@ CLEANUP_JOB = {
     "nodeSelector": {"pool": "batch"},
     "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
     "serviceAccountName": "cleaner",
+    "hostNetwork": True,
     "successfulJobsHistoryLimit": 2,
     "failedJobsHistoryLimit": 4,
 }
@@ -46,11 +47,13 @@ CLEANUP_JOB = {
 @pytest.fixture
 def env(kube: Any, api_client: Any, namespace: str, postgres: Any,
         pg_database: Any) -> Iterator[OpEnv]:
-    # The operator's settings allow the custom image and ServiceAccount CLEANUP_JOB names
-    # (by default only the operator's own image and no ServiceAccount: issue 14).
+    # The operator's settings allow the custom image, ServiceAccount and hostNetwork
+    # CLEANUP_JOB names (by default only the operator's own image, no ServiceAccount, no
+    # hostNetwork: issues 14 and 18).
     yield from make_openv(kube, api_client, namespace, postgres, pg_database, extra_env={
         "RESULTSTORE_CLEANUP_IMAGE_ALLOWLIST": "registry.example/resultstore:*",
-        "RESULTSTORE_CLEANUP_ALLOW_SERVICE_ACCOUNT": "true"})
+        "RESULTSTORE_CLEANUP_ALLOW_SERVICE_ACCOUNT": "true",
+        "RESULTSTORE_CLEANUP_ALLOW_HOST_NETWORK": "true"})
 
 
 def test_store_is_provisioned_with_secret_cronjob_status_and_events(
@@ -111,6 +114,7 @@ def test_store_is_provisioned_with_secret_cronjob_status_and_events(
     assert pod["tolerations"] == CLEANUP_JOB["tolerations"]
     assert pod["serviceAccountName"] == "cleaner"
     assert pod["automountServiceAccountToken"] is False
+    assert (pod["hostNetwork"], pod["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
 
     # an Event for every action
     reasons = env.cluster.reasons(env.namespace, "orders")
