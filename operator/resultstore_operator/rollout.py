@@ -56,7 +56,7 @@ log = logging.getLogger("resultstore.rollout")
 
 __all__ = ["HASH_ANNOTATION", "ROLLOUT_LABEL", "ROLLOUT_SELECTOR", "WORKLOAD_CLIENT_NAMES",
            "WORKLOAD_KINDS", "WorkloadClient", "WorkloadIndex", "register",
-           "roll_indexed_workloads", "roll_workloads_for_secret",
+           "roll_indexed_workloads",
            "rollout_patch", "secret_hash", "store_of_secret", "sync_workload", "workload_store"]
 
 HASHED_KEYS = (STOCK_KEY,)
@@ -68,9 +68,6 @@ class WorkloadClient(Protocol):
     unit test fills with an in-memory stand-in)."""
 
     def read_secret(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
-
-    def list_workloads(self, namespace: str, plural: str,
-                       selector: str) -> list[dict[str, Any]]: ...
 
     def patch_workload(self, plural: str, namespace: str, name: str,
                        patch: Mapping[str, Any]) -> None: ...
@@ -135,25 +132,6 @@ def rollout_patch(workload: Mapping[str, Any], digest: str | None) -> dict[str, 
     return {"spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: digest}}}}}
 
 
-def roll_workloads_for_secret(kube: WorkloadClient, namespace: str, store: str,
-                              data: Mapping[str, str] | None) -> list[str]:
-    """Annotate every opted-in workload of ``store`` with the Secret's hash; return their names."""
-    digest = secret_hash(data)
-    if digest is None:
-        return []
-    rolled = []
-    for kind in WORKLOAD_KINDS:
-        for workload in kube.list_workloads(namespace, kind, ROLLOUT_SELECTOR):
-            if workload_store(workload) != store:
-                continue
-            patch = rollout_patch(workload, digest)
-            if patch is not None:
-                name = meta(workload).name
-                kube.patch_workload(kind, namespace, name, patch)
-                rolled.append(f"{kind}/{name}")
-    return rolled
-
-
 class WorkloadIndex:
     """The opted-in workloads as their watches last showed them: by (namespace, store), each
     with the hash its pod template carries. Only what a roll needs is kept (no bodies).
@@ -200,8 +178,8 @@ class WorkloadIndex:
 
 def roll_indexed_workloads(kube: WorkloadClient, index: WorkloadIndex, namespace: str,
                            store: str, data: Mapping[str, str] | None) -> list[str]:
-    """As `roll_workloads_for_secret`, from the index instead of three listings: patch the
-    store's opted-in workloads whose hash differs from the Secret's; return their names."""
+    """Patch the store's opted-in workloads (from the index, no listing) whose hash differs
+    from the Secret's; return their names."""
     digest = secret_hash(data)
     if digest is None:
         return []

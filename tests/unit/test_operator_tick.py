@@ -17,7 +17,7 @@ import pytest
 from resultstore_operator.builders.ownership import ADMIN_CREDENTIALS_LABEL
 from resultstore_operator.database import Credentials
 from resultstore_operator.handlers import Controller
-from resultstore_operator.handlers.controller import work_due
+from resultstore_operator.handlers.controller import ObjectState, StoreView, check_due
 from resultstore_operator.settings import OperatorSettings
 from resultstore_operator.spec import ANNOTATION_ROTATE
 from tests.unit.fake_database import FakeDatabase
@@ -74,7 +74,7 @@ def test_tick_after_create_reconciles_when_work_is_due(ctl: Controller,
     assert kube.calls.count("read_store") == 2, "the due tick did not reconcile"
 
 
-# --- the timer's decision from the cached body (handlers.controller.work_due) ---------------
+# --- the periodic check's decision from the watched body (StoreView, check_due) -----------
 
 NOW = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
 STABLE = {"roleBase": "rs_x", "activeRole": "rs_x_a", "phase": "Stable",
@@ -98,3 +98,13 @@ def test_work_due(credentials: dict[str, Any] | None, annotation: str | None,
     body = {"metadata": {"annotations": {ANNOTATION_ROTATE: annotation} if annotation else {}},
             "spec": spec, "status": {"credentials": credentials} if credentials else {}}
     assert work_due(body, NOW) is due
+
+
+def work_due(body: dict[str, Any], now: datetime) -> bool:
+    """Whether the status alone makes the check due: a handled, idle store whose drift
+    check is not due (its last full reconcile is now)."""
+    body = {**body, "metadata": {**body["metadata"], "uid": "u", "namespace": "ns",
+                                 "name": "orders"}}
+    state = ObjectState(handled=True, last_full=1000.0)
+    return check_due(StoreView.of(body), state, now, 1000.0, drift_interval=60.0,
+                     provisioning=False)

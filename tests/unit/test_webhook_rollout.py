@@ -14,7 +14,6 @@ from resultstore_operator.rollout import (
     HASH_ANNOTATION,
     ROLLOUT_LABEL,
     ROLLOUT_SELECTOR,
-    roll_workloads_for_secret,
     rollout_patch,
     secret_hash,
     store_of_secret,
@@ -138,19 +137,6 @@ def test_sync_workload_hashes_only_the_stores_own_secret(owner: str | None,
     assert sync_workload(gateway, "deployments", workload()) is patched
     assert bool(gateway.patches) is patched, (
         f"a Secret controlled by {owner!r} must {'' if patched else 'not '}roll the workload")
-
-
-def test_roll_lists_only_opted_in_workloads_and_patches_the_stores() -> None:
-    """The listing asks the API server for opted-in workloads only (a label selector);
-    of those, only the ones injected with this store are patched."""
-    data = {"result_backend": b64("db+postgresql+psycopg://u:p@h/d")}
-    ours, other = workload(), workload(store="billing")
-    other["metadata"]["name"] = "other"
-    gateway = _Gateway(None, [ours, other])
-    assert roll_workloads_for_secret(gateway, "team", "orders", data) == ["deployments/w"]
-    assert gateway.selectors and set(gateway.selectors) == {ROLLOUT_SELECTOR}, \
-        f"workloads were listed without the opt-in selector: {gateway.selectors}"
-    assert [p[2] for p in gateway.patches] == ["w"]
 
 
 @pytest.mark.parametrize("plural,kind", [("deployments", "Deployment"),

@@ -322,12 +322,6 @@ def status_due(body: Mapping[str, Any]) -> datetime | None:
     return rot.next_rotation_due(creds, spec.credentials)
 
 
-def work_due(body: Mapping[str, Any], now: datetime) -> bool:
-    """Whether the store's status asks for a reconcile now (`status_due` has passed)."""
-    asks_at = status_due(body)
-    return asks_at is not None and now >= asks_at
-
-
 def check_due(view: StoreView, state: ObjectState | None, now: datetime, mono: float,
               drift_interval: float, provisioning: bool) -> bool:
     """Whether the periodic check of one store is due (`now`: wall clock, for a scheduled

@@ -133,14 +133,6 @@ class Kube:
         return self._get(self.custom.get_namespaced_custom_object, f"read {KIND} {name}",
                          GROUP, VERSION, namespace, PLURAL, name, timeout=timeout)
 
-    def list_workloads(self, namespace: str, plural: str, selector: str) -> list[dict[str, Any]]:
-        """The Deployments (StatefulSets, DaemonSets: `plural`) of the namespace that match
-        the label `selector`, as JSON: selected by the API server, never listed whole."""
-        method = getattr(self.apps, f"list_namespaced_{WORKLOAD_CLIENT_NAMES[plural]}")
-        listing = self._get(method, f"list {plural} in {namespace}", namespace,
-                            label_selector=selector) or {}
-        return [dict(item) for item in listing.get("items") or []]
-
     def read_webhook_configuration(self, name: str) -> dict[str, Any] | None:
         return self._get(self.admission.read_mutating_webhook_configuration,
                          f"read MutatingWebhookConfiguration {name}", name)
