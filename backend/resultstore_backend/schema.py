@@ -388,9 +388,23 @@ def current_version(conn: sa.Connection, names: TableNames) -> int:
         return 0
     if not sa.inspect(conn).has_table(names.version_table, schema=names.schema):
         return 0
-    tables = tables_for(names)
-    value = conn.execute(sa.select(sa.func.max(tables.version.c.version))).scalar()
+    # One schema-less statement for every store, pointed at the schema at execution time:
+    # a statement built from ``tables_for(names)`` would put one compiled entry per schema
+    # in the engine's statement cache, and each entry keeps that schema's whole table set
+    # alive (about 100 KiB). The operator checks every store for drift, so with 1000
+    # stores that was 50-60 MiB held for nothing (bench/RESULTS.md, "Operator at 1000
+    # stores").
+    value = conn.execute(
+        _version_query(),
+        execution_options={"schema_translate_map": {None: names.schema}},
+    ).scalar()
     return int(value or 0)
+
+
+@lru_cache(maxsize=1)
+def _version_query() -> sa.Select[int]:
+    version = tables_for(TableNames()).version
+    return sa.select(sa.func.max(version.c.version))
 
 
 def migrate(conn: sa.Connection, names: TableNames) -> int:
@@ -425,14 +439,16 @@ def _migrate_in_txn(conn: sa.Connection, names: TableNames) -> int:
         )
         if names.schema and not _schema_exists(conn, names.schema):
             conn.execute(sa.text(f"CREATE SCHEMA {quote_ident(names.schema)}"))
-    tables = tables_for(names)
-    tables.version.create(conn, checkfirst=True)
     version = current_version(conn, names)
     if version > SCHEMA_VERSION:
         raise RuntimeError(
             f"schema {names.schema or '(default)'} is at version {version}, newer than "
             f"this code ({SCHEMA_VERSION}); upgrade celery-resultstore"
         )
+    if version == SCHEMA_VERSION:
+        return version
+    tables = tables_for(names)
+    tables.version.create(conn, checkfirst=True)
     for number, description, apply in MIGRATIONS:
         if number <= version:
             continue

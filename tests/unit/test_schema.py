@@ -111,3 +111,40 @@ def test_migration_2_adds_group_and_parent_ids(tmp_path: Path) -> None:
             "select version, description from resultstore_schema_version order by version"
         )).all()
         assert [v for v, _ in described] == [1, 2] and "group_id" in described[1][1]
+
+
+def test_version_check_of_many_schemas_keeps_nothing_per_schema(tmp_path: Path) -> None:
+    """The operator asks every store's version on each drift check: with 1000 stores a
+    statement per schema kept 1000 table sets alive through the engine's statement cache.
+    SQLite's attached databases stand in for PostgreSQL schemas here."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'main.db'}")
+    schemas = [f"store_{i}" for i in range(9)]  # SQLite attaches at most 10
+    try:
+        with engine.connect() as conn:
+            for schema in schemas:
+                conn.exec_driver_sql(f"ATTACH DATABASE '{tmp_path / schema}.db' AS {schema}")
+                migrate(conn, TableNames(schema))
+            tables_for.cache_clear()
+            cache = engine._compiled_cache
+            assert cache is not None
+            versions = [current_version(conn, TableNames(schema)) for schema in schemas[:2]]
+            entries_after_two = len(cache)
+            versions += [current_version(conn, TableNames(schema)) for schema in schemas[2:]]
+            # a migrate of a current store is the same check plus the advisory lock
+            versions += [migrate(conn, TableNames(schema)) for schema in schemas]
+            conn.commit()
+            assert versions == [SCHEMA_VERSION] * (2 * len(schemas)), (
+                "each attached schema must read back as migrated")
+            assert len(cache) == entries_after_two, (
+                f"checking {len(schemas)} schemas left {len(cache)} compiled statements, "
+                f"{entries_after_two} after two: the version query is compiled per schema")
+            built = tables_for.cache_info().currsize
+            assert built <= 1, (
+                f"checking versions built {built} per-schema table sets (expected only "
+                "the schema-less one the version query is made from)")
+            # the schema-less statement reads each schema's own table, not the first one's
+            conn.exec_driver_sql(f"DELETE FROM {schemas[5]}.resultstore_schema_version")
+            assert current_version(conn, TableNames(schemas[5])) == 0
+            assert current_version(conn, TableNames(schemas[6])) == SCHEMA_VERSION
+    finally:
+        engine.dispose()
