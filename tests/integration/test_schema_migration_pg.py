@@ -156,3 +156,55 @@ def test_new_worker_on_a_version_1_store_keeps_working(pg_database: Any, notify:
     with psycopg.connect(pg_database.dsn()) as conn:
         assert conn.execute("SELECT task_id, status FROM rs.celery_taskmeta ORDER BY 1"
                             ).fetchall() == [("m1", "SUCCESS"), ("m2", "SUCCESS")]
+
+
+def _catalog(dsn: str, schema: str) -> dict[str, Any]:
+    """Everything a store's DDL decides, with the schema's name taken out."""
+    queries = {
+        "columns": "SELECT table_name, column_name, ordinal_position, data_type, "
+                   "character_maximum_length, is_nullable, column_default "
+                   "FROM information_schema.columns WHERE table_schema = %(s)s",
+        "constraints": "SELECT t.relname, c.conname, c.contype, pg_get_constraintdef(c.oid) "
+                       "FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+                       "WHERE t.relnamespace = %(s)s::regnamespace",
+        "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes "
+                   "WHERE schemaname = %(s)s",
+        "sequences": "SELECT sequence_name, data_type, start_value, increment "
+                     "FROM information_schema.sequences WHERE sequence_schema = %(s)s",
+        "owned_sequences": "SELECT s.relname, t.relname FROM pg_depend d "
+                           "JOIN pg_class s ON s.oid = d.objid "
+                           "JOIN pg_class t ON t.oid = d.refobjid "
+                           "WHERE s.relkind = 'S' AND s.relnamespace = %(s)s::regnamespace",
+        "versions": f"SELECT version, description FROM {schema}.resultstore_schema_version",
+    }
+    with psycopg.connect(dsn) as conn:
+        return {key: sorted(tuple(str(v).replace(schema, "<schema>") for v in row)
+                            for row in conn.execute(query, {"s": schema}).fetchall())
+                for key, query in queries.items()}
+
+
+def test_fresh_store_script_builds_what_the_migrations_build(pg_database: Any) -> None:
+    """A new store's tables come from one compiled script (schema._fresh_script); a schema
+    that already holds one of the store's objects runs the migrations step by step. The two
+    must leave the same catalog, or stores would differ by how they were created."""
+    dsn = pg_database.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA scripted")
+        conn.execute("CREATE SCHEMA stepwise")
+        # one object of the store already there: not fresh, so the migrations run one by one
+        conn.execute("CREATE SEQUENCE stepwise.task_id_sequence")
+    engine = sa.create_engine(pg_database.url())
+    try:
+        with engine.connect() as conn:
+            assert migrate(conn, TableNames("scripted")) == SCHEMA_VERSION
+            assert migrate(conn, TableNames("stepwise")) == SCHEMA_VERSION
+            assert migrate(conn, TableNames("scripted")) == SCHEMA_VERSION  # idempotent
+    finally:
+        engine.dispose()
+    scripted, stepwise = _catalog(dsn, "scripted"), _catalog(dsn, "stepwise")
+    assert scripted["columns"], "the script created no tables"
+    for key in scripted:
+        assert scripted[key] == stepwise[key], (
+            f"{key} of a store created by the script differ from the migrations': "
+            f"only scripted {sorted(set(scripted[key]) - set(stepwise[key]))}, "
+            f"only stepwise {sorted(set(stepwise[key]) - set(scripted[key]))}")
