@@ -288,7 +288,13 @@ class Reconciler:
             # the store's identity keep theirs (names.legacy_role_base).
             creds = rot.initial_state(role_base(run.namespace, run.name, run.uid), run.now,
                                       run.annotations.get(ANNOTATION_ROTATE))
-            run.persist_credentials(creds)
+            # Written with the rest of the status at the end (`run.finish`, also after a
+            # failure), not in a patch of its own before: nothing of it needs to survive a
+            # crash in between. The role base is derived from the store's identity again,
+            # the next attempt finds the role it created marked as its own, and with no
+            # Secret written yet no worker holds a password a reset would replace. One
+            # status patch (and one watch event for Kopf to process) less per new store.
+            run.patch["credentials"] = creds.to_status()
         with self.database.session(target, admin, owner) as db:
             was_unreachable = (run.status.get("database") or {}).get("reachable") is False
             run.patch["database"] = {"reachable": True, "lastCheckTime": c.timestamp(run.now),
