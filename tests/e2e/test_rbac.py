@@ -377,21 +377,42 @@ class Rig:
 
     # --- teardown of one run -------------------------------------------------------------------
 
-    def clean_namespace(self, namespace: str) -> None:
-        """Strip finalizers a crippled operator could not remove, then delete the namespace."""
+    def stores(self, namespace: str) -> list[dict[str, Any]]:
         try:
-            items = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                              PLURAL).get("items", [])
+            return list(self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL).get("items", []))
         except ApiException:
-            items = []
-        for item in items:
+            return []
+
+    def clean_namespace(self, namespace: str) -> None:
+        """Delete the stores, strip the finalizers a crippled operator could not remove,
+        then delete the namespace.
+
+        Deleted first: the operator may still run here, and Kopf puts its finalizer back
+        on a store that is not being deleted. A store left behind would keep the CRD
+        terminating for the next test (create refused "while custom resource definition
+        is terminating").
+        """
+        for item in self.stores(namespace):
             try:
-                self.custom.patch_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"],
-                    {"metadata": {"finalizers": None}},
-                    _content_type="application/merge-patch+json")
+                self.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"])
             except ApiException:
                 pass
+        deadline = time.monotonic() + 60
+        while (items := self.stores(namespace)) and time.monotonic() < deadline:
+            for item in items:
+                try:
+                    self.custom.patch_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"],
+                        {"metadata": {"finalizers": None}},
+                        _content_type="application/merge-patch+json")
+                except ApiException:
+                    pass
+            time.sleep(0.5)
+        if items:  # said, not raised: this runs in a finally, after the failure that matters
+            print(f"[rbac] stores left in {namespace} after 60 s: "
+                  f"{[i['metadata']['name'] for i in items]}", file=sys.stderr)
         try:
             self.core.delete_namespace(namespace, propagation_policy="Background")
         except ApiException:
@@ -609,9 +630,15 @@ class Scenario:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-        eventually("repair", lambda: self.read_secret() is not None
-                   and self.read_secret().type == "servicebinding.io/postgresql"
-                   and self.decoded("uri") != "postgresql://tampered")
+        def repaired() -> bool:
+            # One read per probe: the operator deletes and re-creates the Secret, so a
+            # second read may find it gone in between.
+            live = self.read_secret()
+            return (live is not None and live.type == "servicebinding.io/postgresql"
+                    and base64.b64decode((live.data or {}).get("uri", "")).decode()
+                    != "postgresql://tampered")
+
+        eventually("repair", repaired)
 
     def check_delete(self) -> None:
         """Deleting the store runs the finalizer: the object and its schema go."""
