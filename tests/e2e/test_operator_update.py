@@ -4,12 +4,14 @@ Ready stays True, and a running Celery worker picks up the new pool settings by 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from celery import Celery
 
@@ -68,6 +70,15 @@ def app_names(env: OpEnv, role: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+def sessions(env: OpEnv, role: str) -> list[str]:
+    """The role's sessions, each with the local process that holds it (by client port)."""
+    rows = env.query("SELECT application_name, client_port, state, backend_start, "
+                     "left(query, 60) FROM pg_stat_activity WHERE usename = %s", (role,))
+    owners = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.laddr}
+    return [f"{name} port {port} pid {owners.get(port)} {state} since {start:%H:%M:%S.%f} "
+            f"{query!r}" for name, port, state, start, query in rows]
+
+
 def test_engine_and_retention_changes_reach_a_running_worker(
         env: OpEnv, redis_server: Any, tmp_path: Path) -> None:
     env.create("orders", "orders",
@@ -120,8 +131,19 @@ def test_engine_and_retention_changes_reach_a_running_worker(
 
                 eventually(cronjob_updated, 30, "the CronJob to carry the new batch size")
                 # the worker (same process) now connects with the new engine options
-                eventually(lambda: app_names(env, role) == {"pool-v2"}, 60,
-                           "only pool-v2 sessions of the store role")
+                seen: list[str] = []
+
+                def only_v2() -> bool:
+                    rows = sessions(env, role)
+                    seen[:] = [row for row in rows if "pool-v2" not in row]
+                    return bool(rows) and not seen
+
+                try:
+                    eventually(only_v2, 60, "only pool-v2 sessions of the store role")
+                except AssertionError as exc:
+                    raise AssertionError(
+                        f"{exc}; sessions of other settings (test pid {os.getpid()}, worker "
+                        f"pid {worker.proc.pid}): {seen}") from None
                 before = loop.ok
                 eventually(lambda: loop.ok >= before + 20, 60, "tasks after the change")
                 sampling.set()
