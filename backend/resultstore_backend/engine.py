@@ -540,15 +540,20 @@ class EngineHolder:
         with self._lock:
             if self._slot is not None and self._slot.config.version == config.version:
                 return
-            new = self._new_slot(config)
-            old, self._slot = self._slot, new
-            self.reloads += 1
-            if old is not None:
-                old.retired = True
-                self._retiring.append(old)
-                self._reap_locked()
+            self._swap_locked(config)
         logger.info("result store config reloaded from %s (%s)", self.source.path,
                     config.version)
+
+    def _swap_locked(self, config: StoreConfig) -> None:
+        """Make a slot for `config` the current one; the old one retires (the caller holds
+        the lock)."""
+        new = self._new_slot(config)
+        old, self._slot = self._slot, new
+        self.reloads += 1
+        if old is not None:
+            old.retired = True
+            self._retiring.append(old)
+            self._reap_locked()
 
     def _reap_locked(self) -> None:
         keep = []
@@ -615,6 +620,12 @@ class EngineHolder:
         slot = self._current_slot()
         cached: _Cached | None = None
         with self._lock:
+            if slot.retired and self._slot is not None:
+                # A reload retired it since `_current_slot` (and may have reaped it
+                # already): a connection checked out of it now would stay open in the
+                # disposed engine's pool for good, a session of the old role that keeps
+                # the operator's drain waiting.
+                slot = self._slot
             slot.inflight += 1
             if slot.idle:
                 cached = slot.idle.pop()

@@ -185,3 +185,34 @@ def test_cursor_is_reused_with_its_connection_and_dropped_with_it(tmp_path: Path
         assert fresh is not first, "a cursor of an invalidated connection was handed out"
         assert fresh.execute("SELECT 8").fetchone()[0] == 8
     holder.dispose()
+
+
+def test_operation_racing_a_reload_uses_the_new_engine(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload that retires (and reaps) the slot an operation has just looked up, before
+    the operation counts itself in: the operation must not open a connection of the old
+    settings, which nothing would ever close (CI saw such a session outlive a reload)."""
+    holder = _holder(tmp_path)
+    with holder.connection() as conn:
+        conn.execute("SELECT 1")
+    stale = holder._current_slot()
+    lookup = holder._current_slot
+
+    def reload_right_after_lookup() -> Any:
+        slot = lookup()
+        with holder._lock:
+            holder._swap_locked(slot.config)  # what another thread's reload does
+        return slot
+
+    monkeypatch.setattr(holder, "_current_slot", reload_right_after_lookup)
+    with holder.connection() as conn:
+        conn.execute("SELECT 1")
+    monkeypatch.undo()
+    pool = stale.engine.pool
+    assert isinstance(pool, QueuePool)
+    assert pool.checkedin() + pool.checkedout() == 0, (
+        "the operation checked a connection out of the retired engine: it stays open "
+        "there after the reload")
+    assert holder._retiring == [], "the retired slot was not reaped"
+    assert holder._current_slot() is not stale
+    holder.dispose()
