@@ -336,21 +336,26 @@ def _migration_1(conn: sa.Connection, tables: ResultTables) -> None:
     ):
         _create_or_adopt(conn, table)
     if conn.dialect.name == "postgresql":
-        # A server-side default as well as the client-side Sequence, so that
-        # plain SQL INSERTs (psql users, other tools) get an id too; this also
-        # fixes tables that a stock client created without one.
-        for table, seq in (
-            (tables.task, tables.task_sequence),
-            (tables.group, tables.group_sequence),
-            (tables.cleanup, tables.cleanup_sequence),
-        ):
-            seq_name = qualify(table.schema, seq.name).replace("'", "''")
-            conn.execute(
-                sa.text(
-                    f"ALTER TABLE {qualify(table.schema, table.name)} ALTER COLUMN id "
-                    f"SET DEFAULT nextval('{seq_name}'::regclass)"
-                )
-            )
+        for statement in _id_defaults(tables):
+            conn.execute(sa.text(statement))
+
+
+def _id_defaults(tables: ResultTables) -> list[str]:
+    """A server-side default as well as the client-side Sequence (PostgreSQL), so that plain
+    SQL INSERTs (psql users, other tools) get an id too; this also fixes tables that a
+    stock client created without one."""
+    statements = []
+    for table, seq in (
+        (tables.task, tables.task_sequence),
+        (tables.group, tables.group_sequence),
+        (tables.cleanup, tables.cleanup_sequence),
+    ):
+        seq_name = qualify(table.schema, seq.name).replace("'", "''")
+        statements.append(
+            f"ALTER TABLE {qualify(table.schema, table.name)} ALTER COLUMN id "
+            f"SET DEFAULT nextval('{seq_name}'::regclass)"
+        )
+    return statements
 
 
 def _migration_2(conn: sa.Connection, tables: ResultTables) -> None:
@@ -419,12 +424,9 @@ def _fresh_script(task_table: str, group_table: str) -> str:
         elements.extend(CreateIndex(index) for index in sorted(table.indexes,
                                                                key=lambda i: str(i.name)))
     statements = [str(e.compile(dialect=dialect)).strip() for e in elements]
-    for table, seq in ((tables.task, tables.task_sequence),
-                       (tables.group, tables.group_sequence),
-                       (tables.cleanup, tables.cleanup_sequence)):
-        statements.append(
-            f"ALTER TABLE {_SCHEMA_TOKEN}.{quote_ident(table.name)} ALTER COLUMN id SET "
-            f"DEFAULT nextval('{_SCHEMA_TOKEN}.{quote_ident(seq.name)}'::regclass)")
+    # migration 1's own statements; they quote the token, the compiler leaves it bare
+    statements += [statement.replace(quote_ident(_SCHEMA_TOKEN), _SCHEMA_TOKEN)
+                   for statement in _id_defaults(tables)]
     rows = ", ".join(
         f"({number}, '{description.replace(chr(39), chr(39) * 2)}', CURRENT_TIMESTAMP)"
         for number, description, _apply in MIGRATIONS)

@@ -503,8 +503,9 @@ class Scenario:
                 return None
             raise
 
-    def decoded(self, key: str) -> str:
-        s = self.read_secret()
+    def decoded(self, key: str, secret: Any = None) -> str:
+        """`key` of the Secret as read now (or of `secret`, an object already read)."""
+        s = secret if secret is not None else self.read_secret()
         return base64.b64decode((s.data or {}).get(key, "")).decode() if s else ""
 
     def provision(self) -> None:
@@ -635,8 +636,7 @@ class Scenario:
             # second read may find it gone in between.
             live = self.read_secret()
             return (live is not None and live.type == "servicebinding.io/postgresql"
-                    and base64.b64decode((live.data or {}).get("uri", "")).decode()
-                    != "postgresql://tampered")
+                    and self.decoded("uri", live) != "postgresql://tampered")
 
         eventually("repair", repaired)
 
